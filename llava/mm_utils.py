@@ -1,0 +1,236 @@
+"""Image and prompt helpers shared by LLaVA's training, evaluation and serving code.
+
+``process_images`` turns PIL images into the tensors a vision tower takes, following the model
+config's ``image_aspect_ratio``: ``pad`` (pad to a square with the processor's mean colour),
+``anyres`` (LLaVA-1.6: a resized base image plus tower-sized crops of the image scaled to the best
+grid resolution), anything else (the processor's own resize and centre crop).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import logging
+import math
+from collections.abc import Sequence
+from io import BytesIO
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria
+
+from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+logger = logging.getLogger(__name__)
+
+Resolution = tuple[int, int]  # (width, height)
+
+
+def load_image_from_base64(image: str) -> Image.Image:
+    """Decode a base64-encoded image file."""
+    return Image.open(BytesIO(base64.b64decode(image)))
+
+
+def expand2square(pil_img: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
+    """Pad ``pil_img`` to a square with ``background_color``, keeping it centred."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    side = max(width, height)
+    result = Image.new(pil_img.mode, (side, side), background_color)
+    result.paste(pil_img, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]]) -> list[Resolution]:
+    """``image_grid_pinpoints`` as a list of (width, height); configs store it as a list or its repr."""
+    if isinstance(grid_pinpoints, str):
+        try:
+            grid_pinpoints = ast.literal_eval(grid_pinpoints)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(
+                f"image_grid_pinpoints must be a list of [width, height] pairs such as "
+                f"'[[336, 672], [672, 336], [672, 672]]', got {grid_pinpoints!r}."
+            ) from err
+    if not grid_pinpoints:
+        raise ValueError("image_grid_pinpoints is empty: anyres needs at least one [width, height] resolution.")
+    return [(int(w), int(h)) for w, h in grid_pinpoints]
+
+
+def select_best_resolution(original_size: Resolution, possible_resolutions: Sequence[Resolution]) -> Resolution:
+    """The resolution that keeps the most of the image's pixels, then wastes the least canvas.
+
+    Args:
+        original_size: (width, height) of the image.
+        possible_resolutions: candidate (width, height) canvases.
+    """
+    orig_w, orig_h = original_size
+    best, best_key = None, None
+    for width, height in possible_resolutions:
+        scale = min(width / orig_w, height / orig_h)
+        kept = min(int(orig_w * scale) * int(orig_h * scale), orig_w * orig_h)
+        wasted = width * height - kept
+        key = (kept, -wasted)
+        if best_key is None or key > best_key:
+            best, best_key = (width, height), key
+    return best
+
+
+def resize_and_pad_image(image: Image.Image, target_resolution: Resolution) -> Image.Image:
+    """Scale ``image`` to fit ``target_resolution`` (width, height) and centre it on a black canvas."""
+    target_w, target_h = target_resolution
+    orig_w, orig_h = image.size
+    scale_w, scale_h = target_w / orig_w, target_h / orig_h
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(orig_h * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(orig_w * scale_h), target_w), target_h
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(image.resize((new_w, new_h)), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
+    """Square ``patch_size`` crops of ``image`` in row-major order."""
+    width, height = image.size
+    return [
+        image.crop((left, top, left + patch_size, top + patch_size))
+        for top in range(0, height, patch_size)
+        for left in range(0, width, patch_size)
+    ]
+
+
+def get_anyres_image_grid_shape(
+    image_size: Resolution, grid_pinpoints: str | Sequence[Sequence[int]], patch_size: int
+) -> tuple[int, int]:
+    """(columns, rows) of crops that anyres cuts an image of ``image_size`` (width, height) into."""
+    width, height = select_best_resolution(image_size, parse_grid_pinpoints(grid_pinpoints))
+    return width // patch_size, height // patch_size
+
+
+def _crop_side(image_processor) -> int:
+    crop = image_processor.crop_size
+    return crop["height"] if isinstance(crop, dict) else crop.height
+
+
+def _shortest_edge(image_processor) -> int:
+    size = image_processor.size
+    return size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+
+
+def _pixel_values(image_processor, images) -> torch.Tensor:
+    return image_processor.preprocess(images, return_tensors="pt")["pixel_values"]
+
+
+def process_anyres_image(
+    image: Image.Image, processor, grid_pinpoints: str | Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """(1 + crops, 3, S, S): the whole image resized to the tower's size, then the crops row by row."""
+    best = select_best_resolution(image.size, parse_grid_pinpoints(grid_pinpoints))
+    crops = divide_to_patches(resize_and_pad_image(image, best), _crop_side(processor))
+    edge = _shortest_edge(processor)
+    base = image.resize((edge, edge))
+    return _pixel_values(processor, [base, *crops])
+
+
+def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor | list[torch.Tensor]:
+    """Tensors for ``images`` according to ``model_cfg.image_aspect_ratio``.
+
+    ``pad`` and the default give one (3, S, S) image each; ``anyres`` gives (1 + crops, 3, S, S)
+    per image. Returns a stacked tensor when all shapes agree, else a list.
+    """
+    aspect_ratio = getattr(model_cfg, "image_aspect_ratio", None)
+    if aspect_ratio == "pad":
+        background = tuple(int(x * 255) for x in image_processor.image_mean)
+        new_images = [_pixel_values(image_processor, expand2square(img, background))[0] for img in images]
+    elif aspect_ratio == "anyres":
+        new_images = [process_anyres_image(img, image_processor, model_cfg.image_grid_pinpoints) for img in images]
+    else:
+        return _pixel_values(image_processor, list(images))
+    if all(x.shape == new_images[0].shape for x in new_images):
+        return torch.stack(new_images, dim=0)
+    return new_images
+
+
+def tokenizer_image_token(
+    prompt: str,
+    tokenizer,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+    return_tensors: str | None = None,
+) -> list[int] | torch.Tensor:
+    """Token ids of ``prompt`` with each ``<image>`` replaced by ``image_token_index``.
+
+    Each text chunk is tokenised on its own; the BOS token, if the tokenizer adds one, appears
+    once at the start.
+    """
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    bos = tokenizer.bos_token_id
+    has_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
+    input_ids: list[int] = [bos] if has_bos else []
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            input_ids.append(image_token_index)
+        input_ids.extend(chunk[1:] if has_bos and chunk[:1] == [bos] else chunk)
+    if return_tensors is None:
+        return input_ids
+    if return_tensors == "pt":
+        return torch.tensor(input_ids, dtype=torch.long)
+    raise ValueError(f"Unsupported return_tensors {return_tensors!r}; use 'pt' or None.")
+
+
+def get_model_name_from_path(model_path: str) -> str:
+    """Name of a checkpoint folder; ``.../run/checkpoint-500`` becomes ``run_checkpoint-500``."""
+    parts = model_path.strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+class KeywordsStoppingCriteria(StoppingCriteria):
+    """Stop a sequence once its generated text ends with one of ``keywords``.
+
+    Works per sequence, so in a batch each row stops on its own keyword.
+
+    Args:
+        keywords: Stop strings, e.g. the conversation separator.
+        tokenizer: Decodes the generated tail to look for keywords spanning several tokens.
+        input_ids: The prompt ids. Whether the generated ids that ``generate`` hands over include
+            this prompt (they do not when LLaVA generates from ``inputs_embeds``) is read from the
+            length of the first call, so keywords inside the prompt never stop generation.
+    """
+
+    def __init__(self, keywords: Sequence[str], tokenizer, input_ids: torch.Tensor) -> None:
+        self.keywords = list(keywords)
+        self.keyword_ids = []
+        for keyword in self.keywords:
+            ids = tokenizer(keyword).input_ids
+            if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+                ids = ids[1:]
+            self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
+        self.max_keyword_len = max((len(ids) for ids in self.keyword_ids), default=0)
+        self.tokenizer = tokenizer
+        self.start_len = input_ids.shape[1]
+        self._prompt_len: int | None = None  # prompt tokens at the front of generate's ids
+
+    def _row_done(self, row: torch.Tensor, start: int) -> bool:
+        generated = row.shape[0] - start
+        for ids in self.keyword_ids:
+            n = len(ids)
+            if 0 < n <= generated and torch.equal(row[-n:].cpu(), ids):
+                return True
+        tail_len = min(generated, self.max_keyword_len + 3)
+        if tail_len <= 0:
+            return False
+        text = self.tokenizer.decode(row[-tail_len:], skip_special_tokens=True)
+        return any(keyword in text for keyword in self.keywords)
+
+    def call_for_batch(self, output_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Bool tensor (batch,): which rows have produced a keyword."""
+        if self._prompt_len is None:
+            self._prompt_len = self.start_len if output_ids.shape[1] > self.start_len else 0
+        return torch.tensor(
+            [self._row_done(row, self._prompt_len) for row in output_ids], dtype=torch.bool, device=output_ids.device
+        )
+
+    def __call__(self, output_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.call_for_batch(output_ids, scores, **kwargs)
