@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random-weight CLIP stand-ins, built once per test session.
+
+The tiny towers keep the real patch geometry (image 336 / patch 14 → a 24×24 grid, 224 → 16×16)
+with hidden size 32 and 2 layers, so tower logic runs in milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+TINY_HIDDEN = 32
+TINY_CLIP = dict(hidden_size=TINY_HIDDEN, intermediate_size=64, num_attention_heads=4, projection_dim=16)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers():
+    """Keep transformers' progress bars and load reports out of the test logs."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    transformers.utils.logging.set_verbosity(verbosity)
+    transformers.utils.logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_tower_336(tmp_path_factory) -> Path:
+    """Tiny stand-in with openai/clip-vit-large-patch14-336's patch geometry (24×24 grid, hidden 32)."""
+    from vision_token_compression.standins import build_clip_standin
+
+    out = tmp_path_factory.mktemp("tiny-clip-336")
+    return build_clip_standin("openai/clip-vit-large-patch14-336", out, num_hidden_layers=2, **TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_tower_224(tmp_path_factory) -> Path:
+    """Tiny stand-in with openai/clip-vit-large-patch14's patch geometry (16×16 grid, hidden 32)."""
+    from vision_token_compression.standins import build_clip_standin
+
+    out = tmp_path_factory.mktemp("tiny-clip-224")
+    return build_clip_standin("openai/clip-vit-large-patch14", out, num_hidden_layers=2, **TINY_CLIP)
+
+
+@pytest.fixture
+def make_args():
+    """Factory for the args object LLaVA hands to a vision tower (patch features, layer -2)."""
+
+    def make(**fields) -> SimpleNamespace:
+        defaults = dict(mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+        return SimpleNamespace(**{**defaults, **fields})
+
+    return make
