@@ -52,7 +52,9 @@ class CLIPVisionTower(nn.Module):
             raise ValueError(f"Unexpected mm_vision_select_feature: {self.select_feature!r}; use 'patch' or 'cls_patch'.")
         self.use_token_compression = bool(getattr(args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION))
         self.compression_input_size = getattr(args, "compression_input_size", None)
-        self.compression_output_size = getattr(args, "compression_output_size", None) or DEFAULT_COMPRESSION_OUTPUT_SIZE
+        # `is None`, not `or`: an explicit 0 must reach the compressor's check, not become the default.
+        output_size = getattr(args, "compression_output_size", None)
+        self.compression_output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
         self._configure(args)
 
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
