@@ -11,10 +11,9 @@ import torch.nn.functional as F
 
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower, CLIPVisionTowerS2
-from tests.conftest import TINY_HIDDEN
 from vision_token_compression import TokenCompressor, save_compressor
 
-C = TINY_HIDDEN
+C = 32  # hidden size of the tiny stand-ins (conftest.TINY_HIDDEN); every test below asserts it
 
 
 def _compressed_args(make_args, grid_out: int = 12, **fields):
