@@ -13,6 +13,8 @@ switched on by fields of the ``args`` object LLaVA already passes in:
 from __future__ import annotations
 
 import logging
+import threading
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -29,6 +31,37 @@ DEFAULT_S2_SCALES = "336,672,1008"
 # transformers 5 makes CLIPImageProcessor depend on torchvision; its PIL twin is what 4.x called
 # CLIPImageProcessor and preprocesses exactly as upstream LLaVA was trained.
 CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+# Stopping CLIP at the selected layer. LLaVA reads hidden_states[-2], so the full forward computes
+# a last layer whose output it throws away. CLIPVisionTower._encode runs the model's own forward
+# with the encoder's layer list swapped, for that one call, for a list holding only the first layers.
+# + The model's own code still does everything else (embeddings, pre-norm, masks, attention
+#   implementation, outputs), so features are bit-identical and nothing version-specific is
+#   re-implemented. The one assumption is a ModuleList named '*encoder.layers' with
+#   num_hidden_layers entries: 'vision_model.encoder.layers' in transformers 4.x, 'encoder.layers'
+#   in 5.x; any other layout runs every layer (logged once).
+# + Outside the call nothing changes: every layer stays registered, so parameters, state_dict keys,
+#   hooks and checkpoints are those of the full model.
+# - During the call the swap is visible to other threads, so swapped calls hold this process-wide lock
+#   (a lock attribute would stop towers from being deep-copied or pickled); a thread that calls the
+#   CLIP model directly at that moment would see the short list. Alternatives rejected: a forward hook
+#   that raises to stop early skips the post-forward hooks DeepSpeed ZeRO-3 and accelerate offloading
+#   rely on; re-implementing the encoder loop depends on each version's layer signature and mask code.
+_LAYER_SWAP_LOCK = threading.Lock()
+
+
+def _find_encoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.Module, str, nn.ModuleList] | None:
+    """``(parent, attribute, layers)`` of the one ``*encoder.layers`` ModuleList of ``num_layers`` layers, else None."""
+    names = [
+        name for name, module in model.named_modules()
+        if (name == "encoder.layers" or name.endswith(".encoder.layers"))
+        and isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    if len(names) != 1:
+        return None
+    parent_name, _, attribute = names[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    return parent, attribute, getattr(parent, attribute)
 
 
 class CLIPVisionTower(nn.Module):
@@ -121,11 +154,68 @@ class CLIPVisionTower(nn.Module):
         # requires_grad_ is toggled on the whole tower, so the first parameter speaks for all.
         return next(self.vision_tower.parameters()).requires_grad
 
+    def _layers_needed(self) -> int | None:
+        """Encoder layers the selected feature needs (23 of 24 for layer -2); None when all are needed."""
+        total = self.config.num_hidden_layers
+        if not -(total + 1) <= self.select_layer <= total:
+            return None  # out of range: the full run lets feature_select raise its IndexError
+        needed = self.select_layer % (total + 1)  # hidden_states[i] is the output of layer i (0: embeddings)
+        return needed if needed < total else None
+
+    def _encoder_head(self, needed: int) -> tuple[nn.Module, str, nn.ModuleList, nn.ModuleList] | None:
+        """``(parent, attribute, all layers, first `needed` layers)`` of the loaded CLIP, or None if its layout is unknown.
+
+        Looked up once per loaded model (and again if its layer list was replaced); an unknown
+        layout is logged once and then runs every layer.
+        """
+        cache = getattr(self, "_encoder_layers_cache", None)
+        stale = cache is None or cache[0] is not self.vision_tower
+        if not stale and cache[1] is not None:
+            parent, attribute, layers = cache[1]
+            stale = getattr(parent, attribute) is not layers
+        if stale:
+            found = _find_encoder_layers(self.vision_tower, self.config.num_hidden_layers)
+            if found is None:
+                logger.warning(
+                    "%s: no unique '*encoder.layers' list of %d layers in %s; running every layer instead of "
+                    "stopping at mm_vision_select_layer=%d.", self.vision_tower_name, self.config.num_hidden_layers,
+                    type(self.vision_tower).__name__, self.select_layer,
+                )
+            # A tuple, not attributes: nothing here is registered, so state_dict and .to() never see it.
+            cache = (self.vision_tower, found, {})
+            self._encoder_layers_cache = cache
+        _, found, heads = cache
+        if found is None:
+            return None
+        parent, attribute, layers = found
+        if needed not in heads:
+            heads[needed] = nn.ModuleList(list(layers)[:needed])
+        return parent, attribute, layers, heads[needed]
+
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Selected CLIP features (B, N, C) in the tower's dtype; no graph unless CLIP is unfrozen."""
+        """Selected CLIP features (B, N, C) in the tower's dtype; no graph unless CLIP is unfrozen.
+
+        CLIP stops at the selected layer: with ``mm_vision_select_layer=-2`` it runs 23 of its 24
+        layers. The model's own forward runs with its layer list swapped, for this one call, for a
+        list of its first layers (see ``_LAYER_SWAP_LOCK`` for the trade-off); the features are
+        bit-identical to the full run's.
+        """
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._tower_trainable()):
-            outs = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-            return self.feature_select(outs)
+            pixels = images.to(device=self.device, dtype=self.dtype)
+            needed = self._layers_needed()
+            swap = None if needed is None else self._encoder_head(needed)
+            if swap is None:
+                return self.feature_select(self.vision_tower(pixels, output_hidden_states=True))
+            parent, attribute, layers, head = swap
+            with _LAYER_SWAP_LOCK:
+                setattr(parent, attribute, head)
+                try:
+                    selected = self.vision_tower(pixels, return_dict=True).last_hidden_state  # (B, 1 + N, C)
+                finally:
+                    setattr(parent, attribute, layers)
+            # hidden_states indexed as in the full run; the layers that did not run have none.
+            hidden_states = (None,) * needed + (selected,) + (None,) * (self.config.num_hidden_layers - needed)
+            return self.feature_select(SimpleNamespace(hidden_states=hidden_states))
 
     def compress(self, features: torch.Tensor) -> torch.Tensor:
         """Compress selected features; with ``cls_patch`` the CLS token stays in front, uncompressed."""
