@@ -1,0 +1,1 @@
+"""LLaVA training: arguments, data, trainer and the ``train`` entry point (``python -m llava.train.train``)."""

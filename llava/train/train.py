@@ -1,0 +1,388 @@
+"""Train LLaVA (LLaVA-1.5 recipe), optionally with ToConv token compression.
+
+Stage 1 (``--tune_mm_mlp_adapter True --version plain``) trains the projector, and the token
+compressor with it, on image-caption pairs and writes ``mm_projector.bin``. Stage 2 (``--version
+v1 --pretrain_mm_mlp_adapter .../mm_projector.bin``) fine-tunes the LLM (fully or with LoRA), the
+projector and the compressor on instruction data. Run it as upstream LLaVA is run::
+
+    python -m llava.train.train ARGS                              # one process
+    torchrun --nproc_per_node 8 -m llava.train.train ARGS         # DDP
+    deepspeed llava/train/train.py --deepspeed scripts/zero3.json ARGS
+
+See ``docs/training.md`` and ``scripts/v1_5/``. ``train()`` is the library entry point;
+``main(argv)`` is the CLI, which configures logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from llava.conversation import Conversation, SeparatorStyle, conv_templates
+
+# Absolute imports: DeepSpeed's launcher runs this file as a script (deepspeed llava/train/train.py).
+from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from llava.train.checkpointing import (
+    COMPRESSOR_KEYS,
+    NON_LORA_FILE,
+    PROJECTOR_KEYS,
+    describe,
+    find_all_linear_names,
+    gather_state,
+    gathered,
+    get_peft_state_maybe_zero_3,
+    get_peft_state_non_lora_maybe_zero_3,
+    matches,
+)
+from llava.train.data import make_supervised_data_module
+from llava.train.llava_trainer import LLaVATrainer
+
+logger = logging.getLogger(__name__)
+
+TRAIN_ARGS_FILE = "llava_train_args.json"
+SUPPORTED_STYLES = (SeparatorStyle.PLAIN, SeparatorStyle.TWO)
+
+
+def resolve_template(version: str) -> Conversation:
+    """The conversation template of ``--version``; only ``plain`` and ``v1``-style templates can be trained."""
+    if version not in conv_templates:
+        raise ValueError(f"Unknown --version {version!r}; known: {', '.join(sorted(conv_templates))}.")
+    template = conv_templates[version]
+    if template.sep_style not in SUPPORTED_STYLES:
+        raise NotImplementedError(
+            f"--version {version!r} uses {template.sep_style.name}; this fork trains 'plain' (stage 1) and "
+            f"'v1' (stage 2) style templates."
+        )
+    return template
+
+
+def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def _quantization_kwargs(training_args: TrainingArguments) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for 4/8-bit loading (QLoRA); needs bitsandbytes."""
+    if training_args.bits == 16:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"--bits {training_args.bits} needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes, "
+            f"or train with --bits 16."
+        ) from err
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=training_args.bits == 4,
+        load_in_8bit=training_args.bits == 8,
+        llm_int8_skip_modules=["mm_projector"],
+        llm_int8_threshold=6.0,
+        llm_int8_has_fp16_weight=False,
+        bnb_4bit_compute_dtype=compute_dtype(training_args),
+        bnb_4bit_use_double_quant=training_args.double_quant,
+        bnb_4bit_quant_type=training_args.quant_type,
+    )
+    return {"quantization_config": config, "device_map": {"": training_args.device}}
+
+
+def load_language_model(model_args: ModelArguments, training_args: TrainingArguments, attn_implementation: str | None):
+    """The LLaVA causal LM (or a plain causal LM without ``--vision_tower``), ready for the vision modules."""
+    kwargs: dict[str, Any] = {"cache_dir": training_args.cache_dir, **_quantization_kwargs(training_args)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if training_args.bf16:
+        kwargs["dtype"] = torch.bfloat16
+    if model_args.vision_tower:
+        from llava.model import LlavaLlamaForCausalLM
+
+        model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
+    """The LLM's tokenizer, right-padded, with ``unk`` as the pad token (as LLaVA trains)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+    )
+    if tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.pad_token is None:
+        raise ValueError(
+            f"The tokenizer of {model_args.model_name_or_path} has neither an unk nor a pad token; add one."
+        )
+    return tokenizer
+
+
+def _enable_input_grads(model) -> None:
+    """With gradient checkpointing and a frozen embedding, the checkpointed blocks still need input grads."""
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+        return
+
+    def make_inputs_require_grad(module, inputs, output):
+        output.requires_grad_(True)
+
+    model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+
+
+def apply_lora(model, training_args: TrainingArguments):
+    """Wrap the LLM's linear layers in LoRA adapters (vision tower and projector excluded)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("--lora_enable True needs peft: pip install 'toconv-llava[train]'.") from err
+    config = LoraConfig(
+        r=training_args.lora_r,
+        lora_alpha=training_args.lora_alpha,
+        target_modules=find_all_linear_names(model),
+        lora_dropout=training_args.lora_dropout,
+        bias=training_args.lora_bias,
+        task_type="CAUSAL_LM",
+    )
+    if training_args.bits == 16 and (training_args.bf16 or training_args.fp16):
+        model.to(compute_dtype(training_args))
+    logger.info("Adding LoRA adapters (r=%d) to %s", config.r, ", ".join(sorted(config.target_modules)))
+    return get_peft_model(model, config)
+
+
+def _adapter_check(model, path: str) -> None:
+    """Confirm that the projector and compressor now hold ``path``'s weights; say what was loaded."""
+    from llava.model.llava_arch import load_adapter_weights
+
+    saved = load_adapter_weights(path)
+    params = [(n, p) for n, p in model.named_parameters() if matches(n, PROJECTOR_KEYS + COMPRESSOR_KEYS)]
+    live = gather_state(params)
+    by_suffix = {n.split("model.", 1)[-1]: t for n, t in live.items()}
+    differs = [
+        k for k, t in saved.items()
+        if matches(k, PROJECTOR_KEYS + COMPRESSOR_KEYS)
+        and not torch.equal(by_suffix.get(k.split("model.", 1)[-1], torch.empty(0)).float(), t.float())
+    ]
+    if differs:
+        raise RuntimeError(f"After loading {path}, these parameters do not hold its weights: {differs}.")
+    logger.info("Started from %s (%s)", path, describe(saved))
+
+
+def setup_vision(
+    model, tokenizer, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
+    """Build the vision tower, compressor and projector; choose what trains; add LLaVA's tokens."""
+    llava_model = model.get_model()
+    existing = [p for name in ("mm_projector", "vision_tower") for p in _params_of(llava_model, name)]
+    # Under ZeRO-3, a LLaVA checkpoint's vision modules are partitioned: gather them to load the adapter.
+    with gathered(existing, modifier_rank=0):
+        llava_model.initialize_vision_modules(model_args=model_args, fsdp=training_args.fsdp or None)
+    vision_tower = model.get_vision_tower()
+    vision_tower.to(dtype=compute_dtype(training_args), device=training_args.device)
+    if model_args.pretrain_mm_mlp_adapter:
+        _adapter_check(model, model_args.pretrain_mm_mlp_adapter)
+
+    data_args.is_multimodal = True
+    data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
+    config = model.config
+    config.image_aspect_ratio = data_args.image_aspect_ratio
+    config.image_grid_pinpoints = data_args.image_grid_pinpoints
+    config.tokenizer_padding_side = tokenizer.padding_side
+    config.tokenizer_model_max_length = tokenizer.model_max_length
+
+    config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    projector = llava_model.mm_projector
+    compressor = vision_tower.token_compressor
+    if model_args.tune_mm_mlp_adapter:
+        model.requires_grad_(False)
+        projector.requires_grad_(True)
+        if compressor is not None:
+            compressor.requires_grad_(True)
+    config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+    if training_args.freeze_mm_mlp_adapter:
+        projector.requires_grad_(False)
+    if compressor is not None and model_args.freeze_token_compressor:
+        compressor.requires_grad_(False)
+    if model_args.unfreeze_mm_vision_tower:
+        vision_tower.vision_tower.requires_grad_(True)
+    if training_args.bits in (4, 8):
+        projector.to(dtype=compute_dtype(training_args), device=training_args.device)
+
+    config.mm_use_im_start_end = model_args.mm_use_im_start_end
+    config.mm_projector_lr = training_args.mm_projector_lr
+    config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+    model.initialize_vision_tokenizer(model_args, tokenizer=tokenizer)
+
+
+def _params_of(module, name: str) -> list[torch.nn.Parameter]:
+    child = getattr(module, name, None)
+    if isinstance(child, list):
+        child = child[0] if child else None
+    return list(child.parameters()) if isinstance(child, torch.nn.Module) else []
+
+
+def log_trainable(model) -> dict[str, int]:
+    """Log (and return) how many parameters train, by part of the model."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = next((k for k in COMPRESSOR_KEYS + PROJECTOR_KEYS + ("vision_tower", "lora_") if k in name), "llm")
+        counts[part] = counts.get(part, 0) + param.numel()
+    logger.info("Trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items())) or "none")
+    return counts
+
+
+def save_arguments(output_dir: str, *groups: Any) -> None:
+    """Write the resolved arguments beside the outputs (``llava_train_args.json``)."""
+    record = {}
+    for group in groups:
+        values = group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group)
+        record[type(group).__name__] = {k: v for k, v in values.items() if _jsonable(v)}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / TRAIN_ARGS_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def save_trained_model(trainer: LLaVATrainer, model, tokenizer, training_args: TrainingArguments) -> None:
+    """Write the final outputs: ``mm_projector.bin`` (stage 1), LoRA weights + ``non_lora_trainables.bin``, or the model."""
+    output_dir = training_args.output_dir
+    model.config.use_cache = True
+    if trainer.tune_mm_mlp_adapter:
+        trainer.save_model(output_dir)
+        return
+    if training_args.lora_enable:
+        lora_state = get_peft_state_maybe_zero_3(model.named_parameters(), training_args.lora_bias)
+        non_lora_state = get_peft_state_non_lora_maybe_zero_3(model.named_parameters())
+        if training_args.should_save:
+            model.config.save_pretrained(output_dir)
+            model.save_pretrained(output_dir, state_dict=lora_state)
+            torch.save(non_lora_state, os.path.join(output_dir, NON_LORA_FILE))
+            tokenizer.save_pretrained(output_dir)
+            logger.info(
+                "Saved LoRA weights (%d tensors) and %s (%d tensors: %s) to %s",
+                len(lora_state), NON_LORA_FILE, len(non_lora_state), describe(non_lora_state), output_dir,
+            )
+        return
+    trainer.save_model(output_dir)
+
+
+def train(
+    attn_implementation: str | None = None,
+    argv: Sequence[str] | None = None,
+    callbacks: Sequence[transformers.TrainerCallback] | None = None,
+) -> LLaVATrainer:
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, save; returns the trainer.
+
+    Args:
+        attn_implementation: Passed to ``from_pretrained`` (``"flash_attention_2"``, ``"sdpa"``, ...).
+        argv: Command-line arguments (see ``llava.train.arguments``).
+        callbacks: Extra ``TrainerCallback``s (tests use them to look at the model before training).
+    """
+    model_args, data_args, training_args = parse_arguments(list(argv) if argv is not None else None)
+    template = resolve_template(model_args.version)
+    if training_args.should_save:
+        save_arguments(training_args.output_dir, model_args, data_args, training_args)
+
+    model = load_language_model(model_args, training_args, attn_implementation)
+    if model_args.freeze_backbone:
+        model.model.requires_grad_(False)
+    if training_args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    if training_args.gradient_checkpointing:
+        _enable_input_grads(model)
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args)
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    image_processor, image_token_count = None, None
+    if model_args.vision_tower:
+        setup_vision(model, tokenizer, model_args, data_args, training_args)
+        vision_tower = model.get_vision_tower()
+        image_processor = vision_tower.image_processor
+        image_token_count = vision_tower.num_patches
+    log_trainable(model)
+
+    data_module = make_supervised_data_module(
+        tokenizer, data_args, template, image_processor=image_processor,
+        image_token_count=image_token_count, max_length=training_args.model_max_length,
+    )
+    trainer = LLaVATrainer(
+        model=model,
+        args=training_args,
+        processing_class=tokenizer,
+        callbacks=list(callbacks or []),
+        tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
+        use_im_start_end=model_args.mm_use_im_start_end,
+        **data_module,
+    )
+    trainer.train(resume_from_checkpoint=_resume_point(training_args, model_args))
+    trainer.save_state()
+    if trainer.data_skipped or data_module["train_dataset"].num_skipped:
+        logger.warning(
+            "Skipped %d broken samples during training (counted from the batches; see the warnings above).",
+            trainer.data_skipped,
+        )
+    save_trained_model(trainer, model, tokenizer, training_args)
+    return trainer
+
+
+def _resume_point(training_args: TrainingArguments, model_args: ModelArguments) -> str | bool | None:
+    """Resume from ``--resume_from_checkpoint`` or, as upstream does, from the output folder's latest checkpoint.
+
+    Stage-1 checkpoints hold only the adapter weights, so they are not resumed: start a new run
+    with ``--pretrain_mm_mlp_adapter checkpoint-N/mm_projector.bin`` instead.
+    """
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if not list(Path(training_args.output_dir).glob("checkpoint-*")):
+        return None
+    if model_args.tune_mm_mlp_adapter:
+        logger.warning(
+            "%s holds stage-1 checkpoints (weights only); training starts from scratch. To continue one, pass "
+            "--pretrain_mm_mlp_adapter <checkpoint>/mm_projector.bin.", training_args.output_dir,
+        )
+        return None
+    return True
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log to stderr: ``level`` on the main process (rank 0), warnings only on the other ranks."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        level=level if rank == 0 else logging.WARNING,
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None, attn_implementation: str | None = None) -> None:
+    """CLI entry point: ``python -m llava.train.train --model_name_or_path ... --output_dir ...``."""
+    configure_logging()
+    train(attn_implementation=attn_implementation, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
