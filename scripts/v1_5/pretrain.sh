@@ -1,0 +1,60 @@
+#!/bin/bash
+# LLaVA-1.5 stage 1: train the projector (and the ToConv token compressor, when COMPRESS_TO is set)
+# on image-caption pairs. Writes $OUTPUT_DIR/mm_projector.bin (projector + compressor weights).
+#
+# Settings come from the environment; any extra arguments are passed on to llava/train/train_mem.py:
+#   LLM             language model to start from            (lmsys/vicuna-13b-v1.5)
+#   VISION_TOWER    CLIP tower                              (openai/clip-vit-large-patch14-336)
+#   DATA_PATH       caption conversations (plain template)  (./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json)
+#   IMAGE_FOLDER    images of DATA_PATH                     (./playground/data/LLaVA-Pretrain/images)
+#   COMPRESS_TO     compressed grid side: 12 (144 tokens) or 8 (64); unset: no compression
+#   OUTPUT_DIR      (./checkpoints/llava-v1.5-13b[-toconv$COMPRESS_TO]-pretrain)
+#   LAUNCHER        (deepspeed); e.g. "torchrun --nproc_per_node 8"
+#   ENTRY           (llava/train/train_mem.py: FlashAttention-2); llava/train/train.py without flash-attn
+#   DS_CONFIG       (./scripts/zero2.json); empty: no DeepSpeed (plain DDP under torchrun)
+#   DRY_RUN=1       print the command instead of running it
+# Sized for 8 GPUs × 32 images (global batch 256), as LLaVA-1.5; keep the global batch when
+# changing the GPU count (per_device_train_batch_size × GPUs × gradient_accumulation_steps).
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+LLM=${LLM:-lmsys/vicuna-13b-v1.5}
+DATA_PATH=${DATA_PATH:-./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data/LLaVA-Pretrain/images}
+DS_CONFIG=${DS_CONFIG-./scripts/zero2.json}
+OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-13b$(compress_tag)-pretrain}
+
+run_training \
+    --model_name_or_path "$LLM" \
+    --version plain \
+    --data_path "$DATA_PATH" \
+    --image_folder "$IMAGE_FOLDER" \
+    --vision_tower "$VISION_TOWER" \
+    --mm_projector_type mlp2x_gelu \
+    --tune_mm_mlp_adapter True \
+    --mm_vision_select_layer -2 \
+    --mm_use_im_start_end False \
+    --mm_use_im_patch_token False \
+    $(compress_args) \
+    --bf16 True \
+    --output_dir "$OUTPUT_DIR" \
+    --num_train_epochs 1 \
+    --per_device_train_batch_size 32 \
+    --per_device_eval_batch_size 4 \
+    --gradient_accumulation_steps 1 \
+    --eval_strategy no \
+    --save_strategy steps \
+    --save_steps 24000 \
+    --save_total_limit 1 \
+    --learning_rate 1e-3 \
+    --weight_decay 0. \
+    --warmup_steps 0.03 \
+    --lr_scheduler_type cosine \
+    --logging_steps 1 \
+    --tf32 True \
+    --model_max_length 2048 \
+    --gradient_checkpointing True \
+    --dataloader_num_workers 4 \
+    --lazy_preprocess True \
+    --report_to "$REPORT_TO" \
+    "$@"
