@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -129,25 +130,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _is_standin(path: Path) -> bool:
+    """A stand-in passed by path (or copied into a cache) is still a stand-in: its config says so."""
+    return "standin_of" in json.loads((path / "config.json").read_text())
+
+
 def resolve_tower(name: str, given: str | None, args: argparse.Namespace) -> TowerSource:
     """Real weights if given or cached, else a random-weight stand-in built under ``--standin-dir``."""
     from vision_token_compression.standins import build_clip_standin, find_local_tower
 
     if given is not None:
-        return TowerSource(name, Path(given), real=True)
+        return TowerSource(name, Path(given), real=not _is_standin(Path(given)))
     if not args.standins_only:
         local = find_local_tower(name)
         if local is not None:
-            return TowerSource(name, local, real=True)
+            return TowerSource(name, local, real=not _is_standin(local))
     root = args.standin_dir or default_standin_dir()
     out_dir = root / f"{name.replace('/', '--')}-layers{args.standin_layers}"
     path = build_clip_standin(name, out_dir, num_hidden_layers=args.standin_layers)
     return TowerSource(name, path, real=False)
 
 
-def describe(source: TowerSource, layers: int) -> str:
+def describe(source: TowerSource) -> str:
+    """One line saying whether ``source`` holds real weights or a random-weight stand-in."""
     if source.real:
         return f"{source.name}: real weights from {source.path}"
+    layers = json.loads((source.path / "config.json").read_text())["num_hidden_layers"]
     return (f"{source.name}: RANDOM-WEIGHT STAND-IN (real config, {layers} of 24 layers) at {source.path} "
             f"— shapes are real, features are not")
 
@@ -214,7 +222,7 @@ def run_all(args: argparse.Namespace) -> None:
     tower_224 = resolve_tower(TOWER_224, args.vision_tower_224, args)
     tower_336 = resolve_tower(TOWER_336, args.vision_tower_336, args)
     for source in (tower_224, tower_336):
-        print(describe(source, args.standin_layers))
+        print(describe(source))
     torch.manual_seed(0)
 
     header("Test 1: CLIPVisionTower WITHOUT compression")
@@ -256,12 +264,12 @@ def script_logging():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the acceptance tests; 0 when all pass, 1 when a check fails."""
+    """Run the acceptance tests; 0 when all pass, 1 when a check fails or a tower is refused."""
     args = parse_args(argv)
     with script_logging():
         try:
             run_all(args)
-        except CheckFailed as err:
+        except (CheckFailed, ValueError) as err:  # ValueError: the library refused a tower or setting
             print(f"✗ Test failed: {err}")
             return 1
     return 0
@@ -310,6 +318,16 @@ def test_failed_check_exits_nonzero(tmp_path_factory, capsys, monkeypatch) -> No
     output = capsys.readouterr().out
     assert "✗ Test failed: tower.num_patches 577 != 256" in output
     assert "All tests passed successfully!" not in output
+
+
+def test_a_standin_given_by_path_is_still_called_a_standin(tmp_path_factory, capsys) -> None:
+    """Passing a stand-in directory as --vision-tower must not make it look like real weights."""
+    root = _standin_dir(tmp_path_factory)
+    args = parse_args(["--standins-only", "--standin-dir", str(root)])
+    standin = resolve_tower(TOWER_336, None, args)
+    source = resolve_tower(TOWER_336, str(standin.path), args)
+    assert not source.real
+    assert "RANDOM-WEIGHT STAND-IN" in describe(source)
 
 
 def test_bad_tower_path_is_a_usage_error(tmp_path, capsys) -> None:
