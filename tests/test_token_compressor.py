@@ -234,3 +234,14 @@ def test_gradient_reaches_every_parameter():
     compressor(torch.randn(2, 576, 8)).square().sum().backward()
     for name, param in compressor.named_parameters():
         assert param.grad is not None and bool(param.grad.abs().sum() > 0), name
+
+
+@pytest.mark.parametrize(("grid_in", "grid_out"), [(24, 12), (24, 8), (16, 12), (16, 8)])
+def test_real_size_shapes_of_the_seed_configurations(grid_in, grid_out):
+    """CLIP ViT-L's hidden size 1024: (B, in², 1024) → (B, out², 1024), C→C weights."""
+    compressor = TokenCompressor(grid_in, grid_out, hidden_dim=1024)
+    k = compressor.kernel_size
+    assert compressor.conv.weight.shape == (1024, 1024, k, k)
+    with torch.no_grad():
+        y = compressor(torch.randn(2, grid_in**2, 1024))
+    assert y.shape == (2, grid_out**2, 1024)
