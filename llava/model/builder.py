@@ -1,0 +1,293 @@
+"""Load a LLaVA checkpoint for inference: upstream's ``load_pretrained_model``, plus compression switches.
+
+The checkpoint kind is read from the files, not the name:
+
+- LoRA (``adapter_config.json`` in ``model_path``): the LLM from ``model_base``, then
+  ``non_lora_trainables.bin`` (projector, compressor, ...) and the merged LoRA weights;
+- projector only (``model_base`` given, no adapter): the LLM from ``model_base``, the config and
+  ``mm_projector.bin`` (projector and, when trained, the token compressor) from ``model_path``;
+- full: everything from ``model_path``.
+
+Compression can be switched on for a checkpoint trained without it; the compressor then starts as
+the window average or is read from ``token_compressor_path``, never random.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers.utils import cached_file
+
+from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from .llava_arch import load_adapter_weights
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_LEN = 2048
+# Upstream's default for configs that predate the field.
+DEFAULT_MM_USE_IM_PATCH_TOKEN = True
+
+
+def _find_file(model_path: str, filename: str) -> str | None:
+    """Local or cached path of ``filename`` in a folder or Hub repo, or None if it has none."""
+    local = os.path.join(model_path, filename)
+    if os.path.isdir(model_path):
+        return local if os.path.isfile(local) else None
+    return cached_file(model_path, filename, _raise_exceptions_for_missing_entries=False)
+
+
+def _classes_for(config_dict: dict) -> tuple[type, type]:
+    """(config class, model class) for a LLaVA config dict, by its model_type / architectures."""
+    names = [config_dict.get("model_type") or "", *(config_dict.get("architectures") or [])]
+    if any("mistral" in name.lower() for name in names):
+        return LlavaMistralConfig, LlavaMistralForCausalLM
+    return LlavaConfig, LlavaLlamaForCausalLM
+
+
+def _is_llava(config_dict: dict) -> bool:
+    names = [config_dict.get("model_type") or "", *(config_dict.get("architectures") or [])]
+    return bool(config_dict.get("mm_vision_tower")) or any(name.lower().startswith("llava") for name in names)
+
+
+def apply_compression_settings(
+    config,
+    use_token_compression: bool | None = None,
+    compression_input_size: int | None = None,
+    compression_output_size: int | None = None,
+    token_compressor_path: str | None = None,
+) -> bool:
+    """Apply load-time compression switches to a LLaVA config; True if compression is switched on here.
+
+    ``use_token_compression=None`` keeps the checkpoint's setting. Sizes that contradict a
+    checkpoint trained with compression are an error (its compressor has fixed shapes).
+    """
+    trained_with = bool(getattr(config, "use_token_compression", False))
+    extras_given = compression_input_size is not None or compression_output_size is not None or token_compressor_path
+    if use_token_compression is None:
+        if extras_given and not trained_with:
+            raise ValueError(
+                "Compression sizes or a token compressor path were given, but this checkpoint was trained without "
+                "compression and use_token_compression is not set: pass use_token_compression=True "
+                "(--use-token-compression) to switch it on."
+            )
+        use_token_compression = trained_with
+    if not use_token_compression:
+        if trained_with:
+            logger.warning(
+                "The checkpoint was trained with token compression (%s→%s); loading it without compression as asked.",
+                getattr(config, "compression_input_size", None), getattr(config, "compression_output_size", None),
+            )
+            config.use_token_compression = False
+        return False
+    if trained_with:
+        for name, value in (("compression_input_size", compression_input_size),
+                            ("compression_output_size", compression_output_size)):
+            saved = getattr(config, name, None)
+            if value is not None and saved is not None and value != saved:
+                raise ValueError(
+                    f"The checkpoint was trained with {name}={saved}, but {name}={value} was asked for: its "
+                    f"compressor only fits {saved}. Drop the setting, or load a checkpoint trained for {value}."
+                )
+        return False
+    config.use_token_compression = True
+    if compression_input_size is not None:
+        config.compression_input_size = compression_input_size
+    if compression_output_size is not None:
+        config.compression_output_size = compression_output_size
+    return True
+
+
+def _load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
+    path = _find_file(model_path, "non_lora_trainables.bin")
+    if path is None:
+        raise FileNotFoundError(f"{model_path} is a LoRA checkpoint without non_lora_trainables.bin (projector weights).")
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    # Saved from the PEFT-wrapped model: "base_model.model.model.mm_projector..." → "model.mm_projector...".
+    out = {}
+    for key, value in weights.items():
+        key = key[len("base_model."):] if key.startswith("base_model.") else key
+        if key.startswith("model.model.") or key.startswith("model.lm_head."):
+            key = key[len("model."):]
+        out[key] = value
+    return out
+
+
+def _load_extra_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load named weights (projector, compressor, ...) into ``model``; names it does not have are an error."""
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{source} holds weights this model does not have: {result.unexpected_keys[:8]}. Is the config in "
+            f"model_path the one these weights were trained with?"
+        )
+
+
+def _finish_compressor(model, switched_on: bool, token_compressor_path: str | None, loaded: bool) -> None:
+    """Give the compressor its weights: the given checkpoint, the loaded ones, or the average init."""
+    tower = model.get_vision_tower()
+    compressor = tower.token_compressor
+    config = model.config
+    config.use_token_compression = compressor is not None
+    if compressor is None:
+        return
+    config.compression_input_size = tower.compression_input_size
+    config.compression_output_size = tower.compression_output_size
+    if token_compressor_path:
+        from vision_token_compression.checkpoint import load_compressor_into
+
+        load_compressor_into(
+            compressor, token_compressor_path, vision_tower=tower.vision_tower_name,
+            select_layer=tower.select_layer, select_feature=tower.select_feature,
+        )
+        source = token_compressor_path
+    elif loaded:
+        source = "the checkpoint"
+    else:
+        if not switched_on:
+            logger.warning(
+                "The checkpoint has use_token_compression=True but no token compressor weights: using the "
+                "average init (each token is the mean of its window)."
+            )
+        compressor.reset_parameters()
+        source = "average init (window mean)"
+    logger.info(
+        "Token compression%s: %d×%d → %d×%d, compressor from %s",
+        " switched on at load time" if switched_on else "", compressor.input_grid_size, compressor.input_grid_size,
+        compressor.output_grid_size, compressor.output_grid_size, source,
+    )
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None,
+    model_name: str,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map="auto",
+    device: str = "cuda",
+    use_flash_attn: bool = False,
+    *,
+    use_token_compression: bool | None = None,
+    compression_input_size: int | None = None,
+    compression_output_size: int | None = None,
+    token_compressor_path: str | None = None,
+    **kwargs,
+):
+    """Load a LLaVA (or plain LLM) checkpoint; returns ``(tokenizer, model, image_processor, context_len)``.
+
+    Args:
+        model_path: Checkpoint folder or Hub name (full, projector-only or LoRA).
+        model_base: The LLM a projector-only or LoRA checkpoint was trained on; None for full checkpoints.
+        model_name: Name used in log messages (upstream dispatched on it; here the files decide).
+        load_8bit / load_4bit: Quantise the LLM with bitsandbytes.
+        device_map: Passed to ``from_pretrained`` when ``device`` is ``"cuda"``.
+        device: ``"cuda"``, ``"cpu"``, ``"mps"``, ...; other than ``"cuda"``, everything goes there.
+        use_flash_attn: Use FlashAttention-2.
+        use_token_compression: None keeps the checkpoint's setting; True switches ToConv on for a
+            checkpoint trained without it; False switches it off.
+        compression_input_size / compression_output_size: Grid sides when switching compression on
+            (default: the tower's grid → 12).
+        token_compressor_path: A compressor checkpoint (safetensors) to use instead of the average init.
+        **kwargs: Passed to ``from_pretrained`` (e.g. ``dtype``).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available: pass device='cpu' (--device cpu).")
+    kwargs = {"device_map": device_map, **kwargs}
+    if device != "cuda":
+        kwargs["device_map"] = {"": device}
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit, load_in_4bit=load_4bit and not load_8bit,
+            bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+        )
+        kwargs.setdefault("dtype", torch.float16)
+    else:
+        kwargs.setdefault("dtype", torch.float16 if device in ("cuda", "mps") else torch.float32)
+    if use_flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+
+    config_dict, _ = PreTrainedConfig.get_config_dict(model_path)
+    lora = _find_file(model_path, "adapter_config.json") is not None
+    if lora and model_base is None:
+        raise ValueError(
+            f"{model_path} is a LoRA checkpoint (it has adapter_config.json): pass model_base, the LLM it was "
+            f"trained on (--model-base, e.g. lmsys/vicuna-7b-v1.5)."
+        )
+    if not _is_llava(config_dict):
+        return _load_language_model(model_path, model_base, lora, kwargs)
+
+    config_cls, model_cls = _classes_for(config_dict)
+    config = config_cls.from_pretrained(model_path)
+    switched_on = apply_compression_settings(
+        config, use_token_compression, compression_input_size, compression_output_size, token_compressor_path
+    )
+    extra: dict[str, torch.Tensor] = {}
+    if lora:
+        logger.info("Loading LLaVA %s: LoRA weights from %s on %s", model_name, model_path, model_base)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        model, info = model_cls.from_pretrained(model_base, config=config, output_loading_info=True, **kwargs)
+        extra = _load_non_lora_trainables(model_path)
+        _load_extra_weights(model, extra, f"{model_path}/non_lora_trainables.bin")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+    elif model_base is not None:
+        logger.info("Loading LLaVA %s: projector from %s on %s", model_name, model_path, model_base)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        model, info = model_cls.from_pretrained(model_base, config=config, output_loading_info=True, **kwargs)
+        projector_file = _find_file(model_path, "mm_projector.bin")
+        if projector_file is None:
+            raise FileNotFoundError(
+                f"{model_path} has no mm_projector.bin. With model_base set, model_path must be a projector-only "
+                f"or LoRA checkpoint; for a full checkpoint, leave model_base unset."
+            )
+        extra = load_adapter_weights(projector_file)
+        _load_extra_weights(model, extra, projector_file)
+    else:
+        logger.info("Loading LLaVA %s from %s", model_name, model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model, info = model_cls.from_pretrained(model_path, config=config, output_loading_info=True, **kwargs)
+
+    compressor_missing = any("token_compressor." in key for key in info["missing_keys"])
+    compressor_loaded = not compressor_missing or any("token_compressor." in key for key in extra)
+    _finish_compressor(model, switched_on, token_compressor_path, compressor_loaded)
+
+    if getattr(model.config, "mm_use_im_patch_token", DEFAULT_MM_USE_IM_PATCH_TOKEN):
+        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+    if getattr(model.config, "mm_use_im_start_end", False):
+        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    vision_tower = model.get_vision_tower()
+    if not vision_tower.is_loaded:
+        vision_tower.load_model(device_map=kwargs["device_map"])
+    vision_tower.to(device=model.device, dtype=model.dtype)
+    context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
+    return tokenizer, model, vision_tower.image_processor, context_len
+
+
+def _load_language_model(model_path: str, model_base: str | None, lora: bool, kwargs: dict):
+    """A plain LLM (no vision tower), optionally with merged LoRA weights; image_processor is None."""
+    if lora:
+        from peft import PeftModel
+
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        model = AutoModelForCausalLM.from_pretrained(model_base, **kwargs)
+        model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+    else:
+        if model_base is not None:
+            logger.warning("model_base=%s is ignored: %s is a full language model checkpoint.", model_base, model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
+    return tokenizer, model, None, context_len

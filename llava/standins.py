@@ -1,0 +1,275 @@
+"""Tiny, locally built LLaVA pieces for tests, demos and benchmarks on machines without downloads.
+
+Everything here has real structure and random weights: a byte-level BPE tokenizer with Llama's
+special tokens, a tiny Llama or Mistral LLaVA assembled through ``initialize_vision_modules``
+(the path training takes), a CLIP stand-in with the real 336px / patch-14 geometry (24×24 grid),
+and generated images. Outputs are meaningless; shapes, token counts and code paths are real.
+
+Typical use::
+
+    clip = build_tiny_clip(tmp / "clip")
+    model_path = build_tiny_llava(tmp / "llava-tiny", clip, compression_output_size=12)
+    tokenizer, model, processor, _ = load_pretrained_model(str(model_path), None, "llava-tiny", device="cpu")
+    images = make_images(2, size=(400, 300), seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+# Llama's special tokens, in Llama's id order (unk 0, bos 1, eos 2) plus a pad token.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+    "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+
+_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions.",
+    "USER: ASSISTANT: Human: Assistant: [INST] [/INST] <<SYS>> <</SYS>> <|im_start|>system user assistant <|im_end|>",
+    "What is in the image? Describe the image in detail. What color is the shape? How many shapes are there?",
+    "Answer the question using a single word or phrase. Is there a circle? Yes. No.",
+    "The image shows a red circle, a green square and a blue triangle on a white background.",
+    " ".join(f"{c} {s}" for c in COLORS for s in SHAPES),
+    "one two three four five six seven eight nine ten left right top bottom middle small large",
+]
+
+
+@dataclass
+class VisionModelArgs:
+    """The model arguments ``initialize_vision_modules`` and ``initialize_vision_tokenizer`` read.
+
+    Field names and defaults follow LLaVA's ``ModelArguments`` (``llava.train``), plus compression.
+    """
+
+    vision_tower: str
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_patch_merge_type: str = "flat"
+    pretrain_mm_mlp_adapter: str | None = None
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    tune_mm_mlp_adapter: bool = False
+    use_token_compression: bool = False
+    compression_input_size: int | None = None
+    compression_output_size: int | None = None
+    pretrain_token_compressor: str | None = None
+
+
+def build_tokenizer(out_dir: str | os.PathLike, *, vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE tokenizer on a small built-in corpus and save it as a transformers tokenizer.
+
+    It adds ``<s>`` in front of every text (as Llama's does), knows ``<unk>``, ``</s>`` and
+    ``<pad>``, and decodes back to the exact text. Reuses a tokenizer already saved in ``out_dir``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    if (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=2048,
+    )
+    wrapped.save_pretrained(out_dir)
+    logger.info("Built a %d-token BPE stand-in tokenizer at %s", len(wrapped), out_dir)
+    return out_dir
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, *, hidden_size: int = 32, num_hidden_layers: int = 2, seed: int = 0) -> Path:
+    """A random CLIP ViT-L/14-336 stand-in shrunk to ``hidden_size`` channels: 336px, patch 14, a 24×24 grid."""
+    from vision_token_compression.standins import build_clip_standin
+
+    return build_clip_standin(
+        "openai/clip-vit-large-patch14-336", out_dir, num_hidden_layers=num_hidden_layers, seed=seed,
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=2,
+    )
+
+
+def tiny_language_config(
+    language_model: Literal["llama", "mistral"] = "llama",
+    *,
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 128,
+):
+    """A ``LlavaConfig`` / ``LlavaMistralConfig`` for a tiny decoder with the stand-in tokenizer's special ids."""
+    from .model import LlavaConfig, LlavaMistralConfig
+
+    config_cls = {"llama": LlavaConfig, "mistral": LlavaMistralConfig}.get(language_model)
+    if config_cls is None:
+        raise ValueError(f"language_model must be 'llama' or 'mistral', got {language_model!r}.")
+    return config_cls(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=4096,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | os.PathLike,
+    vision_tower_path: str | os.PathLike,
+    *,
+    compression_output_size: int | None = None,
+    compression_input_size: int | None = None,
+    mm_projector_type: str = "mlp2x_gelu",
+    image_aspect_ratio: str = "pad",
+    mm_patch_merge_type: str = "flat",
+    image_grid_pinpoints: Sequence[Sequence[int]] | None = None,
+    language_model: Literal["llama", "mistral"] = "llama",
+    tokenizer_path: str | os.PathLike | None = None,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Build a random tiny LLaVA the way training does and save it (model + tokenizer) to ``out_dir``.
+
+    The decoder is created from a tiny config, then ``initialize_vision_modules`` adds the vision
+    tower at ``vision_tower_path``, the projector and, with ``compression_output_size`` set, the
+    ToConv compressor (average init); the config gets the fields LLaVA's training sets
+    (``image_aspect_ratio``, ``image_grid_pinpoints``, tokenizer padding side and length).
+
+    Args:
+        out_dir: Folder to save to (``save_pretrained`` layout, loadable by ``load_pretrained_model``).
+        vision_tower_path: A CLIP vision model folder, e.g. from ``build_tiny_clip``.
+        compression_output_size: Compressed grid side (12 → 144 tokens, 8 → 64); None: no compression.
+        compression_input_size: Input grid side; None: the tower's own grid.
+        mm_projector_type: ``linear``, ``mlpNx_gelu`` or ``identity``.
+        image_aspect_ratio: ``pad``, ``anyres`` or ``square``.
+        mm_patch_merge_type: ``flat``, ``spatial`` or ``spatial_unpad``.
+        image_grid_pinpoints: anyres canvases as [width, height]; default 1×2, 2×1 and 2×2 tower crops.
+        language_model: ``llama`` or ``mistral``.
+        tokenizer_path: An existing tokenizer folder; None builds the BPE stand-in.
+        hidden_size: Width of the decoder.
+        num_hidden_layers: Depth of the decoder.
+        seed: Seed for the random weights.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from .model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or build_tokenizer(out_dir))
+    config = tiny_language_config(
+        language_model, vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers
+    )
+    torch.manual_seed(seed)
+    model_cls = LlavaLlamaForCausalLM if language_model == "llama" else LlavaMistralForCausalLM
+    model = model_cls(config)
+    model_args = VisionModelArgs(
+        vision_tower=str(vision_tower_path),
+        mm_projector_type=mm_projector_type,
+        mm_patch_merge_type=mm_patch_merge_type,
+        use_token_compression=compression_output_size is not None,
+        compression_input_size=compression_input_size,
+        compression_output_size=compression_output_size,
+    )
+    model.get_model().initialize_vision_modules(model_args)
+    model.initialize_vision_tokenizer(model_args, tokenizer)
+    tower_size = model.get_vision_tower().config.image_size
+    config = model.config
+    config.image_aspect_ratio = image_aspect_ratio
+    if image_aspect_ratio == "anyres":
+        config.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints] if image_grid_pinpoints else [
+            [tower_size, 2 * tower_size], [2 * tower_size, tower_size], [2 * tower_size, 2 * tower_size]
+        ]
+    config.mm_use_im_start_end = model_args.mm_use_im_start_end
+    config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+    config.tokenizer_padding_side = tokenizer.padding_side
+    config.tokenizer_model_max_length = tokenizer.model_max_length
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("Built a tiny LLaVA (%s, compression %s) at %s", language_model, compression_output_size, out_dir)
+    return out_dir
+
+
+def make_images(
+    n: int,
+    size: tuple[int, int] | Sequence[tuple[int, int]] = (336, 336),
+    seed: int = 0,
+) -> list[Image.Image]:
+    """``n`` RGB images of coloured shapes on a plain background, reproducible from ``seed``.
+
+    ``size`` is one (width, height) for all images or one per image.
+    """
+    sizes = [tuple(size)] * n if isinstance(size[0], int) else [tuple(s) for s in size]
+    if len(sizes) != n:
+        raise ValueError(f"Got {len(sizes)} sizes for {n} images; pass one (width, height) or one per image.")
+    rng = random.Random(seed)
+    images = []
+    for width, height in sizes:
+        image = Image.new("RGB", (width, height), rng.choice(list(COLORS.values())))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 4)):
+            color = rng.choice(list(COLORS.values()))
+            side = rng.randint(max(4, min(width, height) // 8), max(5, min(width, height) // 2))
+            x, y = rng.randint(0, max(0, width - side)), rng.randint(0, max(0, height - side))
+            shape = rng.choice(SHAPES)
+            if shape == "circle":
+                draw.ellipse((x, y, x + side, y + side), fill=color)
+            elif shape == "square":
+                draw.rectangle((x, y, x + side, y + side), fill=color)
+            else:
+                draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=color)
+        images.append(image)
+    return images
+
+
+def save_images(images: Sequence[Image.Image], folder: str | os.PathLike, prefix: str = "image") -> list[str]:
+    """Save ``images`` as PNG files in ``folder``; returns their file names (relative to ``folder``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(images):
+        name = f"{prefix}_{i:04d}.png"
+        image.save(folder / name)
+        names.append(name)
+    return names
+
+
+def write_question_file(
+    path: str | os.PathLike, image_names: Sequence[str], questions: Sequence[str] | None = None
+) -> Path:
+    """A ``model_vqa_loader`` question file: one JSON line per image with ``question_id``, ``image``, ``text``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    questions = questions or ["What is in the image?", "What color is the shape?", "How many shapes are there?"]
+    with path.open("w") as f:
+        for i, name in enumerate(image_names):
+            record = {"question_id": i, "image": name, "text": questions[i % len(questions)]}
+            f.write(json.dumps(record) + "\n")
+    return path
