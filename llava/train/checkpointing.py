@@ -168,13 +168,15 @@ def _save_compressor_file(model: nn.Module, compressor_state: dict[str, torch.Te
 
     tower = model.get_vision_tower()
     compressor = tower.token_compressor
-    # A detached twin holding the gathered weights: under ZeRO-3 the live module holds only a shard.
-    prefix = os.path.commonprefix(list(compressor_state))
-    prefix = prefix[: prefix.rfind("token_compressor.") + len("token_compressor.")]
-    twin = type(compressor)(compressor.input_grid_size, compressor.output_grid_size, compressor.hidden_dim)
-    twin.load_state_dict({n[len(prefix):]: t.float() for n, t in compressor_state.items()})
+    if any(is_partitioned(p) for p in compressor.parameters()):
+        # Under ZeRO-3 the live module holds only a shard: save a twin holding the gathered weights.
+        prefix = os.path.commonprefix(list(compressor_state))
+        prefix = prefix[: prefix.rfind("token_compressor.") + len("token_compressor.")]
+        twin = type(compressor)(compressor.input_grid_size, compressor.output_grid_size, compressor.hidden_dim)
+        twin.load_state_dict({n[len(prefix):]: t.float() for n, t in compressor_state.items()})
+        compressor = twin
     save_compressor(
-        twin, path, vision_tower=tower.vision_tower_name,
+        compressor, path, vision_tower=tower.vision_tower_name,
         select_layer=tower.select_layer, select_feature=tower.select_feature,
     )
 

@@ -199,8 +199,9 @@ class LLaVATrainer(Trainer):
                 entry["lr"] = lrs[group]
             groups.append(entry)
             logger.info(
-                "Optimizer group %s (weight decay %s): %d tensors, lr %s",
-                group, entry["weight_decay"], len(params), entry.get("lr", self.args.learning_rate),
+                "Optimizer group %s (%s): %d tensors, lr %s, weight decay %s", group,
+                "decayed" if decays else "not decayed", len(params), entry.get("lr", self.args.learning_rate),
+                entry["weight_decay"],
             )
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)

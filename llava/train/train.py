@@ -167,18 +167,19 @@ def _adapter_check(model, path: str) -> None:
     """Confirm that the projector and compressor now hold ``path``'s weights; say what was loaded."""
     from llava.model.llava_arch import load_adapter_weights
 
-    saved = load_adapter_weights(path)
-    params = [(n, p) for n, p in model.named_parameters() if matches(n, PROJECTOR_KEYS + COMPRESSOR_KEYS)]
-    live = gather_state(params)
-    by_suffix = {n.split("model.", 1)[-1]: t for n, t in live.items()}
-    differs = [
-        k for k, t in saved.items()
-        if matches(k, PROJECTOR_KEYS + COMPRESSOR_KEYS)
-        and not torch.equal(by_suffix.get(k.split("model.", 1)[-1], torch.empty(0)).float(), t.float())
-    ]
+    keys = PROJECTOR_KEYS + COMPRESSOR_KEYS
+    saved = {_from_keyword(k, keys): t for k, t in load_adapter_weights(path).items() if matches(k, keys)}
+    live = gather_state((n, p) for n, p in model.named_parameters() if matches(n, keys))
+    live = {_from_keyword(n, keys): t for n, t in live.items()}
+    differs = [k for k, t in saved.items() if k not in live or not torch.equal(live[k].float(), t.float())]
     if differs:
         raise RuntimeError(f"After loading {path}, these parameters do not hold its weights: {differs}.")
     logger.info("Started from %s (%s)", path, describe(saved))
+
+
+def _from_keyword(name: str, keywords: Sequence[str]) -> str:
+    """``base_model.model.model.mm_projector.0.weight`` → ``mm_projector.0.weight``."""
+    return name[min(name.index(k) for k in keywords if k in name):]
 
 
 def setup_vision(

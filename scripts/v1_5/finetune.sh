@@ -55,7 +55,7 @@ run_training \
     --logging_steps 1 \
     --tf32 True \
     --model_max_length 2048 \
-    --gradient_checkpointing True \
+    --activation_checkpointing True \
     --dataloader_num_workers 4 \
     --lazy_preprocess True \
     --report_to "$REPORT_TO" \
