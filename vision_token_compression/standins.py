@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,11 @@ def build_clip_standin(
     stand-in in ``out_dir`` built with the same settings.
     """
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    # transformers 5's CLIPImageProcessor needs torchvision; its PIL twin writes the same config.
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
     if name not in CLIP_VISION_CONFIGS:
         raise ValueError(f"No stand-in config for {name!r}; known: {sorted(CLIP_VISION_CONFIGS)}.")
@@ -78,13 +84,26 @@ def build_clip_standin(
             return out_dir
     torch.manual_seed(seed)
     model = CLIPVisionModel(config)
-    model.save_pretrained(out_dir)
     size = settings["image_size"]
     processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         do_center_crop=True, do_resize=True, do_normalize=True,
         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
     )
-    processor.save_pretrained(out_dir)
+    # Built beside the target and renamed into place, so a concurrent reader (another test
+    # process sharing the cache) never sees a half-written folder.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        staging = Path(tmp) / "standin"
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except OSError:
+            # Another process renamed its identical build into place first.
+            if not (out_dir / "config.json").is_file():
+                raise
     logger.info("Built a random-weight stand-in for %s at %s (layers=%d)", name, out_dir, config.num_hidden_layers)
     return out_dir
