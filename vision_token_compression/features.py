@@ -2,8 +2,13 @@
 
 ``vision_token_compression`` never imports ``llava``, so this is a small, self-contained twin of
 ``CLIPVisionTower``'s encoder half: the same model and image processor classes, the same hidden
-state (``select_layer``, -2 in LLaVA-1.5) and the same ``patch`` / ``cls_patch`` selection. Only
-public transformers API is used, so it runs on transformers 4.37 and 5.x alike.
+state (``select_layer``, -2 in LLaVA-1.5) and the same ``patch`` / ``cls_patch`` selection.
+
+The tower is private to this module and never trains, so the layers after the selected one are
+dropped once at load time (23 of 24 run for layer -2): the encoder's ``*encoder.layers`` list,
+where transformers 4.x and 5.x both keep it, is cut to its first layers, and the model's own
+forward returns the selected hidden state as its ``last_hidden_state`` (CLIP applies its final
+norm to the pooled token only). Any other layout runs every layer and indexes ``hidden_states``.
 """
 
 from __future__ import annotations
@@ -97,6 +102,24 @@ class FrozenCLIPFeatures(nn.Module):
                 f"select_layer={select_layer} is out of range for {tower}, which has {layers + 1} hidden "
                 f"states (embeddings + {layers} layers); LLaVA-1.5 uses -2."
             )
+        self.layers_run = self._drop_unused_layers(select_layer % (layers + 1))
+
+    def _drop_unused_layers(self, needed: int) -> int | None:
+        """Keep only the first ``needed`` encoder layers; return ``needed``, or None if the layout is unknown."""
+        total = self.config.num_hidden_layers
+        found = [
+            name for name, module in self.model.named_modules()
+            if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList) and len(module) == total
+        ]
+        if len(found) != 1:
+            logger.warning("%s: no unique '*encoder.layers' list of %d layers; running all of them.",
+                           self.tower_name, total)
+            return None
+        parent_name, _, attribute = found[0].rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        setattr(parent, attribute, nn.ModuleList(list(getattr(parent, attribute))[:needed]))
+        logger.info("%s: running %d of %d layers (select_layer=%d)", self.tower_name, needed, total, self.select_layer)
+        return needed
 
     @property
     def config(self):
@@ -127,7 +150,10 @@ class FrozenCLIPFeatures(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels → (B, N, C) selected hidden states, N = grid² (+1 with ``cls_patch``)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        hidden = self.model(pixel_values, output_hidden_states=True).hidden_states[self.select_layer]  # (B, 1+N, C)
+        if self.layers_run is None:
+            hidden = self.model(pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+        else:
+            hidden = self.model(pixel_values).last_hidden_state  # (B, 1 + N, C): the selected layer's output
         return hidden[:, 1:] if self.select_feature == "patch" else hidden
 
     def patch_tokens(self, features: torch.Tensor) -> torch.Tensor:

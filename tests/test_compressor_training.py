@@ -1,0 +1,245 @@
+"""Compressor pretraining end to end on a tiny stand-in tower and generated structured images.
+
+Covers issue 5's acceptance list: a short run lowers the training loss and beats random init on
+the evaluation metrics; a killed run keeps its last complete checkpoint and resuming continues
+from the saved step and optimizer state (bit for bit); a 2-process gloo run; the checkpoint loads
+into CLIPVisionTower and changes its output, and other grid sizes are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vision_token_compression import TokenCompressor, load_compressor, read_metadata
+from vision_token_compression.data import ImageFolderDataset
+from vision_token_compression.evaluate import main as evaluate_main
+from vision_token_compression.feature_cache import FeatureCache
+from vision_token_compression.features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
+from vision_token_compression.losses import LossConfig, compression_loss
+from vision_token_compression.synthetic import make_structured_images
+from vision_token_compression.train import list_checkpoints, read_trainer_state
+from vision_token_compression.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train-images")
+    make_structured_images(folder, 24, size=336, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def held_out_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("held-out-images")
+    make_structured_images(folder, 12, size=(400, 300), seed=2)  # non-square: exercises the padding
+    return folder
+
+
+def _train_args(tower: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(images), "--output-dir", str(out), "--vision-tower", str(tower), "--batch-size", "8",
+        "--num-workers", "0", "--log-every", "1", "--num-projections", "64", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_tower_336, train_images, tmp_path_factory) -> Path:
+    """3 epochs × 3 steps, two grids (24→12 and 24→8) trained side by side."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    train_main(_train_args(tiny_tower_336, train_images, out, "--epochs", "3", "--lr", "1e-3",
+                           "--output-sizes", "12", "8"))
+    return out
+
+
+def _full_loss(tower: Path, images: Path, compressor: TokenCompressor) -> float:
+    """The training objective over every image, with fixed projection directions."""
+    extractor = FrozenCLIPFeatures(str(tower))
+    dataset = ImageFolderDataset([images], ImagePreprocessor(load_image_processor(str(tower))))
+    tokens = extractor(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    with torch.no_grad():
+        losses = compression_loss(tokens, compressor(tokens), compressor.geometry, LossConfig(num_projections=512),
+                                  torch.Generator().manual_seed(123))
+    return losses["loss"].item()
+
+
+def test_short_run_lowers_the_loss_and_beats_random_init(trained_run, tiny_tower_336, train_images,
+                                                         held_out_images, tmp_path, capsys):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["output_sizes"] == [12, 8] and config["total_steps"] == 9 and config["loss"]["distribution"]
+    records = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    assert all(k in steps[0] for k in ("loss", "lr", "24to12/window", "24to8/distribution", "images_per_s"))
+    with Image.open(trained_run / "loss_curve.png") as png:
+        assert png.format == "PNG"
+
+    for grid in (12, 8):
+        path = trained_run / f"compressor_24to{grid}.safetensors"
+        meta = read_metadata(path)
+        assert (meta.vision_tower, meta.select_layer, meta.select_feature) == (str(tiny_tower_336), -2, "patch")
+        assert meta.extra["step"] == "9"
+        trained = load_compressor(path)
+        before = _full_loss(tiny_tower_336, train_images, TokenCompressor(24, grid, 32))
+        after = _full_loss(tiny_tower_336, train_images, trained)
+        assert after < before, (grid, before, after)
+
+    # Held-out evaluation against the untrained alternatives, with a stand-in LLaVA projector.
+    torch.manual_seed(0)
+    projector = {"model.mm_projector.0.weight": torch.randn(48, 32) / 6, "model.mm_projector.0.bias": torch.zeros(48),
+                 "model.mm_projector.2.weight": torch.randn(48, 48) / 7, "model.mm_projector.2.bias": torch.zeros(48)}
+    torch.save(projector, tmp_path / "mm_projector.bin")
+    report = evaluate_main([
+        "--checkpoint", str(trained_run / "compressor_24to12.safetensors"), str(trained_run / "compressor_24to8.safetensors"),
+        "--data", str(held_out_images), "--projector", str(tmp_path / "mm_projector.bin"),
+        "--num-workers", "0", "--output", str(tmp_path / "eval.json"),
+    ])
+    table = capsys.readouterr().out
+    assert "window_cos" in table and "random_init" in table and "proj_sliced_w2" in table
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(report))
+    assert report["num_images"] == 12
+    for name in ("24to12", "24to8"):
+        methods = report["results"][name]["methods"]
+        assert set(methods) == {"trained", "average_init", "random_init", "avg_pool"}
+        trained, random_init = methods["trained"], methods["random_init"]
+        assert trained["window_cos"] > random_init["window_cos"], name
+        assert trained["sliced_w2"] < random_init["sliced_w2"], name
+        assert trained["proj_sliced_w2"] < random_init["proj_sliced_w2"], name
+    # At 24→8 the average init's windows (3×3, stride 3) are exactly average pooling's.
+    assert report["results"]["24to8"]["methods"]["average_init"] == pytest.approx(
+        report["results"]["24to8"]["methods"]["avg_pool"])
+
+
+_CRASH_DURING_SECOND_SAVE = textwrap.dedent("""
+    import os, sys
+    import vision_token_compression.train as train
+    write, calls = train._write_trainer_state, []
+    def crash_on_second_save(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"half a file")  # killed mid-write
+            os._exit(17)
+        write(state, path)
+    train._write_trainer_state = crash_on_second_save
+    train.main(sys.argv[1:])
+""")
+
+
+def test_killed_run_keeps_its_last_checkpoint_and_resume_continues_exactly(tiny_tower_336, train_images, tmp_path):
+    args = ["--epochs", "2", "--lr", "1e-3", "--seed", "5"]
+    crashed = tmp_path / "crashed"
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASH_DURING_SECOND_SAVE, *_train_args(tiny_tower_336, train_images, crashed, *args)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 17, result.stderr[-2000:]
+
+    # The second checkpoint died half-written in its hidden partial folder; the first is intact.
+    assert [p.name for p in list_checkpoints(crashed)] == ["step-00000003"]
+    assert (crashed / "checkpoints" / ".step-00000006.partial").is_dir()
+    first = crashed / "checkpoints" / "step-00000003"
+    assert read_trainer_state(first)["step"] == 3
+    top = load_compressor(crashed / "compressor_24to12.safetensors")
+    torch.testing.assert_close(top.state_dict(), load_compressor(first / "compressor_24to12.safetensors").state_dict())
+    assert read_metadata(crashed / "compressor_24to12.safetensors").extra["step"] == "3"
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_main(_train_args(tiny_tower_336, train_images, crashed, *args))
+    train_main(_train_args(tiny_tower_336, train_images, crashed, *args, "--resume"))
+    assert not (crashed / "checkpoints" / ".step-00000006.partial").exists()
+    state = read_trainer_state(crashed / "checkpoints" / "step-00000006")
+    assert state["step"] == 6
+    assert all(s["step"] == 6 for s in state["optimizer"]["state"].values())  # Adam continued from step 3
+    records = [json.loads(line) for line in (crashed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 7))
+
+    # Same weights as a run that was never interrupted: step, data order and Adam moments all resumed.
+    straight = tmp_path / "straight"
+    train_main(_train_args(tiny_tower_336, train_images, straight, *args))
+    resumed = load_file(crashed / "compressor_24to12.safetensors")
+    uninterrupted = load_file(straight / "compressor_24to12.safetensors")
+    assert not torch.equal(resumed["conv.weight"], load_file(first / "compressor_24to12.safetensors")["conv.weight"])
+    torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=1e-6)
+
+
+def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_tower_336, train_images, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "vision_token_compression.train",
+         *_train_args(tiny_tower_336, train_images, out, "--epochs", "1", "--lr", "1e-3", "--device", "cpu")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["steps_per_epoch"] == 2  # 24 images / (2 × 8), rounded up
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["compressor_24to12.safetensors"]
+    assert not list((out / "checkpoints").glob(".*"))
+    trained = load_file(out / "compressor_24to12.safetensors")["conv.weight"]
+    assert not torch.equal(trained, TokenCompressor(24, 12, 32).conv.weight)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]  # rank 0 alone writes the log
+
+
+def test_feature_cache_matches_the_tower_and_is_reused(tiny_tower_336, train_images, tmp_path, caplog):
+    cache_dir = tmp_path / "cache"
+    args = ["--epochs", "1", "--feature-cache", str(cache_dir)]
+    train_main(_train_args(tiny_tower_336, train_images, tmp_path / "a", *args))
+    (array,) = cache_dir.glob("features-*.npy")
+    cache = FeatureCache(array)
+    assert len(cache) == 24 and cache.shape == (24, 576, 32)
+    extractor = FrozenCLIPFeatures(str(tiny_tower_336))
+    dataset = ImageFolderDataset([train_images], ImagePreprocessor(load_image_processor(str(tiny_tower_336))))
+    for index in (0, 23):
+        want = extractor(dataset[index][0][None])[0]
+        torch.testing.assert_close(cache[index][0].float(), want, rtol=2e-3, atol=2e-3)  # stored as float16
+
+    caplog.set_level("INFO")
+    mtime = array.stat().st_mtime_ns
+    train_main(_train_args(tiny_tower_336, train_images, tmp_path / "b", *args))
+    assert "Using feature cache" in caplog.text and array.stat().st_mtime_ns == mtime
+    assert (tmp_path / "b" / "compressor_24to12.safetensors").is_file()
+
+
+def test_features_equal_clip_vision_tower(tiny_tower_336, make_args):
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+    pixels = torch.randn(2, 3, 336, 336)
+    for layer in (-2, -1, 1):
+        for feature in ("patch", "cls_patch"):
+            tower = CLIPVisionTower(str(tiny_tower_336), make_args(mm_vision_select_layer=layer,
+                                                                    mm_vision_select_feature=feature))
+            ours = FrozenCLIPFeatures(str(tiny_tower_336), layer, feature)
+            assert torch.equal(ours(pixels), tower(pixels)), (layer, feature)
+
+
+def test_checkpoint_loads_into_clip_vision_tower_and_other_grids_are_refused(trained_run, tiny_tower_336, make_args):
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+    pixels = torch.randn(2, 3, 336, 336)
+    args = dict(use_token_compression=True, compression_output_size=12)
+    plain = CLIPVisionTower(str(tiny_tower_336), make_args(**args))
+    loaded = CLIPVisionTower(str(tiny_tower_336), make_args(
+        **args, pretrain_token_compressor=str(trained_run / "compressor_24to12.safetensors")))
+    torch.testing.assert_close(loaded.token_compressor.state_dict(),
+                               load_compressor(trained_run / "compressor_24to12.safetensors").state_dict())
+    out_plain, out_loaded = plain(pixels), loaded(pixels)
+    assert out_loaded.shape == out_plain.shape == (2, 144, 32)
+    assert (out_loaded - out_plain).abs().max() > 1e-3
+
+    with pytest.raises(ValueError, match=r"does not fit.*output_grid_size: checkpoint 8 vs expected 12"):
+        CLIPVisionTower(str(tiny_tower_336), make_args(
+            **args, pretrain_token_compressor=str(trained_run / "compressor_24to8.safetensors")))
