@@ -234,3 +234,14 @@ class KeywordsStoppingCriteria(StoppingCriteria):
 
     def __call__(self, output_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         return self.call_for_batch(output_ids, scores, **kwargs)
+
+
+def left_pad_input_ids(input_ids: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token id tensors for batched generation, padded on the left: (input_ids, attention_mask)."""
+    length = max(ids.shape[0] for ids in input_ids)
+    batch = torch.full((len(input_ids), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), length), dtype=torch.long)
+    for row, ids in enumerate(input_ids):
+        batch[row, length - ids.shape[0]:] = ids
+        mask[row, length - ids.shape[0]:] = 1
+    return batch, mask

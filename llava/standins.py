@@ -139,9 +139,9 @@ def tiny_language_config(
     )
 
 
-def build_tiny_llava(
-    out_dir: str | os.PathLike,
+def create_tiny_llava(
     vision_tower_path: str | os.PathLike,
+    tokenizer,
     *,
     compression_output_size: int | None = None,
     compression_input_size: int | None = None,
@@ -150,40 +150,21 @@ def build_tiny_llava(
     mm_patch_merge_type: str = "flat",
     image_grid_pinpoints: Sequence[Sequence[int]] | None = None,
     language_model: Literal["llama", "mistral"] = "llama",
-    tokenizer_path: str | os.PathLike | None = None,
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     seed: int = 0,
-) -> Path:
-    """Build a random tiny LLaVA the way training does and save it (model + tokenizer) to ``out_dir``.
+):
+    """A random tiny LLaVA in memory, assembled the way training does; see ``build_tiny_llava`` for the arguments.
 
     The decoder is created from a tiny config, then ``initialize_vision_modules`` adds the vision
-    tower at ``vision_tower_path``, the projector and, with ``compression_output_size`` set, the
-    ToConv compressor (average init); the config gets the fields LLaVA's training sets
-    (``image_aspect_ratio``, ``image_grid_pinpoints``, tokenizer padding side and length).
-
-    Args:
-        out_dir: Folder to save to (``save_pretrained`` layout, loadable by ``load_pretrained_model``).
-        vision_tower_path: A CLIP vision model folder, e.g. from ``build_tiny_clip``.
-        compression_output_size: Compressed grid side (12 → 144 tokens, 8 → 64); None: no compression.
-        compression_input_size: Input grid side; None: the tower's own grid.
-        mm_projector_type: ``linear``, ``mlpNx_gelu`` or ``identity``.
-        image_aspect_ratio: ``pad``, ``anyres`` or ``square``.
-        mm_patch_merge_type: ``flat``, ``spatial`` or ``spatial_unpad``.
-        image_grid_pinpoints: anyres canvases as [width, height]; default 1×2, 2×1 and 2×2 tower crops.
-        language_model: ``llama`` or ``mistral``.
-        tokenizer_path: An existing tokenizer folder; None builds the BPE stand-in.
-        hidden_size: Width of the decoder.
-        num_hidden_layers: Depth of the decoder.
-        seed: Seed for the random weights.
+    tower, the projector and, with ``compression_output_size`` set, the ToConv compressor (average
+    init); the config gets the fields LLaVA's training sets (``image_aspect_ratio``,
+    ``image_grid_pinpoints``, tokenizer padding side and length).
     """
     import torch
-    from transformers import AutoTokenizer
 
     from .model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM
 
-    out_dir = Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or build_tokenizer(out_dir))
     config = tiny_language_config(
         language_model, vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers
     )
@@ -211,9 +192,38 @@ def build_tiny_llava(
     config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
     config.tokenizer_padding_side = tokenizer.padding_side
     config.tokenizer_model_max_length = tokenizer.model_max_length
+    return model
+
+
+def build_tiny_llava(
+    out_dir: str | os.PathLike,
+    vision_tower_path: str | os.PathLike,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    **options,
+) -> Path:
+    """Build a random tiny LLaVA with ``create_tiny_llava`` and save it (model + tokenizer) to ``out_dir``.
+
+    Args:
+        out_dir: Folder to save to (``save_pretrained`` layout, loadable by ``load_pretrained_model``).
+        vision_tower_path: A CLIP vision model folder, e.g. from ``build_tiny_clip``.
+        tokenizer_path: An existing tokenizer folder; None builds the BPE stand-in in ``out_dir``.
+        **options: ``create_tiny_llava`` options:
+            compression_output_size (compressed grid side: 12 → 144 tokens, 8 → 64; None: no compression),
+            compression_input_size (None: the tower's grid), mm_projector_type (``linear``,
+            ``mlpNx_gelu``, ``identity``), image_aspect_ratio (``pad``, ``anyres``, ``square``),
+            mm_patch_merge_type (``flat``, ``spatial``, ``spatial_unpad``), image_grid_pinpoints
+            (anyres canvases as [width, height]; default 1×2, 2×1 and 2×2 tower crops),
+            language_model (``llama`` or ``mistral``), hidden_size, num_hidden_layers, seed.
+    """
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or build_tokenizer(out_dir))
+    model = create_tiny_llava(vision_tower_path, tokenizer, **options)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    logger.info("Built a tiny LLaVA (%s, compression %s) at %s", language_model, compression_output_size, out_dir)
+    logger.info("Built a tiny LLaVA at %s (%s)", out_dir, options)
     return out_dir
 
 

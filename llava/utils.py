@@ -15,3 +15,87 @@ def disable_torch_init() -> None:
     needed, and leaving torch's init alone keeps modules built later (a projector) initialised.
     """
     logger.debug("disable_torch_init: not needed with transformers >= 5; torch init left unchanged.")
+
+
+# ---- Shared by the eval and serve entry points -------------------------------------------------
+
+
+def add_compression_args(parser) -> None:
+    """The flags that switch ToConv compression on when loading a checkpoint trained without it."""
+    group = parser.add_argument_group("token compression (for checkpoints trained without it)")
+    group.add_argument("--use-token-compression", action="store_true",
+                       help="Compress the vision tower's tokens with ToConv (e.g. 576 → 144).")
+    group.add_argument("--compression-input-size", type=int, default=None,
+                       help="Input grid side; default: the vision tower's grid (24 for CLIP ViT-L/14-336).")
+    group.add_argument("--compression-output-size", type=int, default=None,
+                       help="Output grid side: 12 → 144 tokens (default), 8 → 64 tokens.")
+    group.add_argument("--token-compressor-path", type=str, default=None,
+                       help="Compressor checkpoint (.safetensors); default: the average init (window mean).")
+
+
+def compression_kwargs(args) -> dict:
+    """``load_pretrained_model`` keyword arguments from the flags of ``add_compression_args``.
+
+    Without ``--use-token-compression`` the checkpoint's own setting is kept.
+    """
+    return {
+        "use_token_compression": True if args.use_token_compression else None,
+        "compression_input_size": args.compression_input_size,
+        "compression_output_size": args.compression_output_size,
+        "token_compressor_path": args.token_compressor_path,
+    }
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` as given, or ``cuda`` when available, else ``cpu``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def infer_conv_mode(model_name: str) -> str:
+    """Upstream's conversation template for a checkpoint name (the checkpoint itself does not record one)."""
+    name = model_name.lower()
+    if "llama-2" in name:
+        return "llava_llama_2"
+    if "mistral" in name:
+        return "mistral_instruct"
+    if "v1.6-34b" in name:
+        return "chatml_direct"
+    if "v1" in name:
+        return "llava_v1"
+    if "mpt" in name:
+        return "mpt"
+    return "llava_v0"
+
+
+def load_image(image_file: str):
+    """An RGB PIL image from a path or an http(s) URL."""
+    from io import BytesIO
+    from urllib.request import urlopen
+
+    from PIL import Image
+
+    if image_file.startswith(("http://", "https://")):
+        with urlopen(image_file) as response:
+            return Image.open(BytesIO(response.read())).convert("RGB")
+    return Image.open(image_file).convert("RGB")
+
+
+def image_prompt(query: str, mm_use_im_start_end: bool) -> str:
+    """``query`` with the image token in front (or in place of ``<image-placeholder>``), as upstream builds it."""
+    from .constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
+
+    token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if mm_use_im_start_end else DEFAULT_IMAGE_TOKEN
+    if IMAGE_PLACEHOLDER in query:
+        return query.replace(IMAGE_PLACEHOLDER, token)
+    return token + "\n" + query
+
+
+def images_to(images, model):
+    """Processed images (a tensor, or a list for anyres images of different crop counts) on the model's device and dtype."""
+    if isinstance(images, list):
+        return [image.to(device=model.device, dtype=model.dtype) for image in images]
+    return images.to(device=model.device, dtype=model.dtype)

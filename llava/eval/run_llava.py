@@ -1,0 +1,101 @@
+"""Answer one query about one or more images: ``python -m llava.eval.run_llava --model-path ... --image-file ... --query ...``.
+
+Flags follow upstream LLaVA; ``--use-token-compression`` (with ``--compression-output-size``,
+``--token-compressor-path``) switches ToConv on for a checkpoint trained without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import conv_templates
+from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.utils import (
+    add_compression_args,
+    compression_kwargs,
+    disable_torch_init,
+    image_prompt,
+    images_to,
+    infer_conv_mode,
+    load_image,
+    resolve_device,
+)
+
+logger = logging.getLogger("llava.eval.run_llava")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--image-file", type=str, required=True, help="One image, or several joined by --sep.")
+    parser.add_argument("--query", type=str, required=True)
+    parser.add_argument("--conv-mode", type=str, default=None, help="Default: inferred from the model name.")
+    parser.add_argument("--sep", type=str, default=",")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
+    add_compression_args(parser)
+    return parser
+
+
+def eval_model(args) -> str:
+    """Load the model, answer ``args.query`` about ``args.image_file``, print and return the answer."""
+    disable_torch_init()
+    model_name = get_model_name_from_path(args.model_path)
+    device = resolve_device(getattr(args, "device", None))
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, model_name, device=device, **compression_kwargs(args)
+    )
+
+    query = image_prompt(args.query, getattr(model.config, "mm_use_im_start_end", False))
+    conv_mode = infer_conv_mode(model_name)
+    if args.conv_mode is not None and args.conv_mode != conv_mode:
+        logger.warning("The inferred conversation mode is %s, while --conv-mode is %s; using %s.",
+                       conv_mode, args.conv_mode, args.conv_mode)
+        conv_mode = args.conv_mode
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], query)
+    conv.append_message(conv.roles[1], None)
+    prompt = conv.get_prompt()
+
+    images = [load_image(path) for path in args.image_file.split(args.sep)]
+    image_sizes = [image.size for image in images]
+    images_tensor = images_to(process_images(images, image_processor, model.config), model)
+    input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+
+    sample = args.temperature > 0
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if sample else {}
+    with torch.inference_mode():
+        output_ids = model.generate(
+            input_ids.to(model.device),
+            images=images_tensor,
+            image_sizes=image_sizes,
+            do_sample=sample,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+    outputs = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
+    print(outputs)
+    return outputs
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return eval_model(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

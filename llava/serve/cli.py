@@ -1,0 +1,120 @@
+"""Chat about one image in the terminal: ``python -m llava.serve.cli --model-path ... --image-file ...``.
+
+Reads user turns from stdin until an empty line or end of input, streaming each answer. Flags
+follow upstream LLaVA, plus the compression flags that switch ToConv on at load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+from transformers import TextStreamer
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import SeparatorStyle, conv_templates
+from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.utils import (
+    add_compression_args,
+    compression_kwargs,
+    disable_torch_init,
+    image_prompt,
+    images_to,
+    infer_conv_mode,
+    load_image,
+    resolve_device,
+)
+
+logger = logging.getLogger("llava.serve.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--image-file", type=str, required=True)
+    parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--conv-mode", type=str, default=None, help="Default: inferred from the model name.")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    add_compression_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    """Run the chat loop; returns the model's answers, one per turn."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    disable_torch_init()
+    model_name = get_model_name_from_path(args.model_path)
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit,
+        device=resolve_device(args.device), **compression_kwargs(args),
+    )
+
+    conv_mode = infer_conv_mode(model_name)
+    if args.conv_mode is not None and args.conv_mode != conv_mode:
+        logger.warning("The inferred conversation mode is %s, while --conv-mode is %s; using %s.",
+                       conv_mode, args.conv_mode, args.conv_mode)
+        conv_mode = args.conv_mode
+    conv = conv_templates[conv_mode].copy()
+    roles = ("user", "assistant") if "mpt" in model_name.lower() else conv.roles
+
+    image = load_image(args.image_file)
+    image_size = image.size
+    image_tensor = images_to(process_images([image], image_processor, model.config), model)
+    first_turn = True
+    answers = []
+    while True:
+        try:
+            inp = input(f"{roles[0]}: ")
+        except EOFError:
+            inp = ""
+        if not inp:
+            print("exit...")
+            break
+        print(f"{roles[1]}: ", end="", flush=True)
+        if first_turn:
+            inp = image_prompt(inp, getattr(model.config, "mm_use_im_start_end", False))
+            first_turn = False
+        conv.append_message(conv.roles[0], inp)
+        conv.append_message(conv.roles[1], None)
+        prompt = conv.get_prompt()
+
+        input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+        input_ids = input_ids.to(model.device)
+        stop_str = conv.sep2 if conv.sep_style == SeparatorStyle.TWO else conv.sep
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sample = args.temperature > 0
+        with torch.inference_mode():
+            output_ids = model.generate(
+                input_ids,
+                images=image_tensor,
+                image_sizes=[image_size],
+                do_sample=sample,
+                max_new_tokens=args.max_new_tokens,
+                streamer=streamer,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=[KeywordsStoppingCriteria([stop_str], tokenizer, input_ids)],
+                **({"temperature": args.temperature} if sample else {}),
+            )
+        outputs = tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()
+        if stop_str and outputs.endswith(stop_str):
+            outputs = outputs[: -len(stop_str)].strip()
+        conv.messages[-1][-1] = outputs
+        answers.append(outputs)
+        if args.debug:
+            print("\n", {"prompt": prompt, "outputs": outputs}, "\n")
+    return answers
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
