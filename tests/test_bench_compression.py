@@ -1,0 +1,157 @@
+"""Smoke test of benchmarks/bench_compression.py with the test-sized preset (seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compression.py"
+STAT_MEASURES = (
+    "vision_tower_ms", "compressor_ms", "projector_ms", "prefill_ms", "first_token_sampling_ms", "ttft_ms",
+    "decode_ms_per_token",
+)
+BYTE_MEASURES = ("kv_cache_bytes", "peak_memory_bytes")
+VARIANTS_24 = ["none", "toconv-24to12", "avgpool-24to12", "conv-24to12", "toconv-24to8", "avgpool-24to8", "conv-24to8"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark script as a module (it is a script, not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location("bench_compression", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def micro_report(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--preset", "micro", "--json", str(out / "micro.json"), "--cache-dir", str(out / "cache")]
+    bench.main(argv)
+    return json.loads((out / "micro.json").read_text()), out
+
+
+def _finite_positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_holds_every_measure_for_every_variant(micro_report):
+    report, _ = micro_report
+    (run,) = report["runs"]
+    assert list(run["variants"]) == VARIANTS_24
+    for name, r in run["variants"].items():
+        for measure in STAT_MEASURES:
+            stats = r[measure]
+            assert stats["n"] == report["preset"]["repeats"] == len(stats["samples"]), (name, measure)
+            if name == "none" and measure == "compressor_ms":
+                assert stats["median"] == 0.0  # nothing to compress
+                continue
+            assert _finite_positive(stats["median"]) and stats["q1"] <= stats["median"] <= stats["q3"], (name, measure)
+        for measure in BYTE_MEASURES:
+            assert isinstance(r[measure], int) and r[measure] > 0, (name, measure)
+        speedup = r["speedup"]
+        assert all(_finite_positive(speedup[k]) for k in ("ttft", "prefill", "decode", "ideal_bound")), name
+        assert speedup["ideal_bound"] == pytest.approx(run["variants"]["none"]["seq_len"] / r["seq_len"])
+
+
+def test_token_counts_and_kv_cache_match_the_shapes(micro_report):
+    report, _ = micro_report
+    (run,) = report["runs"]
+    prompt = report["preset"]["prompt_len"]
+    expected_tokens = {"none": 576, "24to12": 144, "24to8": 64}
+    for name, r in run["variants"].items():
+        tokens = expected_tokens[name.split("-")[-1]]
+        assert r["image_tokens"] == tokens and r["seq_len"] == prompt + tokens
+        assert r["kv_cache_bytes"] == r["kv_cache_bytes_expected"]
+    none, toconv = run["variants"]["none"], run["variants"]["toconv-24to12"]
+    assert none["kv_cache_bytes"] / toconv["kv_cache_bytes"] == pytest.approx(none["seq_len"] / toconv["seq_len"])
+    assert (toconv["kernel"], toconv["stride"], toconv["padding"]) == (3, 2, 1)
+    assert run["variants"]["conv-24to8"]["kernel"] == run["variants"]["toconv-24to8"]["kernel"] == 3
+
+
+def test_environment_microbenchmark_and_outputs(micro_report):
+    report, out = micro_report
+    env = report["environment"]
+    for key in ("device", "device_name", "torch", "transformers", "threads", "dtype"):
+        assert env[key], key
+    assert report["preset"]["name"] == "micro" and report["command"].startswith("python benchmarks/bench_compression.py")
+    micro = report["microbenchmark"]
+    assert set(micro["compressors"]) == {"24to12", "24to8"}
+    for c in micro["compressors"].values():
+        assert all(_finite_positive(c[k]["median"]) for k in ("toconv_ms", "conv_ms", "avgpool_ms"))
+        assert _finite_positive(c["toconv_over_conv"]) and _finite_positive(c["toconv_pct_of_vision_tower"])
+    select = micro["select_layer"]
+    assert select["features_identical"] is True
+    assert (select["layers_run"], select["layers_total"]) == (1, 2)
+    table = (out / "micro.md").read_text()
+    assert env["device_name"] in table and report["command"] in table
+    assert all(f"| {name} |" in table for name in VARIANTS_24)
+
+
+def test_reducers_keep_the_compressor_geometry(bench):
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 576, 8)
+    pool = bench.build_reducer("avgpool", 24, 12, 8)
+    grid = x.unflatten(1, (24, 24)).permute(0, 3, 1, 2)
+    expected = F.avg_pool2d(grid, 3, 2, 1, count_include_pad=False).flatten(2).transpose(1, 2)
+    assert torch.equal(pool(x), expected)
+    # The average-initialised ToConv compressor is exactly this average pooling (partial-conv renormalisation).
+    torch.testing.assert_close(bench.build_reducer("toconv", 24, 12, 8)(x), expected)
+    conv = bench.build_reducer("conv", 16, 12, 8)
+    assert (conv.conv.kernel_size, conv.conv.stride, conv.conv.padding) == ((5, 5), (1, 1), (0, 0))
+    assert conv(torch.randn(1, 256, 8)).shape == (1, 144, 8)
+
+
+def test_presets_are_complete_and_the_7b_preset_has_the_vicuna_shape(bench):
+    preset = bench.PRESETS["llava-1.5-7b"]
+    assert preset.llm["hidden_size"] == 4096 and preset.llm["num_hidden_layers"] == 32
+    assert preset.llm["num_attention_heads"] == 32 and preset.llm["intermediate_size"] == 11008
+    assert preset.llm["vocab_size"] == 32000 and preset.clip_overrides == {} and preset.micro_clip_overrides == {}
+    assert 8 in preset.batch_sizes
+    assert set(bench.PRESETS) >= {"micro", "tiny", "small", "llava-1.5-7b"}
+
+
+def test_7b_shapes_without_weights(bench):
+    """The 7B preset's KV cache and model sizes, from configs on the meta device (no memory, no GPU)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    preset = bench.PRESETS["llava-1.5-7b"]
+    config = LlamaConfig(**preset.llm)
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in llm.parameters())
+    assert 6.6e9 < params < 6.9e9  # Vicuna-7B: 6.74 B
+    # LLaVA-1.5 at batch 8 with a 64-token prompt: 640 vs 208 tokens of KV cache in float16.
+    full = bench.expected_cache_bytes(config, 8, 64 + 576, torch.float16)
+    assert full == 2 * 32 * 8 * 32 * 640 * 128 * 2
+    assert full / bench.expected_cache_bytes(config, 8, 64 + 144, torch.float16) == pytest.approx(640 / 208)
+
+
+def test_cuda_is_refused_cleanly_without_a_gpu(bench):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(["--preset", "micro", "--device", "cuda", "--no-microbenchmark"])
+
+
+def test_224_tower_runs_16_to_12_and_16_to_8(bench, tmp_path):
+    report = bench.main([
+        "--preset", "micro", "--vision-tower", "openai/clip-vit-large-patch14", "--no-microbenchmark",
+        "--repeats", "1", "--warmup", "0", "--variants", "toconv-16to12", "avgpool-16to8",
+        "--cache-dir", str(tmp_path / "cache"),
+    ])
+    variants = report["runs"][0]["variants"]
+    assert list(variants) == ["none", "toconv-16to12", "avgpool-16to8"]
+    assert [v["image_tokens"] for v in variants.values()] == [256, 144, 64]
