@@ -36,13 +36,14 @@ def add_compression_args(parser) -> None:
 def compression_kwargs(args) -> dict:
     """``load_pretrained_model`` keyword arguments from the flags of ``add_compression_args``.
 
-    Without ``--use-token-compression`` the checkpoint's own setting is kept.
+    Without ``--use-token-compression`` the checkpoint's own setting is kept. Upstream-style args
+    objects without these attributes load the checkpoint as it is.
     """
     return {
-        "use_token_compression": True if args.use_token_compression else None,
-        "compression_input_size": args.compression_input_size,
-        "compression_output_size": args.compression_output_size,
-        "token_compressor_path": args.token_compressor_path,
+        "use_token_compression": True if getattr(args, "use_token_compression", False) else None,
+        "compression_input_size": getattr(args, "compression_input_size", None),
+        "compression_output_size": getattr(args, "compression_output_size", None),
+        "token_compressor_path": getattr(args, "token_compressor_path", None),
     }
 
 

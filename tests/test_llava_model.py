@@ -113,7 +113,8 @@ def test_pad_images_give_num_patches_embeddings(tiny_tower_336, tokenizer, outpu
     images = make_images(2, size=[(500, 300), (200, 400)], seed=1)
     pixels = process_images(images, model.get_vision_tower().image_processor, model.config)
     assert pixels.shape == (2, 3, 336, 336)
-    ids, mask = left_pad_input_ids([prompt_ids(tokenizer, "What is this?"), prompt_ids(tokenizer, "Two?", 2)], 3)
+    ids, mask = left_pad_input_ids([prompt_ids(tokenizer, "What is this?"), prompt_ids(tokenizer, "Two?", 2)],
+                                   tokenizer.pad_token_id)
     pixels = torch.cat([pixels, pixels[:1]])  # the second prompt holds two images
     labels = ids.clone()
     _, _, attention, _, embeds, new_labels = model.prepare_inputs_labels_for_multimodal(
@@ -260,6 +261,39 @@ def test_projector_only_checkpoint_with_model_base(tmp_path, tiny_tower_336, tok
     assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], base.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_lora_checkpoint_with_model_base(tmp_path, tiny_tower_336, tokenizer):
+    peft = pytest.importorskip("peft")
+    model = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12)
+    base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
+    llm_keys = [k for k in model.state_dict() if "vision_tower" not in k and "mm_projector" not in k]
+    base = LlamaForCausalLM(LlamaConfig(**{k: getattr(model.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "bos_token_id", "eos_token_id", "pad_token_id")}))
+    base.load_state_dict({k: model.state_dict()[k] for k in llm_keys})
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    non_lora = {k: v.detach().clone().normal_() for k, v in lora.named_parameters()
+                if "mm_projector" in k or "token_compressor" in k}
+    lora.save_pretrained(lora_dir)
+    model.config.save_pretrained(lora_dir)
+    torch.save(non_lora, lora_dir / "non_lora_trainables.bin")
+    merged_q = lora.merge_and_unload().state_dict()["model.layers.1.self_attn.q_proj.weight"]
+
+    with pytest.raises(ValueError, match="model_base"):
+        load_pretrained_model(str(lora_dir), None, "llava-tiny-lora", device="cpu")
+    _, loaded, _, _ = load_pretrained_model(str(lora_dir), str(base_dir), "llava-tiny-lora", device="cpu")
+    state = loaded.state_dict()
+    torch.testing.assert_close(state["model.layers.1.self_attn.q_proj.weight"], merged_q)
+    for key, value in non_lora.items():
+        assert torch.equal(state[key.removeprefix("base_model.model.")], value), key
+
+
 def test_initialize_vision_modules_loads_projector_and_compressor_from_the_adapter(tmp_path, tiny_tower_336, tokenizer):
     source = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12)
     adapter = _trained_adapter(source)
@@ -358,7 +392,8 @@ def test_training_forward_masks_images_and_reaches_the_compressor(tiny_tower_336
     model = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12).train()
     images = make_images(2, seed=8)
     pixels = process_images(images, model.get_vision_tower().image_processor, model.config)
-    ids, mask = left_pad_input_ids([prompt_ids(tokenizer, "What?"), prompt_ids(tokenizer, "Describe it.")], 3)
+    ids, mask = left_pad_input_ids([prompt_ids(tokenizer, "What?"), prompt_ids(tokenizer, "Describe it.")],
+                                   tokenizer.pad_token_id)
     ids, mask = ids.flip(1), mask.flip(1)  # right padding, as the training collator pads
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     out = model(ids, attention_mask=mask, labels=labels, images=pixels)

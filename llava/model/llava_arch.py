@@ -162,9 +162,10 @@ class LlavaMetaModel:
                     select_layer=vision_tower.select_layer, select_feature=vision_tower.select_feature,
                 )
         # The tower resolves the compression defaults; the config records what it built.
-        config.use_token_compression = vision_tower.token_compressor is not None
-        config.compression_input_size = vision_tower.compression_input_size
-        config.compression_output_size = vision_tower.compression_output_size
+        compressed = vision_tower.token_compressor is not None
+        config.use_token_compression = compressed
+        config.compression_input_size = vision_tower.compression_input_size if compressed else None
+        config.compression_output_size = vision_tower.compression_output_size if compressed else None
 
         config.use_mm_proj = True
         config.mm_projector_type = getattr(model_args, "mm_projector_type", DEFAULT_MM_PROJECTOR_TYPE)
