@@ -65,6 +65,22 @@ def resolve_template(version: str) -> Conversation:
     return template
 
 
+def check_deepspeed_config(training_args: TrainingArguments) -> None:
+    """Warn where a DeepSpeed config would silently override LLaVA's per-module learning rates."""
+    config = training_args.deepspeed
+    if not config:
+        return
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text())
+    per_module = {"mm_projector_lr": training_args.mm_projector_lr, "mm_vision_tower_lr": training_args.mm_vision_tower_lr}
+    set_lrs = {k: v for k, v in per_module.items() if v is not None}
+    if "optimizer" in config and set_lrs:
+        logger.warning(
+            "The DeepSpeed config defines its own optimizer, so %s will not apply; use scripts/zero2.json or "
+            "scripts/zero3.json (no 'optimizer' section) to keep them.", ", ".join(sorted(set_lrs)),
+        )
+
+
 def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     if training_args.bf16:
         return torch.bfloat16
@@ -302,6 +318,7 @@ def train(
     """
     model_args, data_args, training_args = parse_arguments(list(argv) if argv is not None else None)
     template = resolve_template(model_args.version)
+    check_deepspeed_config(training_args)
     if training_args.should_save:
         save_arguments(training_args.output_dir, model_args, data_args, training_args)
 
