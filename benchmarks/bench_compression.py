@@ -158,10 +158,13 @@ def zero_stats(n: int) -> dict[str, Any]:
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved round by round so drift hits all alike."""
+    """Seconds per call of each function, interleaved round by round (order rotated) so drift hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for round_index in range(warmup + repeats):
-        for name, fn in fns.items():
+        shift = round_index % len(names)  # rotate, so no function always runs first (or after the same one)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -531,30 +534,42 @@ def add_speedups(results: dict[str, dict[str, Any]]) -> None:
 # -------------------------------------------------------- microbenchmark ---
 
 
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of matmuls, convolutions and attention in ``fn`` (torch's FlopCounterMode; elementwise ops not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def microbenchmark(
-    cache_dir: Path, tower_name: str, overrides: dict, batch: int, device: torch.device, dtype: torch.dtype,
-    repeats: int, tower_repeats: int,
+    tower: CLIPVisionTower, tower_name: str, overrides: dict, batch: int, device: torch.device,
+    dtype: torch.dtype, repeats: int, tower_repeats: int,
 ) -> dict[str, Any]:
-    """ToConv vs plain convolution (and average pooling), and vs the vision tower, at one tower shape.
+    """ToConv vs plain convolution (and average pooling), and vs the vision tower, at ``tower``'s shape.
 
     Also times the tower stopping at the selected layer (``CLIPVisionTower``) against the full run
-    (``output_hidden_states`` over every layer, as upstream LLaVA does) and checks they agree.
+    (``output_hidden_states`` over every layer, as upstream LLaVA does), checks they agree, and counts
+    the FLOPs of each on the meta device (exact, immune to timing noise). Moves ``tower`` to the meta
+    device at the end: it is not usable afterwards.
     """
-    tower = load_tower(cache_dir, tower_name, overrides, device, dtype)
     channels, grid, layers = tower.hidden_size, tower.tower_grid_size, tower.config.num_hidden_layers
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(batch, grid * grid, channels, generator=generator).to(device=device, dtype=dtype)
-    images = torch.randn(batch, 3, tower.config.image_size, tower.config.image_size, generator=generator)
-    images = images.to(device=device, dtype=dtype)
+    size = tower.config.image_size
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
 
-    def full_run() -> torch.Tensor:
-        return tower.feature_select(tower.vision_tower(images, output_hidden_states=True))
+    def full_run(pixels: torch.Tensor) -> torch.Tensor:
+        return tower.feature_select(tower.vision_tower(pixels, output_hidden_states=True))
 
+    compressors: dict[str, Any] = {}
     with torch.inference_mode():
-        identical = torch.equal(tower(images), full_run())  # also the warm-up of both
-        tower_times = time_interleaved({"selected": lambda: tower(images), "full": full_run}, device, 0, tower_repeats)
-        tower_ms = {name: summarize(s) for name, s in tower_times.items()}
-        compressors: dict[str, Any] = {}
+        identical = torch.equal(tower(images), full_run(images))  # also the warm-up of both
+        tower_times = time_interleaved(
+            {"selected": lambda: tower(images), "full": lambda: full_run(images)}, device, 0, tower_repeats,
+        )
+        tower_ms = {name: summarize(t) for name, t in tower_times.items()}
         for out in OUTPUT_GRIDS:
             reducers = {kind: build_reducer(kind, grid, out, channels).to(device=device, dtype=dtype).eval()
                         for kind in REDUCER_KINDS}
@@ -565,25 +580,41 @@ def microbenchmark(
             g = reducers["toconv"].geometry
             compressors[f"{grid}to{out}"] = {
                 "kernel": g.kernel_size, "stride": g.stride, "padding": g.padding,
-                **{f"{k}_ms": summarize(s) for k, s in times.items()},
+                **{f"{k}_ms": summarize(t) for k, t in times.items()},
                 "toconv_over_conv": statistics.median(ratios),
                 "toconv_over_conv_of_medians": toconv / statistics.median(times["conv"]),
                 "toconv_pct_of_vision_tower": 100 * toconv * 1e3 / tower_ms["selected"]["median"],
             }
-    saving = 1 - tower_ms["selected"]["median"] / tower_ms["full"]["median"]
+
+        # FLOPs on the meta device: shapes only, no compute, no memory.
+        tower.to("meta")
+        meta_images = torch.empty(batch, 3, size, size, device="meta", dtype=dtype)
+        meta_features = torch.empty(batch, grid * grid, channels, device="meta", dtype=dtype)
+        flops_selected = count_flops(lambda: tower(meta_images))
+        flops_full = count_flops(lambda: full_run(meta_images))
+        for name, c in compressors.items():
+            meta_compressor = TokenCompressor(grid, int(name.split("to")[1]), channels).to(device="meta", dtype=dtype)
+            c["toconv_flops"] = count_flops(lambda: meta_compressor(meta_features))
+            c["toconv_flops_pct_of_vision_tower"] = 100 * c["toconv_flops"] / flops_selected
+
     return {
         "vision_tower": tower_name,
         "clip_overrides": overrides,
         "shape": {"batch": batch, "tokens": grid * grid, "channels": channels, "layers": layers},
+        "timing_order": "rotated round by round; ratios are medians of per-round ratios",
         "compressors": compressors,
         "vision_tower_ms": tower_ms["selected"],
+        "vision_tower_flops": flops_selected,
         "select_layer": {
             "mm_vision_select_layer": SELECT_LAYER,
             "layers_run": tower._layers_needed() or layers,
             "layers_total": layers,
             "full_run_ms": tower_ms["full"],
             "selected_run_ms": tower_ms["selected"],
-            "saving": saving,
+            "saving": 1 - tower_ms["selected"]["median"] / tower_ms["full"]["median"],
+            "full_run_flops": flops_full,
+            "selected_run_flops": flops_selected,
+            "flops_saving": 1 - flops_selected / flops_full,
             "features_identical": identical,
         },
     }
@@ -667,24 +698,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"Compressor microbenchmark at the {micro['vision_tower']} shape"
             f"{' (reduced: ' + str(micro['clip_overrides']) + ')' if micro['clip_overrides'] else ''}: "
             f"({shape['batch']}, {shape['tokens']}, {shape['channels']}) tokens; "
-            f"vision tower {_fmt(micro['vision_tower_ms'])} ms.",
+            f"vision tower {_fmt(micro['vision_tower_ms'])} ms, {micro['vision_tower_flops'] / 1e9:.1f} GFLOP.",
             "",
-            "| compression | geometry | ToConv ms | plain Conv2d ms | avg pool ms | ToConv / Conv2d | ToConv % of tower |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| compression | geometry | ToConv ms | plain Conv2d ms | avg pool ms | ToConv / Conv2d "
+            "| ToConv % of tower time | ToConv % of tower FLOPs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, c in micro["compressors"].items():
             lines.append(
                 f"| {name} | k{c['kernel']} s{c['stride']} p{c['padding']} | {_fmt(c['toconv_ms'])} | "
                 f"{_fmt(c['conv_ms'])} | {_fmt(c['avgpool_ms'])} | {c['toconv_over_conv']:.3f}× | "
-                f"{c['toconv_pct_of_vision_tower']:.2f}% |"
+                f"{c['toconv_pct_of_vision_tower']:.2f}% | {c['toconv_flops_pct_of_vision_tower']:.2f}% |"
             )
         sl = micro["select_layer"]
         lines += [
             "",
             f"Vision tower stopping at `mm_vision_select_layer={sl['mm_vision_select_layer']}`: runs "
             f"{sl['layers_run']} of {sl['layers_total']} layers, {_fmt(sl['selected_run_ms'])} ms against "
-            f"{_fmt(sl['full_run_ms'])} ms for the full run: {100 * sl['saving']:.1f}% saved; features identical: "
-            f"{sl['features_identical']}.",
+            f"{_fmt(sl['full_run_ms'])} ms for the full run: {100 * sl['saving']:.1f}% of the time and "
+            f"{100 * sl['flops_saving']:.1f}% of the FLOPs saved; features identical: {sl['features_identical']}.",
             "",
         ]
     lines += [f"- {note}" for note in report["notes"]]
@@ -812,7 +844,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     projector = build_vision_projector(projector_config).to(device=device, dtype=dtype).eval()
     variants = build_variants(tower.tower_grid_size, tower.hidden_size, device, dtype, args.variants)
     pipe = Pipeline(tower, projector, llm, device)
-    llm_bytes = count_bytes(llm)
 
     runs = []
     with torch.inference_mode():
@@ -823,13 +854,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append({"batch_size": batch, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
                          "variants": variants_out})
 
+    models = {"vision_tower_bytes": count_bytes(tower.vision_tower), "projector_bytes": count_bytes(projector),
+              "llm_bytes": count_bytes(llm)}
     micro = None
     if not args.no_microbenchmark:
         micro_overrides = preset.micro_clip_overrides
         print(f"[bench] microbenchmark at {args.vision_tower}{' (reduced)' if micro_overrides else ''}", file=sys.stderr)
-        del pipe, llm
+        del pipe, llm, projector, variants
+        if micro_overrides != preset.clip_overrides:
+            del tower
+            tower = load_tower(cache_dir, args.vision_tower, micro_overrides, device, dtype)
         gc.collect()
-        micro = microbenchmark(cache_dir, args.vision_tower, micro_overrides, batch_sizes[0], device, dtype,
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        micro = microbenchmark(tower, args.vision_tower, micro_overrides, batch_sizes[0], device, dtype,
                                preset.micro_repeats, preset.micro_tower_repeats)
 
     reduced = {k: (v, CLIP_VISION_CONFIGS[args.vision_tower][k]) for k, v in preset.clip_overrides.items()}
@@ -861,10 +899,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mm_vision_select_layer": SELECT_LAYER, "batch_sizes": list(batch_sizes), "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats,
         },
-        "models": {
-            "vision_tower_bytes": count_bytes(tower.vision_tower), "projector_bytes": count_bytes(projector),
-            "llm_bytes": llm_bytes,
-        },
+        "models": models,
         "runs": runs,
         "microbenchmark": micro,
         "peak_memory_measure": peak_memory_measure(device),

@@ -87,9 +87,11 @@ def test_environment_microbenchmark_and_outputs(micro_report):
     for c in micro["compressors"].values():
         assert all(_finite_positive(c[k]["median"]) for k in ("toconv_ms", "conv_ms", "avgpool_ms"))
         assert _finite_positive(c["toconv_over_conv"]) and _finite_positive(c["toconv_pct_of_vision_tower"])
+        assert c["toconv_flops"] > 0 and 0 < c["toconv_flops_pct_of_vision_tower"] < 100
     select = micro["select_layer"]
     assert select["features_identical"] is True
     assert (select["layers_run"], select["layers_total"]) == (1, 2)
+    assert 0 < select["selected_run_flops"] < select["full_run_flops"] and 0 < select["flops_saving"] < 1
     table = (out / "micro.md").read_text()
     assert env["device_name"] in table and report["command"] in table
     assert all(f"| {name} |" in table for name in VARIANTS_24)
