@@ -289,6 +289,26 @@ def run_torchrun(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[i
     return proc.returncode, stderr
 
 
+def test_frozen_compressor_stays_as_initialised(ws):
+    out = ws.root / "frozen-pretrain"
+    flags = stage1_flags(ws, out)
+    flags[flags.index("--max_steps") + 1] = "2"  # the first step is warm-up at lr 0
+    snap = Snapshot()
+    trainer = train(argv=[*flags, "--freeze_token_compressor", "True"], callbacks=[snap])
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in after.items() if not torch.equal(p.detach(), snap.before[n])}
+    assert changed == {n for n in ADAPTER_KEYS if "mm_projector" in n}
+    # Still saved, so stage 2 starts from the same (average-init) compressor.
+    assert set(torch.load(out / "mm_projector.bin", weights_only=True)) == ADAPTER_KEYS
+
+
+def test_unfrozen_clip_cannot_be_saved_by_stage_1():
+    from llava.train.arguments import ModelArguments
+
+    with pytest.raises(ValueError, match="Unfreeze CLIP in stage 2"):
+        ModelArguments(tune_mm_mlp_adapter=True, unfreeze_mm_vision_tower=True)
+
+
 def _broken_data(ws, name: str) -> Path:
     samples = json.loads(ws.pretrain.read_text())
     samples[1]["image"] = "missing.png"

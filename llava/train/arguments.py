@@ -81,6 +81,11 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.freeze_token_compressor and not self.use_token_compression:
             logger.warning("freeze_token_compressor has no effect without use_token_compression.")
+        if self.unfreeze_mm_vision_tower and self.tune_mm_mlp_adapter:
+            raise ValueError(
+                "unfreeze_mm_vision_tower=True trains CLIP, but tune_mm_mlp_adapter=True saves only mm_projector.bin "
+                "(projector + token compressor), so CLIP's training would be lost. Unfreeze CLIP in stage 2 instead."
+            )
         if self.pretrain_token_compressor and not self.use_token_compression:
             raise ValueError(
                 f"pretrain_token_compressor={self.pretrain_token_compressor!r} needs use_token_compression=True."

@@ -235,6 +235,8 @@ def setup_vision(
         compressor.requires_grad_(False)
     if model_args.unfreeze_mm_vision_tower:
         vision_tower.vision_tower.requires_grad_(True)
+        # Recorded so that loading the checkpoint restores the trained CLIP weights, not mm_vision_tower's.
+        config.unfreeze_mm_vision_tower = True
     if training_args.bits in (4, 8):
         projector.to(dtype=compute_dtype(training_args), device=training_args.device)
 
