@@ -270,17 +270,9 @@ def save_arguments(output_dir: str, *groups: Any) -> None:
     record = {}
     for group in groups:
         values = group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group)
-        record[type(group).__name__] = {k: v for k, v in values.items() if _jsonable(v)}
+        record[type(group).__name__] = values
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / TRAIN_ARGS_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def save_trained_model(trainer: LLaVATrainer, model, tokenizer, training_args: TrainingArguments) -> None:
