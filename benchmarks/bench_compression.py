@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -95,6 +96,8 @@ class Preset:
         micro_clip_overrides: CLIP reductions for the microbenchmark (empty: real ViT-L shape).
         micro_repeats: Rounds of the compressor-vs-convolution timing.
         micro_tower_repeats: Rounds of the vision-tower timing in the microbenchmark.
+        threads: torch intra-op threads (None: torch's default). One thread keeps CPU timings stable on
+            a shared machine, where a busy core stalls every multi-threaded op at its barrier.
     """
 
     description: str
@@ -108,17 +111,18 @@ class Preset:
     micro_clip_overrides: dict
     micro_repeats: int
     micro_tower_repeats: int
+    threads: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
     "micro": Preset(
         "test-sized: CLIP hidden 32 / 2 layers, Llama hidden 64 / 2 layers (plumbing only)",
-        MICRO_LLM, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 3, 2,
+        MICRO_LLM, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 3, 2, threads=1,
     ),
     "tiny": Preset(
         "CPU-sized: CLIP at the real grid with hidden 256 (real 1024) and 4 layers (real 24); "
-        "Llama hidden 512, 4 layers; microbenchmark at the real ViT-L/14-336 shape",
-        TINY_LLM, TINY_CLIP, (1,), 64, 8, 1, 5, {}, 15, 2,
+        "Llama hidden 512, 4 layers; microbenchmark at the real ViT-L/14-336 shape; one thread",
+        TINY_LLM, TINY_CLIP, (1,), 64, 8, 1, 5, {}, 15, 2, threads=1,
     ),
     "small": Preset(
         "real CLIP ViT-L/14-336 with a TinyLlama-1.1B-shaped LLM: a workstation CPU (minutes) or a small GPU",
@@ -573,6 +577,9 @@ def microbenchmark(
         for out in OUTPUT_GRIDS:
             reducers = {kind: build_reducer(kind, grid, out, channels).to(device=device, dtype=dtype).eval()
                         for kind in REDUCER_KINDS}
+            # What-if: the same compressor with its weight stored channels-last, the layout of its input
+            # view; oneDNN (CPU) otherwise converts the (C, C, k, k) weight on every call.
+            reducers["toconv_cl_weight"] = copy.deepcopy(reducers["toconv"]).to(memory_format=torch.channels_last)
             times = time_interleaved({k: (lambda r=r: r(features)) for k, r in reducers.items()},
                                      device, max(2, repeats // 5), repeats)
             ratios = [a / b for a, b in zip(times["toconv"], times["conv"])]
@@ -584,6 +591,8 @@ def microbenchmark(
                 "toconv_over_conv": statistics.median(ratios),
                 "toconv_over_conv_of_medians": toconv / statistics.median(times["conv"]),
                 "toconv_pct_of_vision_tower": 100 * toconv * 1e3 / tower_ms["selected"]["median"],
+                "toconv_cl_weight_pct_of_vision_tower":
+                    100 * statistics.median(times["toconv_cl_weight"]) * 1e3 / tower_ms["selected"]["median"],
             }
 
         # FLOPs on the meta device: shapes only, no compute, no memory.
@@ -701,14 +710,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"vision tower {_fmt(micro['vision_tower_ms'])} ms, {micro['vision_tower_flops'] / 1e9:.1f} GFLOP.",
             "",
             "| compression | geometry | ToConv ms | plain Conv2d ms | avg pool ms | ToConv / Conv2d "
-            "| ToConv % of tower time | ToConv % of tower FLOPs |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| ToConv % of tower time | ToConv % of tower FLOPs | what-if: ToConv, channels-last weight |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, c in micro["compressors"].items():
             lines.append(
                 f"| {name} | k{c['kernel']} s{c['stride']} p{c['padding']} | {_fmt(c['toconv_ms'])} | "
                 f"{_fmt(c['conv_ms'])} | {_fmt(c['avgpool_ms'])} | {c['toconv_over_conv']:.3f}× | "
-                f"{c['toconv_pct_of_vision_tower']:.2f}% | {c['toconv_flops_pct_of_vision_tower']:.2f}% |"
+                f"{c['toconv_pct_of_vision_tower']:.2f}% | {c['toconv_flops_pct_of_vision_tower']:.2f}% | "
+                f"{_fmt(c['toconv_cl_weight_ms'])} ms ({c['toconv_cl_weight_pct_of_vision_tower']:.2f}%) |"
             )
         sl = micro["select_layer"]
         lines += [
@@ -800,7 +810,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                         help="auto: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: the preset's, else torch's)")
     parser.add_argument("--no-microbenchmark", action="store_true", help="skip the compressor/tower microbenchmark")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where CLIP stand-ins are saved and reused")
     parser.add_argument("--json", type=Path, help="write the full report here")
@@ -823,8 +833,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or preset.threads
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run(args, raw_argv, preset, device, dtype)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run(args: argparse.Namespace, raw_argv: list[str], preset: Preset, device: torch.device,
+        dtype: torch.dtype) -> dict[str, Any]:
+    """Build the models, measure every variant and the microbenchmark, write the outputs."""
     torch.manual_seed(0)
     cache_dir = args.cache_dir or default_cache_dir()
     batch_sizes = tuple(args.batch_size or preset.batch_sizes)

@@ -149,6 +149,9 @@ def test_cuda_is_refused_cleanly_without_a_gpu(bench):
 
 
 def test_224_tower_runs_16_to_12_and_16_to_8(bench, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
     report = bench.main([
         "--preset", "micro", "--vision-tower", "openai/clip-vit-large-patch14", "--no-microbenchmark",
         "--repeats", "1", "--warmup", "0", "--variants", "toconv-16to12", "avgpool-16to8",
@@ -157,3 +160,4 @@ def test_224_tower_runs_16_to_12_and_16_to_8(bench, tmp_path):
     variants = report["runs"][0]["variants"]
     assert list(variants) == ["none", "toconv-16to12", "avgpool-16to8"]
     assert [v["image_tokens"] for v in variants.values()] == [256, 144, 64]
+    assert report["environment"]["threads"] == 1 and torch.get_num_threads() == threads  # the preset's, then restored
