@@ -416,10 +416,6 @@ def test_image_count_mismatch_is_an_error(tiny_tower_336, tokenizer):
         model.prepare_inputs_labels_for_multimodal(prompt_ids(tokenizer, "What?")[None], None, None, None, None, pixels)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "clip_encoder.CLIPVisionTower.load_model calls CLIPVisionModel.from_pretrained inside LLaVA's from_pretrained, "
-    "which transformers 5 runs under a meta-device context; with unfreeze_mm_vision_tower (LLaVA-1.6 configs) the "
-    "tower must be built from its config there so the checkpoint's tower weights load into it."))
 def test_unfrozen_tower_weights_load_from_the_checkpoint(tmp_path, tiny_tower_336, tokenizer):
     model = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12)
     embedding = model.get_vision_tower().vision_tower.embeddings.patch_embedding.weight

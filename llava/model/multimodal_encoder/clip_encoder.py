@@ -105,7 +105,14 @@ class CLIPVisionTower(nn.Module):
             logger.info("%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name)
             return
         self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
-        self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, device_map=device_map)
+        if torch.empty(0).device.type == "meta":
+            # Built inside an empty-weights context (a LLaVA checkpoint's from_pretrained, e.g. with
+            # unfreeze_mm_vision_tower): the checkpoint holds the tower's weights and fills them in;
+            # loading the original weights here is refused by transformers and would be overwritten.
+            config = CLIPVisionConfig.from_pretrained(self.vision_tower_name)
+            self.vision_tower = CLIPVisionModel(config)
+        else:
+            self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, device_map=device_map)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 
