@@ -58,7 +58,7 @@ def _train_args(tower: Path, images: Path, out: Path, *extra: str) -> list[str]:
 def trained_run(tiny_tower_336, train_images, tmp_path_factory) -> Path:
     """3 epochs × 3 steps, two grids (24→12 and 24→8) trained side by side."""
     out = tmp_path_factory.mktemp("run") / "out"
-    train_main(_train_args(tiny_tower_336, train_images, out, "--epochs", "3", "--lr", "1e-3",
+    train_main(_train_args(tiny_tower_336, train_images, out, "--epochs", "3",
                            "--output-sizes", "12", "8"))
     return out
 
@@ -78,10 +78,12 @@ def test_short_run_lowers_the_loss_and_beats_random_init(trained_run, tiny_tower
                                                          held_out_images, tmp_path, capsys):
     config = json.loads((trained_run / "config.json").read_text())
     assert config["output_sizes"] == [12, 8] and config["total_steps"] == 9 and config["loss"]["distribution"]
+    assert config["resolved_lr"] == pytest.approx({"24to12": 0.1 / (9 * 32), "24to8": 0.1 / (9 * 32)})  # auto lr
     records = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, 10))
-    assert all(k in steps[0] for k in ("loss", "lr", "24to12/window", "24to8/distribution", "images_per_s"))
+    for key in ("loss", "24to12/lr", "24to12/window", "24to8/distribution", "images_per_s", "data_wait_fraction"):
+        assert key in steps[0], key
     with Image.open(trained_run / "loss_curve.png") as png:
         assert png.format == "PNG"
 
@@ -137,7 +139,7 @@ _CRASH_DURING_SECOND_SAVE = textwrap.dedent("""
 
 
 def test_killed_run_keeps_its_last_checkpoint_and_resume_continues_exactly(tiny_tower_336, train_images, tmp_path):
-    args = ["--epochs", "2", "--lr", "1e-3", "--seed", "5"]
+    args = ["--epochs", "2", "--seed", "5"]
     crashed = tmp_path / "crashed"
     result = subprocess.run(
         [sys.executable, "-c", _CRASH_DURING_SECOND_SAVE, *_train_args(tiny_tower_336, train_images, crashed, *args)],
@@ -179,7 +181,7 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_tower_336, t
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "vision_token_compression.train",
-         *_train_args(tiny_tower_336, train_images, out, "--epochs", "1", "--lr", "1e-3", "--device", "cpu")],
+         *_train_args(tiny_tower_336, train_images, out, "--epochs", "1", "--device", "cpu")],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -192,6 +194,22 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_tower_336, t
     assert not torch.equal(trained, TokenCompressor(24, 12, 32).conv.weight)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]  # rank 0 alone writes the log
+
+
+def test_bf16_autocast_with_the_sinkhorn_loss(tiny_tower_336, train_images, tmp_path):
+    out = tmp_path / "bf16"
+    train_main(_train_args(tiny_tower_336, train_images, out, "--epochs", "1", "--precision", "bf16",
+                           "--distribution", "sinkhorn", "--sinkhorn-iterations", "20"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["autocast_dtype"] == "bfloat16" and config["loss"]["distribution"] == "sinkhorn"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["24to12/distribution"])) for r in records)
+    weights = load_file(out / "compressor_24to12.safetensors")
+    assert weights["conv.weight"].dtype == torch.float32  # autocast computes in bf16, the weights stay fp32
+    assert not torch.equal(weights["conv.weight"], TokenCompressor(24, 12, 32).conv.weight)
+    with pytest.raises(ValueError, match="fp16.*needs a GPU"):
+        train_main(_train_args(tiny_tower_336, train_images, tmp_path / "fp16", "--precision", "fp16",
+                               "--device", "cpu"))
 
 
 def test_feature_cache_matches_the_tower_and_is_reused(tiny_tower_336, train_images, tmp_path, caplog):
@@ -243,3 +261,31 @@ def test_checkpoint_loads_into_clip_vision_tower_and_other_grids_are_refused(tra
     with pytest.raises(ValueError, match=r"does not fit.*output_grid_size: checkpoint 8 vs expected 12"):
         CLIPVisionTower(str(tiny_tower_336), make_args(
             **args, pretrain_token_compressor=str(trained_run / "compressor_24to8.safetensors")))
+
+
+def test_checkpoint_loads_through_load_pretrained_model_and_the_llava_projector_evaluates(
+        trained_run, tiny_tower_336, held_out_images, tmp_path):
+    """The eval scripts' --token-compressor-path route, and --projector reading a LLaVA checkpoint folder."""
+    from llava.model.builder import load_pretrained_model
+    from llava.standins import build_tiny_llava
+
+    from vision_token_compression.projector import load_projector
+
+    llava_dir = build_tiny_llava(tmp_path / "llava", tiny_tower_336)  # trained without compression
+    checkpoint = trained_run / "compressor_24to12.safetensors"
+    _, model, _, _ = load_pretrained_model(
+        str(llava_dir), None, "llava-tiny", device="cpu", use_token_compression=True,
+        compression_output_size=12, token_compressor_path=str(checkpoint),
+    )
+    tower = model.get_vision_tower()
+    assert tower.num_patches == 144
+    torch.testing.assert_close(tower.token_compressor.state_dict(), load_compressor(checkpoint).state_dict())
+
+    projector = load_projector(llava_dir)
+    tokens = torch.randn(2, 144, 32)
+    torch.testing.assert_close(projector(tokens), model.get_model().mm_projector(tokens))
+    report = evaluate_main(["--checkpoint", str(checkpoint), "--data", str(held_out_images), "--projector",
+                            str(llava_dir), "--max-images", "4", "--num-workers", "0"])
+    assert report["num_images"] == 4
+    trained = report["results"]["24to12"]["methods"]["trained"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in trained.values()) and "proj_rel_l2" in trained

@@ -101,11 +101,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--num", type=int, default=48, help="number of images (default 48)")
-    parser.add_argument("--size", type=int, default=336, help="side in pixels (default 336)")
+    parser.add_argument("--size", type=int, nargs="+", default=[336], metavar="PIXELS",
+                        help="side, or width and height, in pixels (default 336)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_structured_images(args.output_dir, args.num, args.size, args.seed)
+    if len(args.size) > 2:
+        parser.error(f"--size takes one side or a width and a height, got {args.size}.")
+    make_structured_images(args.output_dir, args.num, tuple(args.size) if len(args.size) == 2 else args.size[0], args.seed)
 
 
 if __name__ == "__main__":
