@@ -329,11 +329,14 @@ def build_variants(input_grid: int, channels: int, device: torch.device, dtype: 
 
 def standin_dir(cache_dir: Path, tower: str, overrides: dict) -> Path:
     """Directory of the stand-in for ``tower`` with ``overrides`` (one per distinct shape)."""
-    tag = "".join(f"-{k.split('_')[-1][:1]}{k[:1]}{v}" for k, v in sorted(overrides.items()))
+    # e.g. hidden_size=256, num_hidden_layers=4 -> "-hs256-nhl4"
+    tag = "".join(f"-{''.join(word[0] for word in k.split('_'))}{v}" for k, v in sorted(overrides.items()))
     return cache_dir / (tower.split("/")[-1] + tag)
 
 
-def load_tower(cache_dir: Path, tower: str, overrides: dict, device: torch.device, dtype: torch.dtype) -> CLIPVisionTower:
+def load_tower(
+    cache_dir: Path, tower: str, overrides: dict, device: torch.device, dtype: torch.dtype,
+) -> CLIPVisionTower:
     """A ``CLIPVisionTower`` (patch features of layer -2, no compression) on a random-weight stand-in."""
     path = build_clip_standin(tower, standin_dir(cache_dir, tower, overrides), **overrides)
     args = SimpleNamespace(mm_vision_select_layer=SELECT_LAYER, mm_vision_select_feature="patch")
@@ -651,7 +654,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
         "load_average_end": load_average(),
-        "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -676,7 +680,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables (medians ± half the IQR)."""
     env, lines = report["environment"], []
     lines += [
-        f"Device: **{env['device_name']}** ({env['device']}, {env['dtype']}, {env['threads']} threads); "
+        f"Device: **{env['device_name']}** ({env['device']}, {env['dtype']}, "
+        f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}); "
         f"torch {env['torch']}, transformers {env['transformers']}.",
         f"Preset `{report['preset']['name']}`: {report['preset']['description']}.",
         f"Command: `{report['command']}`",
@@ -685,7 +690,8 @@ def markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         lines += [
             f"Batch {run['batch_size']}, {run['prompt_len']} text tokens, {run['decode_tokens']} decoded tokens; "
-            f"medians ± half the IQR over {report['preset']['repeats']} rounds after {report['preset']['warmup']} warm-up.",
+            f"medians ± half the IQR over {report['preset']['repeats']} round(s) after "
+            f"{report['preset']['warmup']} warm-up round(s).",
             "",
             "| variant | image tokens | seq len | vision tower ms | compressor ms | projector ms | prefill ms "
             "| TTFT ms | TTFT speed-up (ideal) | decode ms/token | KV cache MiB | peak MiB |",
@@ -797,9 +803,12 @@ def default_cache_dir() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--vision-tower", choices=sorted(CLIP_VISION_CONFIGS), default="openai/clip-vit-large-patch14-336",
+    parser.add_argument("--vision-tower", choices=sorted(CLIP_VISION_CONFIGS),
+                        default="openai/clip-vit-large-patch14-336",
                         help="CLIP shape: the 336 tower (24×24 grid) or the 224 one (16×16)")
     parser.add_argument("--batch-size", type=int, nargs="+", help="one or more batch sizes (preset's by default)")
     parser.add_argument("--prompt-len", type=int, help="text tokens around the image")
@@ -854,7 +863,9 @@ def run(args: argparse.Namespace, raw_argv: list[str], preset: Preset, device: t
     warmup = args.warmup if args.warmup is not None else preset.warmup
     repeats = args.repeats if args.repeats is not None else preset.repeats
     if min(batch_sizes) < 1 or prompt_len < 2 or decode_tokens < 1 or warmup < 0 or repeats < 1:
-        raise SystemExit("Need batch sizes >= 1, --prompt-len >= 2, --decode-tokens >= 1, --warmup >= 0, --repeats >= 1.")
+        raise SystemExit(
+            "Need batch sizes >= 1, --prompt-len >= 2, --decode-tokens >= 1, --warmup >= 0, --repeats >= 1."
+        )
 
     started, load_start = time.perf_counter(), load_average()
     print(f"[bench] preset {args.preset} on {device} ({dtype}); CLIP stand-ins in {cache_dir}", file=sys.stderr)
@@ -880,7 +891,8 @@ def run(args: argparse.Namespace, raw_argv: list[str], preset: Preset, device: t
     micro = None
     if not args.no_microbenchmark:
         micro_overrides = preset.micro_clip_overrides
-        print(f"[bench] microbenchmark at {args.vision_tower}{' (reduced)' if micro_overrides else ''}", file=sys.stderr)
+        reduced_note = " (reduced)" if micro_overrides else ""
+        print(f"[bench] microbenchmark at {args.vision_tower}{reduced_note}", file=sys.stderr)
         del pipe, llm, projector, variants
         if micro_overrides != preset.clip_overrides:
             del tower

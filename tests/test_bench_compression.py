@@ -81,7 +81,8 @@ def test_environment_microbenchmark_and_outputs(micro_report):
     env = report["environment"]
     for key in ("device", "device_name", "torch", "transformers", "threads", "dtype"):
         assert env[key], key
-    assert report["preset"]["name"] == "micro" and report["command"].startswith("python benchmarks/bench_compression.py")
+    assert report["preset"]["name"] == "micro"
+    assert report["command"].startswith("python benchmarks/bench_compression.py")
     micro = report["microbenchmark"]
     assert set(micro["compressors"]) == {"24to12", "24to8"}
     for c in micro["compressors"].values():
@@ -161,3 +162,15 @@ def test_224_tower_runs_16_to_12_and_16_to_8(bench, tmp_path):
     assert list(variants) == ["none", "toconv-16to12", "avgpool-16to8"]
     assert [v["image_tokens"] for v in variants.values()] == [256, 144, 64]
     assert report["environment"]["threads"] == 1 and torch.get_num_threads() == threads  # the preset's, then restored
+
+
+def test_half_precision_plumbing(bench, tmp_path):
+    """The GPU presets run in float16: every piece casts alike and the KV cache is counted at 2 bytes."""
+    report = bench.main([
+        "--preset", "micro", "--dtype", "bfloat16", "--no-microbenchmark", "--repeats", "1", "--warmup", "0",
+        "--variants", "toconv-24to12", "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert report["environment"]["dtype"] == "bfloat16"
+    for r in report["runs"][0]["variants"].values():
+        assert r["kv_cache_bytes"] == r["kv_cache_bytes_expected"]
+        assert r["kv_cache_bytes"] == 2 * 2 * 4 * r["seq_len"] * 16 * 2  # K+V, 2 layers, 4 heads, head dim 16, bf16

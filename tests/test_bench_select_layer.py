@@ -35,10 +35,10 @@ def towers(tower_path) -> dict[str, CLIPVisionTower]:
     """One loaded tower per select feature; tests set ``select_layer`` on it."""
     from types import SimpleNamespace
 
-    return {
-        feature: CLIPVisionTower(str(tower_path), SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature=feature))
-        for feature in ("patch", "cls_patch")
-    }
+    def args(feature: str) -> SimpleNamespace:
+        return SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature=feature)
+
+    return {feature: CLIPVisionTower(str(tower_path), args(feature)) for feature in ("patch", "cls_patch")}
 
 
 def _reference(tower: CLIPVisionTower, images: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ class CLIPVisionTower(nn.Module):
         return needed if needed < total else None
 
     def _encoder_head(self, needed: int) -> tuple[nn.Module, str, nn.ModuleList, nn.ModuleList] | None:
-        """``(parent, attribute, all layers, first `needed` layers)`` of the loaded CLIP, or None if its layout is unknown.
+        """``(parent, attribute, all layers, first `needed` layers)`` of the loaded CLIP; None for an unknown layout.
 
         Looked up once per loaded model (and again if its layer list was replaced); an unknown
         layout is logged once and then runs every layer.
