@@ -164,3 +164,15 @@ def test_plot_curves_writes_a_png(tmp_path):
     path = plot_curves({"loss": [(i, math.exp(-i / 5)) for i in range(20)], "flat": [(0, 0.5)]}, tmp_path / "c.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (900, 540)
+
+
+def test_console_scripts_point_at_the_entry_points():
+    import importlib
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in ("toconv-train-compressor", "toconv-eval-compressor"):
+        module, _, attribute = scripts[name].partition(":")
+        assert callable(getattr(importlib.import_module(module), attribute)), name

@@ -234,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Entry point of ``python -m vision_token_compression.evaluate`` and ``toconv-eval-compressor``."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m vision_token_compression.evaluate`` and ``toconv-eval-compressor``.
+
+    Returns None: a console script exits with whatever ``main`` returns. ``evaluate`` returns the results.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = evaluate(
@@ -249,7 +252,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2) + "\n")
         logger.info("Wrote %s", args.output)
-    return report
 
 
 if __name__ == "__main__":
