@@ -102,6 +102,8 @@ def test_checkpoint_round_trip_keeps_compressor_projector_and_config(tmp_path, t
     assert loaded.config.mm_hidden_size == 32 and loaded.config.mm_projector_type == "mlp2x_gelu"
     tower = loaded.get_vision_tower()
     assert tower.is_loaded and tower.num_patches == 144
+    # The compressor reads a channels-last grid; its weight must be laid out the same after loading.
+    assert tower.token_compressor.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert image_processor is tower.image_processor
     assert context_len == 2048
 

@@ -245,3 +245,11 @@ def test_real_size_shapes_of_the_seed_configurations(grid_in, grid_out):
     with torch.no_grad():
         y = compressor(torch.randn(2, grid_in**2, 1024))
     assert y.shape == (2, grid_out**2, 1024)
+
+
+def test_weight_is_channels_last_like_the_grid_it_reads():
+    # forward hands the conv a channels-last view of the tokens; a weight in another layout would
+    # be converted on every call (measured: 54 vs 35 ms at the ViT-L/14-336 shape on one CPU thread).
+    compressor = TokenCompressor(24, 12, 16)
+    assert compressor.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert compressor.to(torch.float64).conv.weight.is_contiguous(memory_format=torch.channels_last)

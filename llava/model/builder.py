@@ -155,6 +155,9 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
             )
         compressor.reset_parameters()
         source = "average init (window mean)"
+    # from_pretrained materialises weights in the default layout; the compressor reads a
+    # channels-last grid, and a weight in that layout spares a conversion on every forward.
+    compressor.conv.to(memory_format=torch.channels_last)
     logger.info(
         "Token compression%s: %d×%d → %d×%d, compressor from %s",
         " switched on at load time" if switched_on else "", compressor.input_grid_size, compressor.input_grid_size,

@@ -53,6 +53,9 @@ class TokenCompressor(nn.Module):
         self.init = init
         g = self.geometry
         self.conv = PartialConv2d(hidden_dim, hidden_dim, g.kernel_size, g.stride, g.padding, bias=bias)
+        # Tokens arrive as a channels-last grid view (see forward); a weight in the same layout
+        # spares the convolution a conversion of the whole C×C×k×k weight on every call.
+        self.conv.to(memory_format=torch.channels_last)
         self.reset_parameters()
         logger.info(
             "TokenCompressor [%s]: %d×%d → %d×%d\n  Architecture: PartialConv(k=%d, s=%d, p=%d)\n"
