@@ -130,7 +130,9 @@ def evaluate(
     tower = vision_tower or metas[0].vision_tower
     if tower is None:
         raise ValueError(f"{paths[0]} does not record its vision tower; pass --vision-tower.")
-    layer = select_layer if select_layer is not None else (metas[0].select_layer if metas[0].select_layer is not None else -2)
+    layer = select_layer
+    if layer is None:
+        layer = -2 if metas[0].select_layer is None else metas[0].select_layer  # -2: LLaVA-1.5's
     aspect = image_aspect_ratio or metas[0].extra.get("image_aspect_ratio", "pad")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -352,7 +352,8 @@ class Trainer:
         )
         self.scaler = _grad_scaler(self.autocast_dtype == torch.float16)
         self.step = 0
-        resume_from = list_checkpoints(self.output_dir)[-1] if resume and list_checkpoints(self.output_dir) else None
+        complete = list_checkpoints(self.output_dir) if resume else []
+        resume_from = complete[-1] if complete else None
         if resume and resume_from is None:
             logger.warning("--resume: no checkpoint in %s yet, starting from step 0.", self.output_dir / "checkpoints")
         if resume_from is not None:
