@@ -87,6 +87,7 @@ def test_environment_microbenchmark_and_outputs(micro_report):
     assert set(micro["compressors"]) == {"24to12", "24to8"}
     for c in micro["compressors"].values():
         assert all(_finite_positive(c[k]["median"]) for k in ("toconv_ms", "conv_ms", "avgpool_ms"))
+        assert not any(k.startswith("toconv_cl_weight") for k in c)  # TokenCompressor is channels-last itself now
         assert _finite_positive(c["toconv_over_conv"]) and _finite_positive(c["toconv_pct_of_vision_tower"])
         assert c["toconv_flops"] > 0 and 0 < c["toconv_flops_pct_of_vision_tower"] < 100
     select = micro["select_layer"]
@@ -95,6 +96,7 @@ def test_environment_microbenchmark_and_outputs(micro_report):
     assert 0 < select["selected_run_flops"] < select["full_run_flops"] and 0 < select["flops_saving"] < 1
     table = (out / "micro.md").read_text()
     assert env["device_name"] in table and report["command"] in table
+    assert "what-if" not in table and "| ToConv / Conv2d |" in table
     assert all(f"| {name} |" in table for name in VARIANTS_24)
 
 
@@ -112,6 +114,26 @@ def test_reducers_keep_the_compressor_geometry(bench):
     conv = bench.build_reducer("conv", 16, 12, 8)
     assert (conv.conv.kernel_size, conv.conv.stride, conv.conv.padding) == ((5, 5), (1, 1), (0, 0))
     assert conv(torch.randn(1, 256, 8)).shape == (1, 144, 8)
+
+
+def test_plain_conv_baseline_matches_toconv_layout(bench):
+    """The Conv2d baseline reads the same tokens the same way as ToConv: only the renormalisation differs."""
+    import torch
+
+    x = torch.randn(2, 576, 8)
+    toconv, conv = bench.build_reducer("toconv", 24, 8, 8), bench.build_reducer("conv", 24, 8, 8)
+    # Both hold channels-last weights, matching the channels-last grid view both convolve (no per-call conversion).
+    for reducer in (toconv, conv, conv.to(torch.float64)):
+        assert reducer.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    conv = conv.float()
+    assert all(bench.build_reducer(kind, 24, 12, 8)(x).shape == (2, 144, 8) for kind in bench.REDUCER_KINDS)
+    # 24→8 (k3 s3 p0) has no padding, so no window is renormalised: with ToConv's weights the plain conv
+    # gives ToConv's output exactly.
+    with torch.no_grad():
+        conv.conv.weight.copy_(toconv.conv.weight)
+        conv.conv.bias.copy_(toconv.conv.bias)
+    assert conv.conv.weight.is_contiguous(memory_format=torch.channels_last)  # copy_ keeps the layout
+    torch.testing.assert_close(conv(x), toconv(x), rtol=0, atol=0)
 
 
 def test_presets_are_complete_and_the_7b_preset_has_the_vicuna_shape(bench):
