@@ -157,3 +157,17 @@ def test_checkpoint_with_other_tensors_is_rejected(tmp_path):
     path = save_compressor(compressor, tmp_path / "nobias.safetensors")
     with pytest.raises(ValueError, match="conv.bias"):
         load_compressor_into(TokenCompressor(24, 12, 8), path)
+
+
+def test_saved_checkpoint_has_the_permissions_of_a_new_file(tmp_path):
+    import os
+    import stat
+
+    from vision_token_compression import TokenCompressor, save_compressor
+
+    old = os.umask(0o022)
+    try:
+        path = save_compressor(TokenCompressor(24, 12, 8), tmp_path / "c.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

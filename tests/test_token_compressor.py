@@ -253,3 +253,16 @@ def test_weight_is_channels_last_like_the_grid_it_reads():
     compressor = TokenCompressor(24, 12, 16)
     assert compressor.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert compressor.to(torch.float64).conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_state_dict_is_contiguous_for_safetensors():
+    # The live weight is channels-last; what a saver sees must be contiguous (safetensors refuses
+    # anything else, and transformers 4.x save_pretrained writes the state dict as is).
+    compressor = TokenCompressor(24, 12, 16)
+    state = compressor.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert torch.equal(state["conv.weight"], compressor.conv.weight)
+    restored = TokenCompressor(24, 12, 16, init="random")
+    restored.load_state_dict(state)
+    assert torch.equal(restored.conv.weight, compressor.conv.weight)
+    assert restored.conv.weight.is_contiguous(memory_format=torch.channels_last)

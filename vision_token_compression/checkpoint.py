@@ -106,11 +106,15 @@ def save_compressor(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata_of(compressor, vision_tower, select_layer, select_feature, extra)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in compressor.state_dict().items()}
+    tensors = {k: v.detach().to("cpu") for k, v in compressor.state_dict().items()}  # contiguous already
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta.to_strings())
+        # mkstemp's file is 0600; give the checkpoint the permissions of any new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -76,6 +76,14 @@ class PartialConv2d(nn.Conv2d):
         self._renorm_cache.clear()
         return super()._apply(fn, recurse)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The weight may be kept channels-last for speed (see TokenCompressor); savers such as
+        # safetensors (and transformers 4.x's save_pretrained) accept only contiguous tensors.
+        key = prefix + "weight"
+        if not keep_vars and key in destination and not destination[key].is_contiguous():
+            destination[key] = destination[key].contiguous()
+
     def output_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Mask of output positions whose window saw at least one valid input, shape (B, 1, H', W')."""
         return (self._mask_count(mask) > 0).to(mask.dtype)
