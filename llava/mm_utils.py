@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
+from vision_token_compression.features import expand_to_square
+
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
@@ -33,13 +35,8 @@ def load_image_from_base64(image: str) -> Image.Image:
 
 def expand2square(pil_img: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
     """Pad ``pil_img`` to a square with ``background_color``, keeping it centred."""
-    width, height = pil_img.size
-    if width == height:
-        return pil_img
-    side = max(width, height)
-    result = Image.new(pil_img.mode, (side, side), background_color)
-    result.paste(pil_img, ((side - width) // 2, (side - height) // 2))
-    return result
+    # One implementation for LLaVA and the compressor trainer, so both see the same pixels.
+    return expand_to_square(pil_img, background_color)
 
 
 def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]]) -> list[Resolution]:
