@@ -233,6 +233,12 @@ def setup_vision(
         projector.requires_grad_(False)
     if compressor is not None and model_args.freeze_token_compressor:
         compressor.requires_grad_(False)
+    if compressor is not None and training_args.deepspeed:
+        # The compressor keeps its conv weight channels-last (a speed-up only). DeepSpeed broadcasts
+        # parameters through byte views (param.data.view(torch.uint8): the engine's initial
+        # broadcast under ZeRO-2, the partitioning under ZeRO-3), which fail on that layout with
+        # "self.stride(-1) must be 1 to view Float as Byte".
+        compressor.to(memory_format=torch.contiguous_format)
     if model_args.unfreeze_mm_vision_tower:
         vision_tower.vision_tower.requires_grad_(True)
         # Recorded so that loading the checkpoint restores the trained CLIP weights, not mm_vision_tower's.
@@ -260,7 +266,8 @@ def log_trainable(model) -> dict[str, int]:
         if not param.requires_grad:
             continue
         part = next((k for k in COMPRESSOR_KEYS + PROJECTOR_KEYS + ("vision_tower", "lora_") if k in name), "llm")
-        counts[part] = counts.get(part, 0) + param.numel()
+        # Under ZeRO-3 a partitioned parameter's local tensor is empty; ds_numel is its full size.
+        counts[part] = counts.get(part, 0) + getattr(param, "ds_numel", param.numel())
     logger.info("Trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items())) or "none")
     return counts
 
