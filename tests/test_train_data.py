@@ -168,6 +168,22 @@ def test_dataset_items_and_collated_batch(assets):
     assert ds.modality_lengths[-1] < 0 < ds.modality_lengths[0]
 
 
+def test_anyres_batch_mixing_image_and_text_only_samples_trains(assets, tmp_path):
+    """A text-only sample's blank image has no size; the batch still carries its images' sizes."""
+    from llava.standins import build_tiny_clip, create_tiny_llava
+
+    model = create_tiny_llava(build_tiny_clip(tmp_path / "clip"), assets["tokenizer"], compression_output_size=12,
+                              image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad")
+    path = _write(assets["root"], "anyres.json", _samples(assets["images"][:1]))
+    args = DataArguments(data_path=str(path), image_folder=str(assets["root"] / "images"), image_aspect_ratio="anyres",
+                         image_grid_pinpoints=str(model.config.image_grid_pinpoints))
+    ds = LazySupervisedDataset(path, assets["tokenizer"], args, conv_templates["v1"],
+                               image_processor=assets["processor"], image_token_count=144, max_length=512)
+    batch = DataCollatorForSupervisedDataset(assets["tokenizer"], max_length=512)([ds[0], ds[1]])
+    assert batch["image_sizes"] == [(200, 120), None]
+    assert torch.isfinite(model(**batch).loss)
+
+
 def test_missing_image_stops_with_the_sample_named(assets):
     samples = _samples(assets["images"])
     samples[1]["image"] = "nowhere.png"

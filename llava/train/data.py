@@ -515,8 +515,9 @@ class DataCollatorForSupervisedDataset:
 
     Returns ``input_ids``, ``labels`` (padding is ``IGNORE_INDEX``), ``attention_mask`` (from the
     true lengths, so a pad id that is also a real token is still attended), ``images`` (stacked
-    when the shapes agree, else a list), ``image_sizes`` when known, and ``skipped_samples``
-    (descriptions of samples skipped to fill this batch) when any were.
+    when the shapes agree, else a list), ``image_sizes`` when any are known (one per image, None
+    for a text-only sample's blank), and ``skipped_samples`` (descriptions of samples skipped to
+    fill this batch) when any were.
     """
 
     tokenizer: Any
@@ -542,8 +543,10 @@ class DataCollatorForSupervisedDataset:
             images = [x["image"] for x in instances if "image" in x]
             same = all(img.shape == images[0].shape for img in images)
             batch["images"] = torch.stack(images) if same else images
-            if all("image_size" in x for x in instances):
-                batch["image_sizes"] = [x["image_size"] for x in instances]
+            if any("image_size" in x for x in instances):
+                # One entry per image; a text-only sample's blank image has no size (anyres needs none
+                # for a single crop), so a mixed batch still passes the sizes of its real images.
+                batch["image_sizes"] = [x.get("image_size") for x in instances if "image" in x]
         skipped = [s for x in instances for s in x.get("skipped", [])]
         if skipped:
             batch["skipped_samples"] = skipped
