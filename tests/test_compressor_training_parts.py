@@ -23,7 +23,7 @@ from vision_token_compression.losses import (
 from vision_token_compression.plotting import plot_curves
 from vision_token_compression.projector import build_projector, load_projector
 from vision_token_compression.synthetic import make_structured_images
-from vision_token_compression.train import warmup_cosine
+from vision_token_compression.train import TrainConfig, warmup_cosine
 
 
 @pytest.mark.parametrize("grids", [(24, 12), (24, 8), (16, 12), (24, 10)])
@@ -176,3 +176,9 @@ def test_console_scripts_point_at_the_entry_points():
     for name in ("toconv-train-compressor", "toconv-eval-compressor"):
         module, _, attribute = scripts[name].partition(":")
         assert callable(getattr(importlib.import_module(module), attribute)), name
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-4])
+def test_train_config_refuses_a_non_positive_lr_instead_of_picking_the_auto_lr(lr):
+    with pytest.raises(ValueError, match="lr must be positive"):
+        TrainConfig(data=["."], output_dir=".", lr=lr)

@@ -129,6 +129,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or unset), got {self.max_steps}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}; leave --lr out for the automatic learning rate.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
 
@@ -341,7 +343,7 @@ class Trainer:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
 
-        self.lrs = {name: config.lr or auto_lr(c) for name, c in self.bank.compressors.items()}
+        self.lrs = {name: auto_lr(c) if config.lr is None else config.lr for name, c in self.bank.compressors.items()}
         self.optimizer = torch.optim.AdamW(
             [{"params": c.parameters(), "lr": self.lrs[name]} for name, c in self.bank.compressors.items()],
             weight_decay=config.weight_decay,
