@@ -202,3 +202,24 @@ def test_lora_target_modules_leave_vision_and_projector_alone():
     model.model.q_proj = nn.Linear(4, 4)
     model.lm_head = nn.Linear(16, 10)
     assert ckpt.find_all_linear_names(model) == ["q_proj"]
+
+
+def test_adapter_check_accepts_a_tower_cast_to_the_compute_dtype(tiny_tower_336, tmp_path):
+    """An fp32 stage-1 mm_projector.bin, then stage 2 in bf16: setup_vision casts the compressor after loading."""
+    from transformers import AutoTokenizer
+
+    from llava.standins import build_tokenizer, create_tiny_llava
+    from llava.train.train import _adapter_check
+
+    model = create_tiny_llava(tiny_tower_336, AutoTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok")),
+                              compression_output_size=12)
+    adapter = {n: torch.randn_like(p) for n, p in model.named_parameters() if ckpt.matches(n, ckpt.adapter_keys())}
+    torch.save(adapter, tmp_path / "mm_projector.bin")
+    model.get_model().load_mm_adapter(tmp_path / "mm_projector.bin")
+    model.get_vision_tower().to(dtype=torch.bfloat16)
+    _adapter_check(model, str(tmp_path / "mm_projector.bin"))
+    # A weight that really differs is still caught.
+    with torch.no_grad():
+        model.get_vision_tower().token_compressor.conv.bias.add_(1)
+    with pytest.raises(RuntimeError, match="token_compressor.conv.bias"):
+        _adapter_check(model, str(tmp_path / "mm_projector.bin"))

@@ -187,7 +187,9 @@ def _adapter_check(model, path: str) -> None:
     saved = {_from_keyword(k, keys): t for k, t in load_adapter_weights(path).items() if matches(k, keys)}
     live = gather_state((n, p) for n, p in model.named_parameters() if matches(n, keys))
     live = {_from_keyword(n, keys): t for n, t in live.items()}
-    differs = [k for k, t in saved.items() if k not in live or not torch.equal(live[k].float(), t.float())]
+    # Compare in the live dtype: setup_vision casts the tower (compressor included) to the compute
+    # dtype after loading, so an fp32 stage-1 file and a bf16 stage 2 differ by that rounding alone.
+    differs = [k for k, t in saved.items() if k not in live or not torch.equal(live[k], t.to(live[k].dtype))]
     if differs:
         raise RuntimeError(f"After loading {path}, these parameters do not hold its weights: {differs}.")
     logger.info("Started from %s (%s)", path, describe(saved))
