@@ -23,7 +23,7 @@ from vision_token_compression.losses import (
 from vision_token_compression.plotting import plot_curves
 from vision_token_compression.projector import build_projector, load_projector
 from vision_token_compression.synthetic import make_structured_images
-from vision_token_compression.train import TrainConfig, warmup_cosine
+from vision_token_compression.train import RunLog, TrainConfig, warmup_cosine
 
 
 @pytest.mark.parametrize("grids", [(24, 12), (24, 8), (16, 12), (24, 10)])
@@ -182,3 +182,14 @@ def test_console_scripts_point_at_the_entry_points():
 def test_train_config_refuses_a_non_positive_lr_instead_of_picking_the_auto_lr(lr):
     with pytest.raises(ValueError, match="lr must be positive"):
         TrainConfig(data=["."], output_dir=".", lr=lr)
+
+
+def test_run_log_resume_drops_a_torn_last_line_and_later_records(tmp_path, caplog):
+    (tmp_path / "log.jsonl").write_text('{"event": "train", "step": 1}\n{"event": "train", "step": 2}\n{"event": "tr')
+    log = RunLog(tmp_path, resume_step=1, enabled=True)
+    assert log.records == [{"event": "train", "step": 1}]
+    assert "torn last line" in caplog.text
+    assert (tmp_path / "log.jsonl").read_text() == '{"event": "train", "step": 1}\n'
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        RunLog(tmp_path, resume_step=2, enabled=True)

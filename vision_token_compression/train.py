@@ -273,11 +273,23 @@ class RunLog:
             return
         if resume_step is not None and self.path.is_file():
             # Keep what happened up to the checkpoint; later records were not saved with it.
-            lines = self.path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= resume_step]
+            self.records = [r for r in self._read_records() if r.get("step", 0) <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         os.replace(tmp, self.path)
+
+    def _read_records(self) -> list[dict]:
+        """The log's records; a run killed mid-append may leave a torn last line, which is dropped."""
+        lines = [line for line in self.path.read_text().splitlines() if line]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise ValueError(f"{self.path} line {number} is not JSON ({err}); fix or delete that line.") from err
+                logger.warning("Dropping the torn last line of %s (a killed run's partial write): %r", self.path, line)
+        return records
 
     def write(self, record: dict) -> None:
         if not self.enabled:
