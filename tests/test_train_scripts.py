@@ -187,6 +187,16 @@ def test_zero3_peft_states_and_loading(fake_deepspeed):
     assert [p.ds_full.shape for p in model.model.mm_projector.parameters()] == list(shapes.values())
 
 
+def test_non_lora_state_keeps_a_frozen_projector_and_compressor():
+    """The LoRA base LLM has neither, so leaving them out would load them random / average-initialised."""
+    model = TinyLlava()
+    model.model.embed_tokens.requires_grad_(False)
+    model.model.mm_projector.requires_grad_(False)
+    model.model.vision_tower.token_compressor.requires_grad_(False)
+    non_lora = ckpt.get_peft_state_non_lora_maybe_zero_3(model.named_parameters())
+    assert set(non_lora) == {n for n, _ in model.named_parameters() if "embed_tokens" not in n}
+
+
 def test_partitioned_parameters_without_deepspeed_say_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     model = TinyLlava()

@@ -116,9 +116,17 @@ def get_peft_state_maybe_zero_3(named_params: Iterable[tuple[str, torch.Tensor]]
 def get_peft_state_non_lora_maybe_zero_3(
     named_params: Iterable[tuple[str, torch.Tensor]], require_grad_only: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Trainable parameters that are not LoRA weights (projector, token compressor, ...), gathered."""
+    """Parameters that are not LoRA weights: the trainable ones, plus the projector and token compressor
+    even when frozen (gathered).
+
+    A LoRA checkpoint loads on top of the base LLM, which has neither; a projector or compressor
+    frozen in stage 2 (``freeze_mm_mlp_adapter``, ``freeze_token_compressor``) and left out here
+    would come back random or as the average init instead of its stage-1 weights.
+    """
+    always = PROJECTOR_KEYS + COMPRESSOR_KEYS
     return gather_state(
-        (n, p) for n, p in named_params if "lora_" not in n and (p.requires_grad or not require_grad_only)
+        (n, p) for n, p in named_params
+        if "lora_" not in n and (p.requires_grad or not require_grad_only or matches(n, always))
     )
 
 
