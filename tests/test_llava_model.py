@@ -295,6 +295,11 @@ def test_lora_checkpoint_with_model_base(tmp_path, tiny_tower_336, tokenizer):
     for key, value in non_lora.items():
         assert torch.equal(state[key.removeprefix("base_model.model.")], value), key
 
+    # Without the projector in non_lora_trainables.bin it would stay randomly initialised: an error.
+    torch.save({k: v for k, v in non_lora.items() if "mm_projector" not in k}, lora_dir / "non_lora_trainables.bin")
+    with pytest.raises(ValueError, match="No weights for the projector"):
+        load_pretrained_model(str(lora_dir), str(base_dir), "llava-tiny-lora", device="cpu")
+
 
 def test_initialize_vision_modules_loads_projector_and_compressor_from_the_adapter(tmp_path, tiny_tower_336, tokenizer):
     source = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12)

@@ -260,6 +260,13 @@ def load_pretrained_model(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model, info = model_cls.from_pretrained(model_path, config=config, output_loading_info=True, **kwargs)
 
+    projector_missing = [k for k in info["missing_keys"] if "mm_projector." in k and k not in extra]
+    if projector_missing:
+        raise ValueError(
+            f"No weights for the projector ({projector_missing[:4]}) in {model_path}: it would be random. A "
+            f"projector-only checkpoint needs mm_projector.bin, a LoRA one non_lora_trainables.bin with the "
+            f"projector in it (re-save it with this fork's training, which keeps a frozen projector there)."
+        )
     compressor_missing = any("token_compressor." in key for key in info["missing_keys"])
     compressor_loaded = not compressor_missing or any("token_compressor." in key for key in extra)
     _finish_compressor(model, switched_on, token_compressor_path, compressor_loaded)
