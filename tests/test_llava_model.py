@@ -301,6 +301,19 @@ def test_lora_checkpoint_with_model_base(tmp_path, tiny_tower_336, tokenizer):
         load_pretrained_model(str(lora_dir), str(base_dir), "llava-tiny-lora", device="cpu")
 
 
+def test_initialize_vision_modules_after_lora_trains_projector_and_compressor(tiny_tower_336, tokenizer):
+    """Stage 2 with LoRA from a LLaVA checkpoint: peft froze the existing projector and compressor."""
+    peft = pytest.importorskip("peft")
+    model = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    args = VisionModelArgs(vision_tower=str(tiny_tower_336), use_token_compression=True, compression_output_size=12)
+    lora.get_model().initialize_vision_modules(args)
+    tower = lora.get_vision_tower()
+    assert all(p.requires_grad for p in lora.get_model().mm_projector.parameters())
+    assert all(p.requires_grad for p in tower.token_compressor.parameters())
+    assert not any(p.requires_grad for n, p in tower.vision_tower.named_parameters() if "lora_" not in n)
+
+
 def test_initialize_vision_modules_loads_projector_and_compressor_from_the_adapter(tmp_path, tiny_tower_336, tokenizer):
     source = create_tiny_llava(tiny_tower_336, tokenizer, compression_output_size=12)
     adapter = _trained_adapter(source)

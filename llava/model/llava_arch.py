@@ -176,8 +176,11 @@ class LlavaMetaModel:
             if "unpad" in config.mm_patch_merge_type:
                 self.image_newline = nn.Parameter(_new_image_newline(config.hidden_size, self.dtype))
         else:
-            # LoRA may have frozen it.
+            # LoRA may have frozen them; the compressor trains with the projector (setup_vision
+            # applies freeze_token_compressor afterwards).
             self.mm_projector.requires_grad_(True)
+            if compressed:
+                vision_tower.token_compressor.requires_grad_(True)
 
         adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
         if adapter:
