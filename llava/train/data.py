@@ -216,6 +216,7 @@ def tokenize_with_offsets(prompt: str, tokenizer) -> tuple[list[int], list[tuple
             f"(tokenizers-backed) tokenizer, e.g. AutoTokenizer.from_pretrained(path)."
         )
     bos = tokenizer.bos_token_id
+    specials = set(tokenizer.all_special_ids)
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -227,7 +228,6 @@ def tokenize_with_offsets(prompt: str, tokenizer) -> tuple[list[int], list[tuple
         chunk_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if i > 0 and bos is not None and chunk_ids[:1] == [bos]:
             chunk_ids, offsets = chunk_ids[1:], offsets[1:]
-        specials = set(tokenizer.all_special_ids)
         for tok, (s, e) in zip(chunk_ids, offsets):
             ids.append(tok)
             # Tokens the tokenizer inserted (BOS/EOS) have no text; give them an empty span.
