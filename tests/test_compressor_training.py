@@ -231,6 +231,10 @@ def test_feature_cache_matches_the_tower_and_is_reused(tiny_tower_336, train_ima
     assert "Using feature cache" in caplog.text and array.stat().st_mtime_ns == mtime
     assert (tmp_path / "b" / "compressor_24to12.safetensors").is_file()
 
+    # A bf16 tower computes other features: it gets its own cache instead of the fp32 one.
+    train_main(_train_args(tiny_tower_336, train_images, tmp_path / "c", *args, "--precision", "bf16"))
+    assert len(list(cache_dir.glob("features-*.npy"))) == 2 and array.stat().st_mtime_ns == mtime
+
 
 def test_features_equal_clip_vision_tower(tiny_tower_336, make_args):
     from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower

@@ -410,6 +410,7 @@ class Trainer:
             "vision_tower": str(Path(self.config.vision_tower).resolve()) if Path(self.config.vision_tower).exists()
             else self.config.vision_tower,
             "tower_config": json.loads(cfg.to_json_string()), "select_layer": self.config.select_layer,
+            "tower_dtype": str(self.extractor.dtype),  # a bf16 tower's features are not an fp32 tower's
             "image_aspect_ratio": self.config.image_aspect_ratio,
             "image_processor": json.loads(self.images.transform.image_processor.to_json_string()),
         }
