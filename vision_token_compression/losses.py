@@ -61,8 +61,8 @@ def window_cosine(original: torch.Tensor, compressed: torch.Tensor, geometry: Co
 
 
 @functools.lru_cache(maxsize=32)
-def _quantile_pairing(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index pairs and weights comparing two empirical quantile functions with n and m atoms.
+def _quantile_pairing(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index pairs and weights comparing two empirical quantile functions with n and m atoms, on ``device``.
 
     The quantile functions are step functions with steps at i/n and j/m; on each interval of the
     merged grid both are constant, so W2² = Σ length · (x_sorted[ix] − y_sorted[iy])². Integer
@@ -73,7 +73,7 @@ def _quantile_pairing(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch
     lengths = (edges - starts).double() / (n * m)
     ix = starts // m  # atom of x covering [start, edge)
     iy = starts // n
-    return ix, iy, lengths
+    return ix.to(device), iy.to(device), lengths.to(device)  # cached there: no copy per training step
 
 
 def random_directions(
@@ -99,7 +99,7 @@ def sliced_wasserstein(
     """
     x = torch.sort(original @ directions, dim=1).values  # (B, N, P)
     y = torch.sort(compressed @ directions, dim=1).values  # (B, M, P)
-    ix, iy, lengths = (t.to(original.device) for t in _quantile_pairing(x.shape[1], y.shape[1]))
+    ix, iy, lengths = _quantile_pairing(x.shape[1], y.shape[1], original.device)
     squared = (x[:, ix] - y[:, iy]).pow(2)  # (B, K, P)
     distance = (squared * lengths.to(squared.dtype)[None, :, None]).sum(1).mean(-1)  # (B,)
     if normalize:
