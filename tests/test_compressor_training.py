@@ -294,3 +294,15 @@ def test_checkpoint_loads_through_load_pretrained_model_and_the_llava_projector_
     assert report["num_images"] == 4
     trained = report["results"]["24to12"]["methods"]["trained"]
     assert all(torch.isfinite(torch.tensor(v)) for v in trained.values()) and "proj_rel_l2" in trained
+
+
+def test_evaluate_says_which_settings_it_assumes_for_a_checkpoint_without_them(
+        tiny_tower_336, held_out_images, tmp_path, caplog):
+    from vision_token_compression import save_compressor
+    from vision_token_compression.evaluate import evaluate
+
+    checkpoint = save_compressor(TokenCompressor(24, 12, 32), tmp_path / "bare.safetensors")  # no provenance
+    report = evaluate([checkpoint], [held_out_images], vision_tower=str(tiny_tower_336), max_images=2, num_workers=0)
+    assert report["select_layer"] == -2 and report["image_aspect_ratio"] == "pad"
+    assert "assuming -2 (pass --select-layer)" in caplog.text
+    assert "assuming 'pad' (pass --image-aspect-ratio)" in caplog.text

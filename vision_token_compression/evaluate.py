@@ -130,10 +130,15 @@ def evaluate(
     tower = vision_tower or metas[0].vision_tower
     if tower is None:
         raise ValueError(f"{paths[0]} does not record its vision tower; pass --vision-tower.")
-    layer = select_layer
+    layer = select_layer if select_layer is not None else metas[0].select_layer
     if layer is None:
-        layer = -2 if metas[0].select_layer is None else metas[0].select_layer  # -2: LLaVA-1.5's
-    aspect = image_aspect_ratio or metas[0].extra.get("image_aspect_ratio", "pad")
+        layer = -2  # LLaVA-1.5's
+        logger.warning("%s does not record its select layer; assuming %d (pass --select-layer).", paths[0], layer)
+    aspect = image_aspect_ratio or metas[0].extra.get("image_aspect_ratio")
+    if aspect is None:
+        aspect = "pad"  # LLaVA-1.5's
+        logger.warning("%s does not record its preprocessing; assuming %r (pass --image-aspect-ratio).",
+                       paths[0], aspect)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
