@@ -210,8 +210,10 @@ def test_partitioned_parameters_without_deepspeed_say_how_to_fix(monkeypatch):
 def test_lora_target_modules_leave_vision_and_projector_alone():
     model = TinyLlava()
     model.model.q_proj = nn.Linear(4, 4)
+    model.model.vision_tower.q_proj = nn.Linear(4, 4)  # CLIP's attention has the same short names
     model.lm_head = nn.Linear(16, 10)
-    assert ckpt.find_all_linear_names(model) == ["q_proj"]
+    # Full names: a short 'q_proj' would make peft wrap the vision tower's q_proj too.
+    assert ckpt.find_all_linear_names(model) == ["model.q_proj"]
 
 
 def test_adapter_check_accepts_a_tower_cast_to_the_compute_dtype(tiny_tower_336, tmp_path):

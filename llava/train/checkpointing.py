@@ -131,14 +131,16 @@ def get_peft_state_non_lora_maybe_zero_3(
 
 
 def find_all_linear_names(model: nn.Module) -> list[str]:
-    """Names of the LLM's linear layers for LoRA; the vision tower, projector and ``lm_head`` are left out."""
+    """Full module names of the LLM's linear layers for LoRA; vision tower, projector and ``lm_head`` left out.
+
+    Full names, not upstream's short ones: peft matches a short name such as ``q_proj`` against
+    every module ending in it, CLIP's attention included when the tower is already loaded.
+    """
     skip = ("mm_projector", "vision_tower", "vision_resampler")
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not matches(name, skip):
-            names.add(name.rsplit(".", 1)[-1])
-    names.discard("lm_head")
-    return sorted(names)
+    return sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not matches(name, skip) and name.rsplit(".", 1)[-1] != "lm_head"
+    )
 
 
 def save_mm_adapter(

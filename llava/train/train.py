@@ -175,7 +175,8 @@ def apply_lora(model, training_args: TrainingArguments):
     )
     if training_args.bits == 16 and (training_args.bf16 or training_args.fp16):
         model.to(compute_dtype(training_args))
-    logger.info("Adding LoRA adapters (r=%d) to %s", config.r, ", ".join(sorted(config.target_modules)))
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in config.target_modules})
+    logger.info("Adding LoRA adapters (r=%d) to %d linear layers (%s)", config.r, len(config.target_modules), ", ".join(kinds))
     return get_peft_model(model, config)
 
 
