@@ -262,6 +262,16 @@ def test_projector_only_checkpoint_with_model_base(tmp_path, tiny_tower_336, tok
         assert torch.equal(state[key], value), key
     assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], base.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
+    # Compression switched off as asked: the projector loads, the compressor weights are left out.
+    _, plain, _, _ = load_pretrained_model(str(projector_dir), str(base_dir), "llava-tiny-pretrain", device="cpu",
+                                           use_token_compression=False)
+    assert plain.get_vision_tower().token_compressor is None and plain.get_vision_tower().num_patches == 576
+    plain_state = plain.state_dict()
+    for key, value in adapter.items():
+        assert ("token_compressor" in key) != (key in plain_state), key
+        if key in plain_state:
+            assert torch.equal(plain_state[key], value), key
+
 
 def test_lora_checkpoint_with_model_base(tmp_path, tiny_tower_336, tokenizer):
     peft = pytest.importorskip("peft")

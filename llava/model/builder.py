@@ -118,7 +118,13 @@ def _load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
 
 
 def _load_extra_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load named weights (projector, compressor, ...) into ``model``; names it does not have are an error."""
+    """Load named weights (projector, compressor, ...) into ``model``; names it does not have are an error.
+
+    The one exception: compressor weights for a model loaded with compression switched off (as
+    asked, and warned about in ``_compression_switch``) are left out.
+    """
+    if model.get_vision_tower().token_compressor is None:
+        weights = {k: v for k, v in weights.items() if "token_compressor." not in k}
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ValueError(
