@@ -30,31 +30,11 @@ run_training \
     --data_path "$DATA_PATH" \
     --image_folder "$IMAGE_FOLDER" \
     --vision_tower "$VISION_TOWER" \
-    --mm_projector_type mlp2x_gelu \
     --tune_mm_mlp_adapter True \
-    --mm_vision_select_layer -2 \
-    --mm_use_im_start_end False \
-    --mm_use_im_patch_token False \
     $(compress_args) \
-    --bf16 True \
     --output_dir "$OUTPUT_DIR" \
-    --num_train_epochs 1 \
     --per_device_train_batch_size 32 \
-    --per_device_eval_batch_size 4 \
-    --gradient_accumulation_steps 1 \
-    --eval_strategy no \
-    --save_strategy steps \
     --save_steps 24000 \
-    --save_total_limit 1 \
     --learning_rate 1e-3 \
-    --weight_decay 0. \
-    --warmup_steps 0.03 \
-    --lr_scheduler_type cosine \
-    --logging_steps 1 \
-    --tf32 True \
-    --model_max_length 2048 \
-    --activation_checkpointing True \
-    --dataloader_num_workers 4 \
-    --lazy_preprocess True \
-    --report_to "$REPORT_TO" \
+    "${SHARED_TRAINING_ARGS[@]}" \
     "$@"
