@@ -55,3 +55,23 @@ def make_args():
         return SimpleNamespace(**{**defaults, **fields})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory, tiny_tower_336) -> Path:
+    """Stand-in LLaVA-1.5 checkpoint trained without compression (576 image tokens), random weights.
+
+    The folder name contains "llava-v1.5" so name-based clients pick LLaVA-1.5's defaults.
+    """
+    from llava.standins import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("ckpt") / "llava-v1.5-tiny", tiny_tower_336)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_compressed(tmp_path_factory, tiny_tower_336) -> Path:
+    """Stand-in LLaVA-1.5 checkpoint trained with 24→12 compression (144 image tokens), random weights."""
+    from llava.standins import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("ckpt") / "llava-v1.5-tiny-toconv12", tiny_tower_336,
+                            compression_output_size=12, seed=1)
