@@ -171,6 +171,61 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
     )
 
 
+_PLACEMENT_LOGGED = False
+
+
+def _resolve_device_map(device_map, device: str):
+    """The ``device_map`` for ``from_pretrained``: upstream's rule, plus "auto" meaning the CPU without a GPU."""
+    global _PLACEMENT_LOGGED
+    if device != "cuda":
+        device_map = {"": device}
+    if torch.cuda.is_available():
+        return device_map
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    if any(isinstance(v, int) or str(v).startswith("cuda") for v in values):
+        raise ValueError(
+            f"device={device!r}, device_map={device_map!r} put the model on a GPU, but CUDA is not available on "
+            f"this machine: pass device_map='auto' or 'cpu' (or device='cpu', --device cpu)."
+        )
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential", None):
+        if not _PLACEMENT_LOGGED:
+            logger.info("No GPU available: device_map=%r places the model on the CPU.", device_map)
+            _PLACEMENT_LOGGED = True
+        return {"": "cpu"}
+    return device_map
+
+
+def _on_cpu(device_map) -> bool:
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return all(str(v) in ("cpu", "disk") for v in values)
+
+
+def _from_pretrained_kwargs(device_map, device: str, load_8bit: bool, load_4bit: bool, use_flash_attn: bool,
+                            kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments: placement, dtype, quantisation and attention as upstream sets them.
+
+    A given ``torch_dtype``/``dtype`` is honoured; otherwise float16 (upstream's choice) unless the
+    whole model sits on the CPU, where float32 is the dtype CPU kernels are fast and exact in.
+    """
+    kwargs = dict(kwargs)
+    kwargs["device_map"] = _resolve_device_map(device_map, device)
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if kwargs.pop("use_flash_attention_2", False) or use_flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit, load_in_4bit=load_4bit and not load_8bit,
+            bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+        )
+        kwargs.setdefault("dtype", torch.float16)
+    elif "dtype" not in kwargs:
+        kwargs["dtype"] = torch.float32 if _on_cpu(kwargs["device_map"]) else torch.float16
+    return kwargs
+
+
 def load_pretrained_model(
     model_path: str,
     model_base: str | None,
@@ -194,35 +249,24 @@ def load_pretrained_model(
         model_base: The LLM a projector-only or LoRA checkpoint was trained on; None for full checkpoints.
         model_name: Name used in log messages (upstream dispatched on it; here the files decide).
         load_8bit / load_4bit: Quantise the LLM with bitsandbytes.
-        device_map: Passed to ``from_pretrained`` when ``device`` is ``"cuda"``.
-        device: ``"cuda"``, ``"cpu"``, ``"mps"``, ...; other than ``"cuda"``, everything goes there.
+        device_map: Where ``from_pretrained`` puts the weights when ``device`` is ``"cuda"``
+            (``"auto"``, ``"cpu"``, ``"cuda:0"``, a dict, ...). Without a GPU, ``"auto"`` means the CPU.
+        device: ``"cuda"`` (the default) lets ``device_map`` decide; anything else (``"cpu"``,
+            ``"cuda:1"``, ``"mps"``) pins the whole model there, as upstream does.
         use_flash_attn: Use FlashAttention-2.
         use_token_compression: None keeps the checkpoint's setting; True switches ToConv on for a
             checkpoint trained without it; False switches it off.
         compression_input_size / compression_output_size: Grid sides when switching compression on
             (default: the tower's grid → 12).
         token_compressor_path: A compressor checkpoint (safetensors) to use instead of the average init.
-        **kwargs: Passed to ``from_pretrained`` (e.g. ``dtype``).
+        **kwargs: Passed to ``from_pretrained``: ``torch_dtype``/``dtype`` (default float16 on a GPU,
+            float32 on the CPU), ``attn_implementation``, ... ``multimodal`` is refused with a
+            ``TypeError``, as upstream LLaVA does (lmms-eval relies on it).
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available: pass device='cpu' (--device cpu).")
-    kwargs = {"device_map": device_map, **kwargs}
-    if device != "cuda":
-        kwargs["device_map"] = {"": device}
-    if "torch_dtype" in kwargs:
-        kwargs["dtype"] = kwargs.pop("torch_dtype")
-    if load_8bit or load_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=load_8bit, load_in_4bit=load_4bit and not load_8bit,
-            bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
-        )
-        kwargs.setdefault("dtype", torch.float16)
-    else:
-        kwargs.setdefault("dtype", torch.float16 if device in ("cuda", "mps") else torch.float32)
-    if use_flash_attn:
-        kwargs["attn_implementation"] = "flash_attention_2"
+    if "multimodal" in kwargs:
+        # lmms-eval tries this first and retries without it on TypeError, as upstream LLaVA raises.
+        raise TypeError("load_pretrained_model() got an unexpected keyword argument 'multimodal'")
+    kwargs = _from_pretrained_kwargs(device_map, device, load_8bit, load_4bit, use_flash_attn, kwargs)
 
     config_dict, _ = PreTrainedConfig.get_config_dict(model_path)
     lora = _find_file(model_path, "adapter_config.json") is not None

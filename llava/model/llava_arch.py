@@ -237,9 +237,18 @@ class LlavaMetaForCausalLM(ABC):
         return self.get_model().get_vision_tower()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images → (N, num_patches, hidden_size) embeddings in the LLM's space."""
-        image_features = self.get_model().get_vision_tower()(images)
-        return self.get_model().mm_projector(image_features)
+        """(N, 3, H, W) images → (N, num_patches, hidden_size) embeddings in the LLM's space and dtype.
+
+        Pixels may come in any floating dtype (harnesses hand float16 to float32 models): they are
+        cast to the tower's, its features to the projector's, the embeddings to the LLM's.
+        """
+        model = self.get_model()
+        tower = model.get_vision_tower()
+        image_features = tower(images.to(device=tower.device, dtype=tower.dtype))
+        projector = model.mm_projector
+        llm_dtype = model.embed_tokens.weight.dtype
+        projector_dtype = next((p.dtype for p in projector.parameters()), llm_dtype)
+        return projector(image_features.to(projector_dtype)).to(llm_dtype)
 
     def _merge_crops(self, features: torch.Tensor, image_size: tuple[int, int] | None) -> torch.Tensor:
         """(1 + crops, P, D) features of one anyres image → (tokens, D), per ``mm_patch_merge_type``."""
