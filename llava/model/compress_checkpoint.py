@@ -1,0 +1,572 @@
+"""Write a compressed variant of a LLaVA checkpoint, so that clients that know nothing of compression use it.
+
+::
+
+    python -m llava.model.compress_checkpoint --model-path liuhaotian/llava-v1.5-7b \\
+        --save-path checkpoints/llava-v1.5-7b-toconv12 --compression-output-size 12
+
+An upstream-style ``load_pretrained_model(save_path, None, name)`` (lmms-eval, VLMEvalKit, upstream's
+eval scripts) then loads the model with 144 (12×12) image tokens instead of 576. The output folder
+holds only
+
+- ``config.json``: the source config with ``use_token_compression``, ``compression_input_size``
+  (the tower's grid) and ``compression_output_size`` set; written last, so a folder with a config is
+  complete (the folder is assembled under a temporary name and renamed into place);
+- the token compressor's weights under the model's parameter names
+  (``model.vision_tower.token_compressor.conv.weight``, ``...conv.bias``), float32: the average
+  init (each token the mean of its window) or a compressor checkpoint (``--token-compressor-path``);
+- for a full checkpoint, a weight index that sends the source's tensors to links of the source's
+  weight files and the compressor's to a new small file.
+
+Everything else (weights, tokenizer, generation config, adapters) is linked: symlinks by default,
+hardlinks with ``--link hardlink``. How each kind of source is written:
+
+==========================================  ==================================================================
+source (in transformers' order of lookup)   output
+==========================================  ==================================================================
+``model.safetensors``                       ``model-00001-of-00001.safetensors`` (link),
+                                            ``model-token_compressor.safetensors``, ``model.safetensors.index.json``
+``model.safetensors.index.json`` + shards   the shards (links), ``model-token_compressor.safetensors``, new index
+``pytorch_model.bin``                       ``pytorch_model-00001-of-00001.bin`` (link),
+                                            ``pytorch_model-token_compressor.bin``, ``pytorch_model.bin.index.json``
+``pytorch_model.bin.index.json`` + shards   the shards (links), ``pytorch_model-token_compressor.bin``, new index
+``mm_projector.bin`` (projector only)       a new ``mm_projector.bin``: the projector plus the compressor
+                                            (and ``token_compressor.safetensors``, as pretraining writes)
+``non_lora_trainables.bin`` (LoRA)          a new ``non_lora_trainables.bin``: plus the compressor, PEFT names
+==========================================  ==================================================================
+
+A single weight file is linked under a shard name because transformers loads ``model.safetensors``
+(or ``pytorch_model.bin``) as the whole model when it exists and ignores an index beside it. The
+compressor shard of a ``.bin`` checkpoint is a ``.bin`` too (tensors only, read with
+``weights_only``): loaders pick one format for all files an index names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
+
+logger = logging.getLogger(__name__)
+
+LinkMode = Literal["symlink", "hardlink"]
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+MM_PROJECTOR = "mm_projector.bin"
+NON_LORA = "non_lora_trainables.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+PORTABLE_COMPRESSOR = "token_compressor.safetensors"  # what projector-only pretraining writes beside mm_projector.bin
+
+# Per weight format: (single file, index, the single file's link name, the compressor shard's name).
+_FORMATS = {
+    "safetensors": (SAFE_WEIGHTS, SAFE_INDEX, "model-00001-of-00001.safetensors", "model-token_compressor.safetensors"),
+    "bin": (BIN_WEIGHTS, BIN_INDEX, "pytorch_model-00001-of-00001.bin", "pytorch_model-token_compressor.bin"),
+}
+# What precedes "mm_projector." / "vision_tower." in each file's names when it holds no projector to copy from.
+FULL_PREFIX = "model."
+PEFT_PREFIX = "base_model.model.model."
+COMPRESSOR_MODULE = "vision_tower.token_compressor."
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """What the compressor must fit: the CLIP tower's name, patch grid, width and selected features."""
+
+    name: str
+    grid: int
+    hidden_size: int
+    select_layer: int | None
+    select_feature: str
+
+
+@dataclass
+class _Plan:
+    """The output folder's contents: files to link (name → source file) and files to write (name → writer)."""
+
+    links: dict[str, Path] = field(default_factory=dict)
+    writes: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+
+
+# ---- resolving the source ----------------------------------------------------------------------
+
+
+def resolve_source(model_path: str | os.PathLike, *, cache_dir: str | None = None, download: bool = False) -> Path:
+    """A local folder as given, or a Hugging Face Hub id's snapshot folder in the local HF cache."""
+    if os.path.isdir(model_path):
+        return Path(os.path.abspath(model_path))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model_path), cache_dir=cache_dir, local_files_only=not download))
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{model_path} is neither a local folder nor a Hugging Face Hub id ({err}).") from err
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{model_path} is not a local folder and is not in the Hugging Face cache "
+            f"({cache_dir or 'the default HF_HUB_CACHE'}). Download it first (hf download {model_path}), pass "
+            f"--download, or pass a local folder."
+        ) from err
+
+
+def _read_config(source: Path) -> dict:
+    path = source / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{source} is not a LLaVA checkpoint: it has no {CONFIG_NAME}.")
+    config = json.loads(path.read_text())
+    if not config.get("mm_vision_tower"):
+        raise ValueError(
+            f"{source} is not a LLaVA checkpoint: its {CONFIG_NAME} has no mm_vision_tower "
+            f"(model_type={config.get('model_type')!r}). Pass a LLaVA checkpoint (full, projector-only or LoRA)."
+        )
+    if config.get("use_token_compression"):
+        inp, out = config.get("compression_input_size"), config.get("compression_output_size")
+        tokens = f", {out * out} image tokens" if isinstance(out, int) else ""
+        raise ValueError(
+            f"{source} is already compressed: use_token_compression=true with compression_input_size={inp}, "
+            f"compression_output_size={out}{tokens}. Evaluate it as it is; for other sizes, start from the "
+            f"checkpoint it was made from."
+        )
+    return config
+
+
+def resolve_tower(
+    config: Mapping, vision_tower: str | None = None, *, cache_dir: str | None = None, download: bool = False
+) -> TowerInfo:
+    """Grid and width of the checkpoint's CLIP tower, from its config (local folder or HF cache).
+
+    ``vision_tower`` reads the config from another place (a local copy); the checkpoint keeps its
+    ``mm_vision_tower``.
+    """
+    from transformers import CLIPVisionConfig
+
+    name = config["mm_vision_tower"]
+    where = vision_tower or name
+    try:
+        clip = CLIPVisionConfig.from_pretrained(where, cache_dir=cache_dir, local_files_only=not download)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"The vision tower's config is needed for its patch grid and width, but mm_vision_tower={where!r} is "
+            f"neither a local folder nor in the Hugging Face cache. Pass --vision-tower with a local folder holding "
+            f"{name}'s config.json, or download it (hf download {name} config.json)."
+        ) from err
+    return TowerInfo(
+        name=name,
+        grid=clip.image_size // clip.patch_size,
+        hidden_size=clip.hidden_size,
+        select_layer=config.get("mm_vision_select_layer"),
+        select_feature=config.get("mm_vision_select_feature") or "patch",
+    )
+
+
+def _check_output(save_path: Path) -> None:
+    if save_path.is_dir() and any(save_path.iterdir()):
+        raise FileExistsError(f"Output folder {save_path} exists and is not empty: pass a new --save-path or empty it.")
+    if save_path.exists() and not save_path.is_dir():
+        raise FileExistsError(f"--save-path {save_path} exists and is not a folder.")
+
+
+def _check_sizes(tower: TowerInfo, compression_input_size: int | None, compression_output_size: int) -> None:
+    if compression_input_size is not None and compression_input_size != tower.grid:
+        raise ValueError(
+            f"compression_input_size={compression_input_size} but {tower.name} produces a {tower.grid}×{tower.grid} "
+            f"patch grid: pass {tower.grid} or leave it unset."
+        )
+    size = compression_output_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size < tower.grid:
+        raise ValueError(
+            f"compression_output_size={size!r} is out of range for {tower.name}'s {tower.grid}×{tower.grid} patch "
+            f"grid: use 1..{tower.grid - 1} (12 → 144 image tokens, 8 → 64)."
+        )
+
+
+# ---- the compressor ----------------------------------------------------------------------------
+
+
+def _check_provenance(meta, path: Path, tower: TowerInfo) -> None:
+    """Refuse a compressor fitted to other features (tower, select layer or feature) than this checkpoint's.
+
+    ``vision_token_compression.check_metadata`` only warns about these at load time; a written checkpoint
+    keeps the mismatch for good, so it is an error here.
+    """
+    diffs = []
+    if meta.vision_tower and Path(meta.vision_tower).name != Path(tower.name).name:
+        diffs.append(f"vision_tower: checkpoint {meta.vision_tower!r} vs {tower.name!r}")
+    if meta.select_layer is not None and tower.select_layer is not None and meta.select_layer != tower.select_layer:
+        diffs.append(f"select_layer: checkpoint {meta.select_layer} vs mm_vision_select_layer {tower.select_layer}")
+    if meta.select_feature and meta.select_feature != tower.select_feature:
+        diffs.append(f"select_feature: checkpoint {meta.select_feature!r} vs {tower.select_feature!r}")
+    if diffs:
+        raise ValueError(
+            f"Token compressor checkpoint {path} was fitted to other features than this checkpoint's "
+            f"({'; '.join(diffs)}). Use a compressor trained on {tower.name} at the same select layer/feature."
+        )
+
+
+def build_compressor(tower: TowerInfo, output_size: int, token_compressor_path: str | os.PathLike | None = None):
+    """The compressor to write: the average init, or ``token_compressor_path`` checked against the tower."""
+    from vision_token_compression.checkpoint import check_metadata, load_compressor_into, read_metadata
+    from vision_token_compression.models.token_compressor import TokenCompressor
+
+    compressor = TokenCompressor(tower.grid, output_size, tower.hidden_size)
+    if token_compressor_path:
+        # Shape-defining fields first (their error says which differ and what fits), then provenance.
+        meta = read_metadata(token_compressor_path)
+        check_metadata(meta, token_compressor_path, input_grid_size=tower.grid, output_grid_size=output_size,
+                       hidden_dim=tower.hidden_size)
+        _check_provenance(meta, Path(token_compressor_path), tower)
+        load_compressor_into(
+            compressor, token_compressor_path, vision_tower=tower.name,
+            select_layer=tower.select_layer, select_feature=tower.select_feature,
+        )
+    return compressor
+
+
+def _compressor_tensors(compressor, prefix: str) -> dict[str, torch.Tensor]:
+    """The compressor's tensors under a model's parameter names, float32 and contiguous (any loader casts them)."""
+    return {
+        f"{prefix}{COMPRESSOR_MODULE}{name}": tensor.detach().to("cpu", torch.float32).contiguous()
+        for name, tensor in compressor.state_dict().items()
+    }
+
+
+def _prefix_of(keys, default: str) -> str:
+    """What precedes ``mm_projector.`` in a weight file's names (``model.``, ``base_model.model.model.``)."""
+    for key in keys:
+        if "mm_projector." in key:
+            return key[: key.index("mm_projector.")]
+    return default
+
+
+def _refuse_compressor_keys(keys, where: str) -> None:
+    found = [k for k in keys if "token_compressor." in k]
+    if found:
+        raise ValueError(
+            f"{where} holds token compressor weights ({found[:2]}) but its config has use_token_compression "
+            f"false: the checkpoint is inconsistent. Set the compression fields in its config.json instead."
+        )
+
+
+# ---- planning each kind of weights -------------------------------------------------------------
+
+
+def _safetensors_sizes(path: Path) -> dict[str, int]:
+    """Tensor name → byte size, from a safetensors file's header (the tensors are not read)."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()}
+
+
+def _bin_sizes(path: Path) -> dict[str, int]:
+    """Tensor name → byte size of a ``torch.save`` state dict (memory-mapped when the format allows)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {name: t.numel() * t.element_size() for name, t in state.items()}
+
+
+def _write_json(data: Mapping) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    return write
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], fmt: Literal["safetensors", "bin"]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, path)
+
+    return write
+
+
+def _weight_format(source: Path) -> str | None:
+    """The weight format transformers would load from ``source``, in its order of lookup; None if none."""
+    for fmt, (single, index, _, _) in _FORMATS.items():
+        if (source / single).is_file() or (source / index).is_file():
+            return fmt
+    return None
+
+
+def _plan_full_weights(source: Path, fmt: str, compressor, plan: _Plan) -> set[str]:
+    """Link the weight files and index them with a new compressor shard; returns the source names handled."""
+    single, index_name, single_link, compressor_file = _FORMATS[fmt]
+    if (source / single).is_file():
+        sizes = _safetensors_sizes(source / single) if fmt == "safetensors" else _bin_sizes(source / single)
+        weight_map = dict.fromkeys(sizes, single_link)
+        metadata = {"total_size": sum(sizes.values())}
+        plan.links[single_link] = source / single
+        handled = {single}
+    else:
+        index = json.loads((source / index_name).read_text())
+        weight_map = dict(index["weight_map"])
+        metadata = dict(index.get("metadata") or {})
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (source / s).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{source / index_name} names shards that are not there: {missing[:4]}. Download the whole checkpoint."
+            )
+        if compressor_file in shards:
+            raise ValueError(f"{source} already has a shard named {compressor_file}; is it already compressed?")
+        plan.links.update({shard: source / shard for shard in shards})
+        handled = {index_name, *shards}
+    _refuse_compressor_keys(weight_map, f"{source}'s weights")
+    tensors = _compressor_tensors(compressor, _prefix_of(weight_map, FULL_PREFIX))
+    weight_map.update(dict.fromkeys(tensors, compressor_file))
+    if "total_size" in metadata:
+        metadata["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
+    plan.writes[compressor_file] = _write_tensors(tensors, fmt)
+    plan.writes[index_name] = _write_json({"metadata": metadata, "weight_map": weight_map})
+    return handled
+
+
+def _plan_adapter_file(source: Path, name: str, compressor, default_prefix: str, plan: _Plan) -> None:
+    """A new ``mm_projector.bin`` / ``non_lora_trainables.bin``: the source's tensors plus the compressor's."""
+    weights = torch.load(source / name, map_location="cpu", weights_only=True)
+    _refuse_compressor_keys(weights, str(source / name))
+    tensors = _compressor_tensors(compressor, _prefix_of(weights, default_prefix))
+    plan.writes[name] = _write_tensors({**weights, **tensors}, "bin")
+
+
+def plan_output(source: Path, config: dict, tower: TowerInfo, compressor) -> _Plan:
+    """What the output folder holds; refuses a source without weights it can extend."""
+    plan = _Plan()
+    handled = {CONFIG_NAME}
+    fmt = _weight_format(source)
+    if fmt is not None:
+        handled |= _plan_full_weights(source, fmt, compressor, plan)
+    if (source / MM_PROJECTOR).is_file():
+        _plan_adapter_file(source, MM_PROJECTOR, compressor, FULL_PREFIX, plan)
+        plan.writes[PORTABLE_COMPRESSOR] = _write_portable(compressor, tower)
+    if (source / NON_LORA).is_file():
+        _plan_adapter_file(source, NON_LORA, compressor, PEFT_PREFIX, plan)
+    elif (source / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{source} is a LoRA checkpoint without {NON_LORA} (its projector): nothing to add the compressor to."
+        )
+    if not plan.writes:
+        raise FileNotFoundError(
+            f"{source} has no weights to add the compressor to: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS}, "
+            f"{BIN_INDEX}, {MM_PROJECTOR} (projector only) or {NON_LORA} (LoRA)."
+        )
+    _plan_other_files(source, handled, plan)
+    new_config = {
+        **config,
+        "use_token_compression": True,
+        "compression_input_size": tower.grid,
+        "compression_output_size": compressor.output_grid_size,
+    }
+    plan.writes[CONFIG_NAME] = _write_json(new_config)
+    return plan
+
+
+def _plan_other_files(source: Path, handled: set[str], plan: _Plan) -> None:
+    """Link the source's other files (tokenizer, generation config, adapter, ...).
+
+    Weight files that no index of the output names are left out (the other format, shards beside a
+    single file): a loader that picked them would miss the compressor. So are folders.
+    """
+    weight_names = {name for names in _FORMATS.values() for name in names[:2]}
+    skipped = []
+    for entry in sorted(source.iterdir()):
+        name = entry.name
+        if name in handled or name in plan.writes or name in plan.links:
+            continue
+        if not entry.is_file() or name in weight_names or _is_shard_of(name, weight_names):
+            skipped.append(name)
+            continue
+        plan.links[name] = entry
+    if skipped:
+        logger.info("Not linked from %s: %s", source, ", ".join(skipped))
+
+
+def _is_shard_of(name: str, weight_names: set[str]) -> bool:
+    """True for ``model-00001-of-00002.safetensors`` style shards of one of ``weight_names``."""
+    return any(name.startswith(Path(w).stem + "-") and name.endswith(Path(w).suffix) for w in weight_names
+               if not w.endswith(".json"))
+
+
+def _write_portable(compressor, tower: TowerInfo) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        from vision_token_compression.checkpoint import save_compressor
+
+        save_compressor(compressor, path, vision_tower=tower.name, select_layer=tower.select_layer,
+                        select_feature=tower.select_feature)
+
+    return write
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_hardlinks(plan: _Plan, save_path: Path) -> None:
+    device = os.stat(_existing_ancestor(save_path.parent)).st_dev
+    elsewhere = [str(p) for p in plan.links.values() if os.stat(p).st_dev != device]
+    if elsewhere:
+        raise ValueError(
+            f"--link hardlink needs the source and {save_path} on one filesystem, but {elsewhere[0]} is on another: "
+            f"use --link symlink or another --save-path."
+        )
+
+
+def _link(source: Path, target: Path, mode: LinkMode) -> None:
+    if mode == "symlink":
+        os.symlink(os.path.abspath(source), target)
+    else:
+        os.link(source, target)  # follows a symlinked source (HF cache snapshot) to its file
+
+
+def _materialise(plan: _Plan, save_path: Path, link: LinkMode) -> None:
+    """Assemble the folder under a temporary name, config last, then rename it to ``save_path``."""
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{save_path.name}.", suffix=".partial", dir=save_path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for name, source in plan.links.items():
+            _link(source, staging / name, link)
+        for name in sorted(plan.writes, key=lambda n: n == CONFIG_NAME):  # config last
+            plan.writes[name](staging / name)
+            os.chmod(staging / name, 0o666 & ~umask)  # safetensors writes private files; give the usual permissions
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private too
+        try:
+            os.replace(staging, save_path)  # replaces an empty folder; a non-empty one is an error
+        except OSError as err:
+            raise OSError(f"Could not move the finished folder to {save_path} (created meanwhile?): {err}") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _own_bytes(folder: Path) -> int:
+    return sum(p.lstat().st_size for p in folder.iterdir() if p.is_file() and not p.is_symlink()
+               and p.stat().st_nlink == 1)
+
+
+def compress_checkpoint(
+    model_path: str | os.PathLike,
+    save_path: str | os.PathLike,
+    compression_output_size: int | None = None,
+    *,
+    compression_input_size: int | None = None,
+    token_compressor_path: str | os.PathLike | None = None,
+    vision_tower: str | None = None,
+    link: LinkMode = "symlink",
+    cache_dir: str | None = None,
+    download: bool = False,
+) -> Path:
+    """Write a compressed variant of the LLaVA checkpoint ``model_path`` to ``save_path``; returns ``save_path``.
+
+    Everything is checked before anything is written; on an error nothing is left at ``save_path``.
+
+    Args:
+        model_path: Checkpoint folder or Hugging Face Hub id (resolved in the local HF cache).
+        save_path: New or empty output folder.
+        compression_output_size: Output grid side, 1..grid-1 (12 → 144 tokens, 8 → 64). Default: the
+            compressor checkpoint's, else 12.
+        compression_input_size: Must equal the tower's grid if given (it is recorded either way).
+        token_compressor_path: A compressor checkpoint (safetensors with metadata) instead of the average init.
+        vision_tower: Read the CLIP config from here when ``mm_vision_tower`` is not available locally.
+        link: ``"symlink"`` or ``"hardlink"`` for the files taken over from the source.
+        cache_dir: Hugging Face cache to resolve Hub ids in (default: HF_HUB_CACHE).
+        download: Download a Hub checkpoint or tower config that is not cached (default: cache only).
+    """
+    if link not in ("symlink", "hardlink"):
+        raise ValueError(f"link must be 'symlink' or 'hardlink', got {link!r}.")
+    save_path = Path(os.path.abspath(save_path))
+    _check_output(save_path)
+    source = resolve_source(model_path, cache_dir=cache_dir, download=download)
+    config = _read_config(source)
+    tower = resolve_tower(config, vision_tower, cache_dir=cache_dir, download=download)
+    if compression_output_size is None:
+        if token_compressor_path:
+            from vision_token_compression.checkpoint import read_metadata
+
+            compression_output_size = read_metadata(token_compressor_path).output_grid_size
+        else:
+            compression_output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE
+    _check_sizes(tower, compression_input_size, compression_output_size)
+    compressor = build_compressor(tower, compression_output_size, token_compressor_path)
+    plan = plan_output(source, config, tower, compressor)
+    if link == "hardlink":
+        _check_hardlinks(plan, save_path)
+    _materialise(plan, save_path, link)
+
+    out = compression_output_size
+    linked = sum(os.stat(p).st_size for p in plan.links.values())
+    logger.info(
+        "Wrote %s: %s with ToConv %d×%d → %d×%d (%d image tokens), compressor from %s; %d files %sed (%.1f MB), "
+        "%d written (%.1f KB).", save_path, source, tower.grid, tower.grid, out, out, out * out,
+        token_compressor_path or "the average init (window mean)", len(plan.links), link, linked / 1e6,
+        len(plan.writes), _own_bytes(save_path) / 1e3,
+    )
+    return save_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m llava.model.compress_checkpoint --model-path SRC --save-path DST``."""
+    parser = argparse.ArgumentParser(
+        description="Write a compressed variant of a LLaVA checkpoint (config + compressor weights, everything "
+                    "else linked) that clients without compression support evaluate with fewer image tokens.",
+    )
+    parser.add_argument("--model-path", required=True, help="LLaVA checkpoint folder or Hub id (local HF cache).")
+    parser.add_argument("--save-path", required=True, help="New or empty output folder.")
+    parser.add_argument("--compression-output-size", type=int, default=None,
+                        help="Output grid side: 12 → 144 image tokens (default), 8 → 64; default with "
+                             "--token-compressor-path: the checkpoint's.")
+    parser.add_argument("--compression-input-size", type=int, default=None,
+                        help="Input grid side; must be the vision tower's grid (24 for CLIP ViT-L/14-336).")
+    parser.add_argument("--token-compressor-path", default=None,
+                        help="Compressor checkpoint (.safetensors); default: the average init (window mean).")
+    parser.add_argument("--vision-tower", default=None,
+                        help="Local folder to read the CLIP config from when mm_vision_tower is not available here "
+                             "(the output keeps mm_vision_tower).")
+    parser.add_argument("--link", choices=("symlink", "hardlink"), default="symlink",
+                        help="How the source's files appear in the output (default: symlink).")
+    parser.add_argument("--download", action="store_true",
+                        help="Download a Hub checkpoint or tower config that is not in the local cache.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        compress_checkpoint(
+            args.model_path, args.save_path, args.compression_output_size,
+            compression_input_size=args.compression_input_size, token_compressor_path=args.token_compressor_path,
+            vision_tower=args.vision_tower, link=args.link, download=args.download,
+        )
+    except (ValueError, OSError) as err:
+        sys.exit(f"compress_checkpoint: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
