@@ -70,7 +70,9 @@ def _letters(value: str) -> list[str]:
     return list(value)
 
 
-def evaluate(base_dir: str, result_file: str, split: str = "test", options: Sequence[str] = "ABCDE") -> tuple[dict, dict]:
+def evaluate(
+    base_dir: str, result_file: str, split: str = "test", options: Sequence[str] = "ABCDE"
+) -> tuple[dict, dict]:
     """Return (the ``--output-file`` document, the ``--output-result`` document)."""
     options = list(options)
     splits = read_json(os.path.join(base_dir, "pid_splits.json"), "ScienceQA split file", _DATA_HINT)
