@@ -1,13 +1,16 @@
 """Conversation templates: how a dialogue becomes the prompt a LLaVA checkpoint was trained on.
 
-Template names, fields and prompt layouts follow upstream LLaVA 1.2.x, so ``--conv-mode`` values
-of existing scripts keep working and a checkpoint sees exactly the prompt format it was trained with.
+Template names, fields, prompt strings and the rendering of every template are upstream LLaVA's
+(``llava-torch==1.2.2.post1``, whose ``conversation.py`` equals upstream's git HEAD), so ``--conv-mode``
+values of existing scripts and evaluation harnesses keep working and a checkpoint sees exactly the
+prompt it was trained with. ``tests/test_conversation_upstream.py`` compares the two live.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+from collections.abc import Sequence
 from enum import Enum, auto
 from io import BytesIO
 from typing import Any
@@ -27,8 +30,23 @@ class SeparatorStyle(Enum):
     LLAMA_2 = auto()  # "[INST] <<SYS>>...<</SYS>> msg [/INST] answer </s><s>[INST] ..."
 
 
-# A message is either text or (text, image, image_process_mode).
+# A message is text, an image turn ``(text, PIL image, image_process_mode)``, or None for the turn
+# the model is to write.
 Message = Any
+
+# What "mmtag" templates show in place of the image, as a first user turn the assistant acknowledges.
+MMTAG_IMAGE_TURN = "<Image><image></Image>"
+MMTAG_IMAGE_REPLY = "Received."
+
+
+def _turn_text(message: Message) -> str | None:
+    """The text a turn puts in the prompt, or None for an open turn (``None`` or empty text).
+
+    An image turn counts as written even when its text is empty, as upstream renders it.
+    """
+    if not message:
+        return None
+    return message[0] if isinstance(message, tuple) else message
 
 
 @dataclasses.dataclass
@@ -38,19 +56,21 @@ class Conversation:
     Args:
         system: System prompt placed before the first turn.
         roles: Names of the (user, assistant) roles as they appear in the prompt.
-        messages: ``[role, message]`` pairs; ``message`` None marks the turn to be generated.
+        messages: ``[role, message]`` pairs; ``message`` None marks the turn to be generated. The
+            shared templates in ``conv_templates`` hold a tuple, so they cannot be extended by
+            mistake; ``copy()`` gives a list of ``[role, message]`` lists to extend.
         offset: Number of leading few-shot messages that are not part of the user's dialogue.
         sep_style: Layout of the prompt.
-        sep: Separator after each turn (after user turns for ``TWO``).
-        sep2: Separator after assistant turns (``TWO``, ``LLAMA_2``).
-        version: Template family, e.g. ``"v1"``, ``"llama_v2"``, ``"mpt"``, ``"plain"``; a
-            version containing ``"mmtag"`` wraps the image as ``<Image><image></Image>``.
-        skip_next: Used by the web UI to skip a turn.
+        sep: Separator after each turn (after user turns for ``TWO`` and ``PLAIN``).
+        sep2: Separator after assistant turns (``TWO``, ``PLAIN``, ``LLAMA_2``).
+        version: Template family, e.g. ``"v1"``, ``"llama_v2"``, ``"mpt"``; a version containing
+            ``"mmtag"`` shows the image as an ``<Image><image></Image>`` turn of its own.
+        skip_next: Used by the web UI to skip a turn; ``copy()`` resets it.
     """
 
     system: str
-    roles: tuple[str, str] | list[str]
-    messages: list[list[Message]]
+    roles: Sequence[str]
+    messages: Sequence[Sequence[Message]]
     offset: int
     sep_style: SeparatorStyle = SeparatorStyle.SINGLE
     sep: str = "###"
@@ -58,74 +78,111 @@ class Conversation:
     version: str = "Unknown"
     skip_next: bool = False
 
-    def _messages_with_image_token(self) -> list[list[Message]]:
-        """Messages with the image placeholder moved to the front of the first (image) turn."""
-        messages = [list(m) for m in self.messages]
+    # ------------------------------------------------------------------------------------------
+    # Prompt
+    # ------------------------------------------------------------------------------------------
+
+    def get_prompt(self) -> str:
+        """The prompt string; it ends with the role of the turn to generate when that turn is None."""
+        turns = [(role, _turn_text(message)) for role, message in self._messages_with_image_token()]
+        if self.sep_style == SeparatorStyle.SINGLE:
+            return self._render_single(turns)
+        if self.sep_style == SeparatorStyle.TWO:
+            return self._render_two(turns)
+        if self.sep_style == SeparatorStyle.MPT:
+            return self._render_mpt(turns)
+        if self.sep_style == SeparatorStyle.LLAMA_2:
+            return self._render_llama_2(turns)
+        if self.sep_style == SeparatorStyle.PLAIN:
+            return self._render_plain(turns)
+        raise ValueError(f"Unsupported separator style {self.sep_style!r} in conversation template {self.version!r}.")
+
+    def _messages_with_image_token(self) -> list[tuple[str, Message]]:
+        """Messages as the prompt shows them: an image in the first message becomes the image token.
+
+        The token moves to the front of that message's text, wherever the user put it; "mmtag"
+        versions instead open with an ``<Image><image></Image>`` / ``Received.`` exchange. Only the
+        first message is looked at: an image turn after it keeps its text as written.
+        """
+        messages = [(role, message) for role, message in self.messages]
         if not messages or not isinstance(messages[0][1], tuple):
             return messages
         role, (text, *_) = messages[0]
         text = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
         if "mmtag" in self.version:
-            messages[0] = [role, text]
-            messages.insert(0, [self.roles[1], "Received."])
-            messages.insert(0, [self.roles[0], "<Image><image></Image>"])
-        else:
-            messages[0] = [role, f"{DEFAULT_IMAGE_TOKEN}\n{text}"]
-        return messages
+            image_turns = [(self.roles[0], MMTAG_IMAGE_TURN), (self.roles[1], MMTAG_IMAGE_REPLY)]
+            return [*image_turns, (role, text), *messages[1:]]
+        return [(role, f"{DEFAULT_IMAGE_TOKEN}\n{text}"), *messages[1:]]
 
-    def get_prompt(self) -> str:
-        """The prompt string; it ends with the role of the turn to generate when that turn is None."""
-        messages = self._messages_with_image_token()
-        texts = [(role, m[0] if isinstance(m, tuple) else m) for role, m in messages]
-        style = self.sep_style
-        if style == SeparatorStyle.SINGLE:
-            out = self.system + self.sep
-            for role, text in texts:
-                out += f"{role}: {text}{self.sep}" if text else f"{role}:"
-            return out
-        if style == SeparatorStyle.TWO:
-            seps = (self.sep, self.sep2)
-            out = self.system + seps[0]
-            for i, (role, text) in enumerate(texts):
-                out += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
-            return out
-        if style == SeparatorStyle.MPT:
-            out = self.system + self.sep
-            for role, text in texts:
-                out += f"{role}{text}{self.sep}" if text else role
-            return out
-        if style == SeparatorStyle.LLAMA_2:
-            return self._llama_2_prompt(texts)
-        if style == SeparatorStyle.PLAIN:
-            seps = (self.sep, self.sep2)
-            out = self.system
-            for i, (_, text) in enumerate(texts):
-                if text:
-                    out += text + (seps[i % 2] or "")
-            return out
-        raise ValueError(f"Unsupported separator style {style!r} in conversation template {self.version!r}.")
+    def _separator_after(self, index: int) -> str:
+        """``sep`` after an even-numbered (user) turn, ``sep2`` after an odd-numbered (assistant) one."""
+        sep = self.sep if index % 2 == 0 else self.sep2
+        if sep is None:
+            # Upstream fails here too (a TypeError joining str and None), e.g. for "plain".
+            raise ValueError(
+                f"This {self.sep_style.name} conversation (version {self.version!r}) has no sep2, so it cannot "
+                f"render the completed assistant turn {index}; end the dialogue with an open (None) turn."
+            )
+        return sep
 
-    def _llama_2_prompt(self, texts: list[tuple[str, str | None]]) -> str:
-        if texts and not texts[0][1]:
-            raise ValueError("A llama_2 style conversation must start with a non-empty user message.")
+    def _render_single(self, turns: list[tuple[str, str | None]]) -> str:
+        out = self.system + self.sep
+        for role, text in turns:
+            out += f"{role}:" if text is None else f"{role}: {text}{self.sep}"
+        return out
+
+    def _render_two(self, turns: list[tuple[str, str | None]]) -> str:
+        out = self.system + self.sep
+        for i, (role, text) in enumerate(turns):
+            out += f"{role}:" if text is None else f"{role}: {text}{self._separator_after(i)}"
+        return out
+
+    def _render_mpt(self, turns: list[tuple[str, str | None]]) -> str:
+        out = self.system + self.sep
+        for role, text in turns:
+            out += role if text is None else f"{role}{text}{self.sep}"
+        return out
+
+    def _render_llama_2(self, turns: list[tuple[str, str | None]]) -> str:
+        if turns and (turns[0][1] is None or turns[0][0] != self.roles[0]):
+            role, text = turns[0]
+            raise ValueError(
+                f"A {self.version!r} conversation must open with a written turn from {self.roles[0]!r}, "
+                f"got {role!r} with {text!r}."
+            )
         out = ""
-        for i, (role, text) in enumerate(texts):
-            if i % 2 == 0 and role != self.roles[0]:
-                raise ValueError(f"Turn {i} must be from {self.roles[0]!r}, got {role!r}: turns must alternate.")
-            if not text:
+        for i, (_, text) in enumerate(turns):
+            if text is None:
                 continue
             if i == 0 and self.system:
                 text = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{text}"
             if i % 2 == 0:
                 out += f"{self.sep}[INST] {text} [/INST]"
             else:
-                out += f" {text} {self.sep2}"
+                out += f" {text} {self._separator_after(i)}"
         # The leading separator (BOS text) comes from the tokenizer, not the string.
-        return out[len(self.sep):] if self.sep and out.startswith(self.sep) else out
+        return out.removeprefix(self.sep)
+
+    def _render_plain(self, turns: list[tuple[str, str | None]]) -> str:
+        out = self.system
+        for i, (_, text) in enumerate(turns):
+            if text is not None:
+                out += text + self._separator_after(i)
+        return out
 
     def append_message(self, role: str, message: Message) -> None:
         """Add a turn; pass ``None`` as ``message`` for the turn the model should write."""
+        if isinstance(self.messages, tuple):
+            # AttributeError, as upstream's templates (tuples too) fail here, with the fix named.
+            raise AttributeError(
+                "This conversation's messages are a tuple (a shared template); append to a copy instead: "
+                "conv_templates[name].copy()."
+            )
         self.messages.append([role, message])
+
+    # ------------------------------------------------------------------------------------------
+    # Images and the web UI
+    # ------------------------------------------------------------------------------------------
 
     def process_image(
         self,
@@ -160,153 +217,196 @@ class Conversation:
         image.save(buffer, format=image_format)
         return base64.b64encode(buffer.getvalue()).decode()
 
+    def _dialogue(self) -> list[tuple[int, Message]]:
+        """``(index, message)`` of the user's dialogue: messages after the few-shot ``offset``."""
+        return [(i, message) for i, (_, message) in enumerate(self.messages[self.offset:])]
+
     def get_images(self, return_pil: bool = False) -> list[Image.Image | str]:
-        """Images attached to user turns, in order."""
-        images = []
-        for i, (_, message) in enumerate(self.messages[self.offset:]):
-            if i % 2 == 0 and isinstance(message, tuple):
-                _, image, mode = message
-                images.append(self.process_image(image, mode, return_pil=return_pil))
-        return images
+        """Images of user turns after the few-shot examples, in order."""
+        return [
+            self.process_image(message[1], message[2], return_pil=return_pil)
+            for i, message in self._dialogue()
+            if i % 2 == 0 and isinstance(message, tuple)
+        ]
 
     def to_gradio_chatbot(self) -> list[list[str | None]]:
         """``[user, assistant]`` pairs for a Gradio chatbot, images inlined as base64 ``<img>`` tags."""
         pairs: list[list[str | None]] = []
-        for i, (_, message) in enumerate(self.messages[self.offset:]):
-            if i % 2 == 0:
-                if isinstance(message, tuple):
-                    text, image, mode = message
-                    encoded = self.process_image(image, "Default", return_pil=False, image_format="JPEG")
-                    tag = f'<img src="data:image/jpeg;base64,{encoded}" alt="user upload image" />'
-                    message = tag + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-                pairs.append([message, None])
-            else:
+        for i, message in self._dialogue():
+            if i % 2 == 1:
                 pairs[-1][-1] = message
+                continue
+            if isinstance(message, tuple):
+                text, image, _ = message
+                encoded = self.process_image(image, "Default", return_pil=False, image_format="JPEG")
+                tag = f'<img src="data:image/jpeg;base64,{encoded}" alt="user upload image" />'
+                message = tag + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            pairs.append([message, None])
         return pairs
 
+    # ------------------------------------------------------------------------------------------
+    # Copies and serialisation
+    # ------------------------------------------------------------------------------------------
+
     def copy(self) -> Conversation:
-        """An independent copy whose message list can be extended freely."""
-        return dataclasses.replace(self, roles=tuple(self.roles), messages=[list(m) for m in self.messages])
+        """A copy with its own list of ``[role, message]`` lists, free to extend; ``skip_next`` is reset."""
+        return dataclasses.replace(
+            self, messages=[[role, message] for role, message in self.messages], skip_next=False
+        )
 
     def dict(self) -> dict[str, Any]:
-        """JSON-friendly form; image messages keep their text only."""
-        messages = [[role, m[0] if isinstance(m, tuple) else m] for role, m in self.messages]
+        """JSON-friendly form: template fields and messages, image turns reduced to their text.
+
+        Upstream reduces image turns only when ``get_images()`` finds one (and returns its own
+        message list otherwise); here the messages are always a fresh list with every image turn
+        reduced, which gives the same result for every dialogue whose images sit in user turns.
+        """
         return {
             "system": self.system,
             "roles": self.roles,
-            "messages": messages,
+            "messages": [[role, m[0] if isinstance(m, tuple) else m] for role, m in self.messages],
             "offset": self.offset,
             "sep": self.sep,
             "sep2": self.sep2,
         }
 
 
-_VICUNA_SYSTEM = (
+# System prompts. They are the checkpoints' trained interface, so they stay exactly as upstream has
+# them, oddities included (noted where they occur).
+_SYSTEM_CURIOUS_USER = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-_LLAVA_SYSTEM = (
+_SYSTEM_CURIOUS_HUMAN = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-_MMTAG_SYSTEM = (
+# Note: no space between "language." and "The visual content".
+_SYSTEM_MMTAG = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant is able to understand the visual content that the user provides, and assist the user "
-    "with a variety of tasks using natural language. "
+    "with a variety of tasks using natural language."
     "The visual content will be provided with the following format: <Image>visual content</Image>."
 )
-# Meta's default Llama-2-chat system prompt, which LLaVA's llama_2 template uses.
-_LLAMA_2_SYSTEM = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
+# Meta's default Llama-2-chat system prompt, which LLaVA's llama_2 template uses (two spaces after "safe.").
+_SYSTEM_LLAMA_2 = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
     "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
     "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
     "something not correct. If you don't know the answer to a question, please don't share false information."
 )
-_LLAVA_LLAMA_2_SYSTEM = (
+_SYSTEM_LLAVA_LLAMA_2 = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
     "user provides, and assist the user with a variety of tasks using natural language."
 )
 
+# The one-shot example exchange the v0 (Vicuna v0) template opens every dialogue with (offset=2).
+_VICUNA_V0_EXAMPLE = (
+    ("Human", "What are the key differences between renewable and non-renewable energy sources?"),
+    (
+        "Assistant",
+        (
+            "Renewable energy sources are those that can be replenished naturally in a relatively short amount of "
+            "time, such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other "
+            "hand, are finite and will eventually be depleted, such as coal, oil, and natural gas. Here are some key "
+            "differences between renewable and non-renewable energy sources:\n"
+            "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable energy "
+            "sources are finite and will eventually run out.\n"
+            "2. Environmental impact: Renewable energy sources have a much lower environmental impact than "
+            "non-renewable sources, which can lead to air and water pollution, greenhouse gas emissions, and other "
+            "negative effects.\n"
+            "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically have "
+            "lower operational costs than non-renewable sources.\n"
+            "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote "
+            "locations than non-renewable sources.\n"
+            "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different "
+            "situations and needs, while non-renewable sources are more rigid and inflexible.\n"
+            "6. Sustainability: Renewable energy sources are more sustainable over the long term, while "
+            "non-renewable sources are not, and their depletion can lead to economic and social instability.\n"
+        ),
+    ),
+)
+
 conv_vicuna_v0 = Conversation(
-    system=_VICUNA_SYSTEM,
+    system=_SYSTEM_CURIOUS_HUMAN,
     roles=("Human", "Assistant"),
-    messages=[],
-    offset=0,
+    messages=_VICUNA_V0_EXAMPLE,
+    offset=2,
     sep_style=SeparatorStyle.SINGLE,
     sep="###",
 )
 conv_vicuna_v1 = Conversation(
-    system=_VICUNA_SYSTEM,
+    system=_SYSTEM_CURIOUS_USER,
     roles=("USER", "ASSISTANT"),
     version="v1",
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.TWO,
     sep=" ",
     sep2="</s>",
 )
 conv_llama_2 = Conversation(
-    system=_LLAMA_2_SYSTEM,
+    system=_SYSTEM_LLAMA_2,
     roles=("USER", "ASSISTANT"),
     version="llama_v2",
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.LLAMA_2,
     sep="<s>",
     sep2="</s>",
 )
-conv_llava_llama_2 = dataclasses.replace(conv_llama_2, system=_LLAVA_LLAMA_2_SYSTEM, messages=[])
+conv_llava_llama_2 = dataclasses.replace(conv_llama_2, system=_SYSTEM_LLAVA_LLAMA_2)
 conv_mpt = Conversation(
     system="<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
     "The assistant gives helpful and honest answers.",
     roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
     version="mpt",
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.MPT,
     sep="<|im_end|>",
 )
+# Projector pretraining. No sep2 (upstream's): it renders one open user turn, not an answered one.
 conv_llava_plain = Conversation(
     system="",
     roles=("", ""),
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.PLAIN,
     sep="\n",
-    version="plain",
 )
 conv_llava_v0 = Conversation(
-    system=_LLAVA_SYSTEM,
+    system=_SYSTEM_CURIOUS_HUMAN,
     roles=("Human", "Assistant"),
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.SINGLE,
     sep="###",
 )
 conv_llava_v0_mmtag = Conversation(
-    system=_MMTAG_SYSTEM,
+    system=_SYSTEM_MMTAG,
     roles=("Human", "Assistant"),
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.SINGLE,
     sep="###",
     version="v0_mmtag",
 )
 conv_llava_v1 = Conversation(
-    system=_LLAVA_SYSTEM,
+    system=_SYSTEM_CURIOUS_HUMAN,
     roles=("USER", "ASSISTANT"),
     version="v1",
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.TWO,
     sep=" ",
     sep2="</s>",
 )
 conv_llava_v1_mmtag = Conversation(
-    system=_MMTAG_SYSTEM,
+    system=_SYSTEM_MMTAG,
     roles=("USER", "ASSISTANT"),
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.TWO,
     sep=" ",
@@ -317,7 +417,7 @@ conv_mistral_instruct = Conversation(
     system="",
     roles=("USER", "ASSISTANT"),
     version="llama_v2",
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.LLAMA_2,
     sep="",
@@ -327,7 +427,7 @@ conv_chatml_direct = Conversation(
     system="<|im_start|>system\nAnswer the questions.",
     roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
     version="mpt",
-    messages=[],
+    messages=(),
     offset=0,
     sep_style=SeparatorStyle.MPT,
     sep="<|im_end|>",

@@ -61,7 +61,8 @@ def test_templates_render_upstream_prompt_layouts():
     assert dialogue("chatml_direct") == (
         "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is it?<|im_end|>"
         "<|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\nSure?<|im_end|><|im_start|>assistant\n")
-    assert dialogue("plain") == "<image>\nWhat is it?\nA cat.Sure?\n"
+    with pytest.raises(ValueError, match="no sep2"):  # "plain" has no sep2: upstream fails on an answered turn too
+        dialogue("plain")
     assert "USER: <Image><image></Image> ASSISTANT: Received.</s>USER: What is it?" in dialogue("v1_mmtag")
     assert conv_templates["llava_v1"].sep_style == SeparatorStyle.TWO
 
@@ -69,7 +70,7 @@ def test_templates_render_upstream_prompt_layouts():
 def test_template_copies_are_independent():
     conv = conv_templates["llava_v1"].copy()
     conv.append_message(conv.roles[0], "hello")
-    assert conv_templates["llava_v1"].messages == []
+    assert conv_templates["llava_v1"].messages == ()
     with pytest.raises(KeyError, match="llava_v1"):
         get_conv_template("llava_v9")
 
