@@ -409,13 +409,15 @@ def test_mmvet_results(tmp_path):
     assert dst.read_text() == json.dumps({"v1_0": "A cat.", "v1_1": "42"}, indent=2)
 
 
-def test_converters_refuse_lines_without_question_id(tmp_path):
+def test_converters_refuse_missing_files_and_lines_without_question_id(tmp_path):
     src = tmp_path / "a.jsonl"
     src.write_text(json.dumps(answer(0, "x")) + "\n" + json.dumps({"text": "y"}) + "\n")
     with pytest.raises(SystemExit, match=r"a.jsonl' line 2 has no 'question_id'"):
         convert_gqa_for_eval.main(["--src", str(src), "--dst", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit, match=r"a.jsonl' line 2 has no 'question_id'"):
         convert_mmvet_for_eval.main(["--src", str(src), "--dst", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match=r"missing.jsonl' does not exist. Run the model over the benchmark first"):
+        convert_gqa_for_eval.main(["--src", str(tmp_path / "missing.jsonl"), "--dst", str(tmp_path / "p.json")])
 
 
 # ---------------------------------------------------------------- SEED-Bench
@@ -465,7 +467,7 @@ def mmbench_tsv(tmp_path: Path) -> Path:
     rows = [
         [0, "Which animal?", "nan", "cat", "dog", "bird", "fish", "B", "recognition", "s", "l2", "nan", "dev", "aGk="],
         [1, "Which color?", "A hint", "red", "blue", "green", "", "A", "attribute", "s", "l2", "nan", "dev", "aGk="],
-        [2, "How many?", "nan", "one", "two", "three", "four", "D", "counting", "s", "l2", "nan", "dev", "aGk="],
+        [2, "How many?", "nan", "one", "two", "three", "four", "D", "counting", "s", "l2", "nan", "dev"],  # short row
     ]
     path = tmp_path / "mmbench_dev_20230712.tsv"
     path.write_text("\t".join(MMBENCH_COLUMNS) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))

@@ -31,8 +31,11 @@ def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         where = "is a directory" if os.path.isdir(path) else "does not exist"
-        message = f"{what} {path!r} {where}"
-        raise BenchmarkInputError(f"{message}. {hint}" if hint else f"{message}.")
+        if not hint and "answers" in what:
+            hint = "Run the model over the benchmark first (scripts/v1_5/eval/*.sh), or fix the path."
+        if not os.path.isabs(path):
+            hint = f"{hint} (Relative paths start at {os.getcwd()!r}.)".lstrip()
+        raise BenchmarkInputError(f"{what} {path!r} {where}. {hint}")
     return path
 
 

@@ -35,7 +35,8 @@ def convert(annotation_file: str, result_file: str) -> list[dict]:
     if bad_lines:
         logger.warning("%s: skipped %d line(s) that are not JSON: %s", result_file, len(bad_lines), bad_lines[:10])
     texts = {a["question_id"]: a["text"] for a in answers}
-    questions, _ = read_jsonl(annotation_file, "VizWiz question file", required=("question_id", "image"))
+    questions, _ = read_jsonl(annotation_file, "VizWiz question file", required=("question_id", "image"),
+                              hint="LLaVA's eval.zip has it as vizwiz/llava_test.jsonl.")
     print(f"total results: {len(texts)}, total split: {len(questions)}, error_line: {len(bad_lines)}")
     known = {q["question_id"] for q in questions}
     unknown = [qid for qid in texts if qid not in known]

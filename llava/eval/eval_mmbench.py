@@ -78,7 +78,8 @@ def load_questions(tsv: str) -> dict[str, Question]:
                 letter: row[letter] for letter in LETTERS
                 if letter in row and row[letter] is not None and row[letter].strip().lower() not in _EMPTY
             }
-            questions[row["index"].strip()] = Question(row["answer"].strip(), row.get("category") or "", options)
+            answer = (row["answer"] or "").strip()  # a short row leaves its trailing cells None
+            questions[row["index"].strip()] = Question(answer, row.get("category") or "", options)
     return questions
 
 

@@ -146,7 +146,8 @@ def load_labels(path: str) -> list[bool]:
 
 def evaluate(annotation_dir: str, question_file: str, result_file: str) -> dict[str, PopeScores]:
     """Print and return the scores of each POPE category."""
-    questions, _ = read_jsonl(question_file, "POPE question file", required=("question_id", "category"))
+    questions, _ = read_jsonl(question_file, "POPE question file", required=("question_id", "category"),
+                              hint="LLaVA's eval.zip has it as pope/llava_pope_test.jsonl.")
     questions = index_by_question_id(questions, question_file, "POPE question file")
     position = {qid: i for i, qid in enumerate(questions)}
     answers, _ = read_jsonl(result_file, "POPE answers file", required=("question_id", "text"))
