@@ -107,7 +107,8 @@ def reference(tiny_llava, perturbed_compressor) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_files(tiny_llava) -> list[str]:
+def tokenizer_files() -> list[str]:
+    """The stand-in checkpoint's files besides config and weights."""
     return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
@@ -394,7 +395,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, tiny_llava, monkeypatc
     assert_nothing_written(tmp_path)
 
 
-def test_cli_reports_a_refusal_without_a_traceback(tmp_path, tiny_llava_compressed, capsys):
+def test_cli_reports_a_refusal_without_a_traceback(tmp_path, tiny_llava_compressed):
     with pytest.raises(SystemExit, match="already compressed"):
         main(["--model-path", str(tiny_llava_compressed), "--save-path", str(tmp_path / "out")])
     assert_nothing_written(tmp_path)

@@ -58,6 +58,7 @@ from typing import Literal
 
 import torch
 
+from ..train.checkpointing import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from .multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,7 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-MM_PROJECTOR = "mm_projector.bin"
-NON_LORA = "non_lora_trainables.bin"
 ADAPTER_CONFIG = "adapter_config.json"
-PORTABLE_COMPRESSOR = "token_compressor.safetensors"  # what projector-only pretraining writes beside mm_projector.bin
 
 # Per weight format: (single file, index, the single file's link name, the compressor shard's name).
 _FORMATS = {
@@ -134,7 +132,8 @@ def _read_config(source: Path) -> dict:
     if not config.get("mm_vision_tower"):
         raise ValueError(
             f"{source} is not a LLaVA checkpoint: its {CONFIG_NAME} has no mm_vision_tower "
-            f"(model_type={config.get('model_type')!r}). Pass a LLaVA checkpoint (full, projector-only or LoRA)."
+            f"(model_type={config.get('model_type')!r}). Pass a LLaVA checkpoint in upstream LLaVA's format (full, "
+            f"projector-only or LoRA); Hugging Face-format LLaVA (llava-hf/*) is another format."
         )
     if config.get("use_token_compression"):
         inp, out = config.get("compression_input_size"), config.get("compression_output_size")
@@ -360,19 +359,19 @@ def plan_output(source: Path, config: dict, tower: TowerInfo, compressor) -> _Pl
     fmt = _weight_format(source)
     if fmt is not None:
         handled |= _plan_full_weights(source, fmt, compressor, plan)
-    if (source / MM_PROJECTOR).is_file():
-        _plan_adapter_file(source, MM_PROJECTOR, compressor, FULL_PREFIX, plan)
-        plan.writes[PORTABLE_COMPRESSOR] = _write_portable(compressor, tower)
-    if (source / NON_LORA).is_file():
-        _plan_adapter_file(source, NON_LORA, compressor, PEFT_PREFIX, plan)
+    if (source / MM_PROJECTOR_FILE).is_file():
+        _plan_adapter_file(source, MM_PROJECTOR_FILE, compressor, FULL_PREFIX, plan)
+        plan.writes[TOKEN_COMPRESSOR_FILE] = _write_portable(compressor, tower)
+    if (source / NON_LORA_FILE).is_file():
+        _plan_adapter_file(source, NON_LORA_FILE, compressor, PEFT_PREFIX, plan)
     elif (source / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(
-            f"{source} is a LoRA checkpoint without {NON_LORA} (its projector): nothing to add the compressor to."
+            f"{source} is a LoRA checkpoint without {NON_LORA_FILE} (its projector): nothing to add the compressor to."
         )
     if not plan.writes:
         raise FileNotFoundError(
             f"{source} has no weights to add the compressor to: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS}, "
-            f"{BIN_INDEX}, {MM_PROJECTOR} (projector only) or {NON_LORA} (LoRA)."
+            f"{BIN_INDEX}, {MM_PROJECTOR_FILE} (projector only) or {NON_LORA_FILE} (LoRA)."
         )
     _plan_other_files(source, handled, plan)
     new_config = {
