@@ -35,7 +35,7 @@ def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
             hint = "Run the model over the benchmark first (scripts/v1_5/eval/*.sh), or fix the path."
         if not os.path.isabs(path):
             hint = f"{hint} (Relative paths start at {os.getcwd()!r}.)".lstrip()
-        raise BenchmarkInputError(f"{what} {path!r} {where}. {hint}")
+        raise BenchmarkInputError(f"{what} {path!r} {where}. {hint}".rstrip())
     return path
 
 
