@@ -21,7 +21,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
-from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from ..constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_PATCH_TOKEN,
+    MM_PROJECTOR_FILE,
+    NON_LORA_FILE,
+)
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import load_adapter_weights
@@ -103,7 +109,7 @@ def apply_compression_settings(
 
 
 def _load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
-    path = _find_file(model_path, "non_lora_trainables.bin")
+    path = _find_file(model_path, NON_LORA_FILE)
     if path is None:
         raise FileNotFoundError(f"{model_path} is a LoRA checkpoint without non_lora_trainables.bin (projector weights).")
     weights = torch.load(path, map_location="cpu", weights_only=True)
@@ -297,7 +303,7 @@ def load_pretrained_model(
         logger.info("Loading LLaVA %s: projector from %s on %s", model_name, model_path, model_base)
         tokenizer = AutoTokenizer.from_pretrained(model_base)
         model, info = model_cls.from_pretrained(model_base, config=config, output_loading_info=True, **kwargs)
-        projector_file = _find_file(model_path, "mm_projector.bin")
+        projector_file = _find_file(model_path, MM_PROJECTOR_FILE)
         if projector_file is None:
             raise FileNotFoundError(
                 f"{model_path} has no mm_projector.bin. With model_base set, model_path must be a projector-only "

@@ -58,7 +58,7 @@ from typing import Literal
 
 import torch
 
-from ..train.checkpointing import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
+from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from .multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
 
 logger = logging.getLogger(__name__)

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..constants import MM_PROJECTOR_FILE, TOKEN_COMPRESSOR_FILE
+
 logger = logging.getLogger(__name__)
 
-MM_PROJECTOR_FILE = "mm_projector.bin"
-NON_LORA_FILE = "non_lora_trainables.bin"
-TOKEN_COMPRESSOR_FILE = "token_compressor.safetensors"
 # Substrings of the parameter names that stage 1 trains and saves.
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")
 COMPRESSOR_KEYS = ("token_compressor",)

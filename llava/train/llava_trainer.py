@@ -27,9 +27,9 @@ from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.trainer import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME, rotate_checkpoints
 
+from ..constants import NON_LORA_FILE
 from .checkpointing import (
     COMPRESSOR_KEYS,
-    NON_LORA_FILE,
     PROJECTOR_KEYS,
     get_peft_state_non_lora_maybe_zero_3,
     matches,

@@ -31,9 +31,9 @@ from llava.conversation import Conversation, SeparatorStyle, conv_templates
 
 # Absolute imports: DeepSpeed's launcher runs this file as a script (deepspeed llava/train/train.py).
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from llava.constants import NON_LORA_FILE
 from llava.train.checkpointing import (
     COMPRESSOR_KEYS,
-    NON_LORA_FILE,
     PROJECTOR_KEYS,
     describe,
     find_all_linear_names,
