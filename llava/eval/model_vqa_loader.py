@@ -12,33 +12,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from functools import partial
 
 from torch.utils.data import DataLoader
 
 from llava.eval import vqa_common
-from llava.eval.vqa_common import Prompt, get_chunk, split_list  # noqa: F401  (upstream's names)
+from llava.eval.vqa_common import get_chunk, split_list  # noqa: F401  (upstream's names)
 
 logger = logging.getLogger("llava.eval.model_vqa_loader")
-
-
-def build_prompts(questions: Sequence[dict], image_folder: str) -> list[Prompt]:
-    """One prompt per question line: its ``text`` about ``image_folder``/``image``; the answer's prompt is the text."""
-    return [
-        Prompt(text=line["text"], fields={"question_id": line["question_id"], "prompt": line["text"]},
-               image=partial(vqa_common.open_rgb, os.path.join(image_folder, line["image"])))
-        for line in questions
-    ]
 
 
 def create_data_loader(questions, image_folder, tokenizer, image_processor, model_config, conv_mode,
                        batch_size: int = 1, num_workers: int = 4) -> DataLoader:
     """An ordered DataLoader over question lines yielding (input_ids, attention_mask, images, image_sizes)."""
-    return vqa_common.create_data_loader(build_prompts(questions, image_folder), tokenizer, image_processor,
-                                         model_config, conv_mode, batch_size=batch_size, num_workers=num_workers)
+    prompts = vqa_common.image_question_prompts(questions, image_folder)
+    return vqa_common.create_data_loader(prompts, tokenizer, image_processor, model_config, conv_mode,
+                                         batch_size=batch_size, num_workers=num_workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +47,12 @@ def eval_model(args) -> str:
     """Answer every question of this chunk; returns the answers file path."""
     args = vqa_common.complete_args(build_parser(), args)
     check_args(args)
-    questions = vqa_common.read_jsonl(args.question_file, required=("question_id", "image", "text"))
+    questions = vqa_common.read_jsonl(args.question_file, required=vqa_common.IMAGE_QUESTION_KEYS)
     questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
 
     loaded = vqa_common.load_model(args)
     conv_mode = vqa_common.plain_model_conv_mode(loaded.name, args.conv_mode)
-    prompts = build_prompts(questions, args.image_folder)
+    prompts = vqa_common.image_question_prompts(questions, args.image_folder)
     return vqa_common.answer_prompts(args, loaded, prompts, conv_mode, num_workers=args.num_workers)
 
 

@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import shortuuid
@@ -85,7 +86,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that would fail (or overwrite the questions) only after the model has loaded."""
     if args.conv_mode not in conv_templates:
         raise ValueError(
-            f"--conv-mode {args.conv_mode!r} is not a known conversation template; known: {', '.join(sorted(conv_templates))}."
+            f"--conv-mode {args.conv_mode!r} is not a known conversation template; "
+            f"known: {', '.join(sorted(conv_templates))}."
         )
     if args.num_chunks < 1:
         raise ValueError(f"--num-chunks must be at least 1, got {args.num_chunks}.")
@@ -158,7 +160,9 @@ def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
             record = json.loads(line)
             missing = [key for key in required if key not in record]
             if missing:
-                raise ValueError(f"{path} line {number} lacks {', '.join(map(repr, missing))} (it has {sorted(record)}).")
+                raise ValueError(
+                    f"{path} line {number} lacks {', '.join(map(repr, missing))} (it has {sorted(record)})."
+                )
             records.append(record)
     return records
 
@@ -189,10 +193,27 @@ class Prompt:
     image: Callable[[], Image.Image] | None = None
 
 
+# The keys of upstream's generic question lines (LLaVA-Bench, MM-Vet, and the model_vqa_loader benchmarks).
+IMAGE_QUESTION_KEYS = ("question_id", "image", "text")
+
+
+def image_question_prompts(questions: Sequence[dict], image_folder: str) -> list[Prompt]:
+    """Prompts for upstream's generic question lines (``question_id``, ``image``, ``text``) about ``image_folder``.
+
+    The answer line's ``prompt`` is the question text, as upstream writes it.
+    """
+    return [
+        Prompt(text=line["text"], fields={"question_id": line["question_id"], "prompt": line["text"]},
+               image=partial(open_rgb, os.path.join(image_folder, line["image"])))
+        for line in questions
+    ]
+
+
 def with_image_token(text: str, mm_use_im_start_end: bool) -> str:
     """``text`` after the image token and a newline, as upstream's eval scripts write the first turn."""
-    token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if mm_use_im_start_end else DEFAULT_IMAGE_TOKEN
-    return token + "\n" + text
+    if mm_use_im_start_end:
+        return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n" + text
+    return DEFAULT_IMAGE_TOKEN + "\n" + text
 
 
 def conversation_prompt(conv_mode: str, user_turn: str) -> str:
@@ -204,7 +225,10 @@ def conversation_prompt(conv_mode: str, user_turn: str) -> str:
 
 
 def plain_model_conv_mode(model_name: str, conv_mode: str) -> str:
-    """``conv_mode`` + ``_mmtag`` for a projector-pretrained ("plain", not "finetune") checkpoint, as upstream switches."""
+    """``conv_mode`` + ``_mmtag`` for a projector-pretrained checkpoint ("plain" in its name, no "finetune"), as upstream.
+
+    Upstream's templates with such a variant are ``v0`` and ``v1``; other modes are kept, with a warning.
+    """
     if "plain" not in model_name or "finetune" in model_name.lower() or "mmtag" in conv_mode:
         return conv_mode
     if conv_mode + "_mmtag" not in conv_templates:
