@@ -13,6 +13,7 @@ import base64
 import csv
 import io
 import json
+import math
 import random
 
 import pytest
@@ -251,6 +252,45 @@ def test_mmbench_tsv_cells_read_as_pandas_and_upstream_do(mmbench_tsv):
     assert [model_vqa_mmbench.is_missing(row["hint"]) for row in rows] == [True, True, False]
     assert all(model_vqa_mmbench.is_missing(v) for v in ["", "nan", "NaN", "None", "NONE", "NA", "N/A", "null"])
     assert not any(model_vqa_mmbench.is_missing(v) for v in ["0", "no", " ", "Nana", "none of them"])
+
+
+def _edge_case_tsv(path):
+    """Hints and options in every spelling pandas or upstream treats as missing, and near misses; CRLF lines."""
+    cells = ["", "nan", "NaN", "NAN", "None", "none", "NA", "N/A", "n/a", "NULL", "null", "#N/A", "<NA>", "-nan",
+             "1.#IND", "0", " ", "nan ", "Nan", "na", "'quoted'", '"a ""b"" c"', "x\ty"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\r\n")
+        writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "image"])
+        for i, cell in enumerate(cells):
+            writer.writerow([i, f"Question {i}?", cell, "yes", cell, "maybe", cell, "data"])
+    return path
+
+
+@pytest.mark.parametrize("which", ["fixture", "edge cases"])
+def test_mmbench_tsv_reader_agrees_with_pandas(which, mmbench_tsv, tmp_path):
+    """Upstream reads the TSV with ``pandas.read_table``: the same indices, questions, hints and options."""
+    pd = pytest.importorskip("pandas")
+    path = mmbench_tsv if which == "fixture" else _edge_case_tsv(tmp_path / "edge.tsv")
+
+    def missing(value) -> bool:  # upstream's test on a pandas cell
+        return (isinstance(value, float) and math.isnan(value)) or (
+            isinstance(value, str) and value.lower() in ("nan", "none"))
+
+    def pandas_view(row) -> tuple:
+        options = []
+        for letter in "ABCD":
+            if missing(row[letter]):
+                break
+            options.append(row[letter])
+        return int(row["index"]), row["question"], None if missing(row["hint"]) else row["hint"], options
+
+    ours = [
+        (row["index"], row["question"], None if model_vqa_mmbench.is_missing(row["hint"]) else row["hint"],
+         model_vqa_mmbench.row_options(row))
+        for row in model_vqa_mmbench.read_tsv(str(path))
+    ]
+    assert ours == [pandas_view(row) for _, row in pd.read_table(path).iterrows()]
+    assert all(isinstance(row[0], int) for row in ours)
 
 
 def test_model_vqa_mmbench_all_rounds_rotate_the_options(tiny_llava, mmbench_tsv, tmp_path, seen):
