@@ -176,7 +176,16 @@ class ProjectorTokens:
         self._handle.remove()
 
 
-CHECKPOINTS = [("tiny_llava", 576), ("tiny_llava_compressed", 144)]
+# Trained without compression, trained with 24→12, and the 24→12 variant written by toconv-compress-llava
+# from the first: the harnesses know nothing of compression, the checkpoint carries it.
+CHECKPOINTS = [("tiny_llava", 576), ("tiny_llava_compressed", 144), ("tiny_llava_variant", 144)]
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_variant(tiny_llava, tmp_path_factory):
+    from llava.model.compress_checkpoint import compress_checkpoint
+
+    return compress_checkpoint(tiny_llava, tmp_path_factory.mktemp("variant") / "llava-v1.5-tiny-toconv12", 12)
 
 
 @pytest.fixture(scope="module")
