@@ -1,6 +1,7 @@
 """Benchmark scorers and converters (llava/eval, scripts/convert_*.py) on hand-made fixtures.
 
-Every fixture is written in the benchmark's real file format. For each scorer the ground truth
+Every fixture is written in the benchmark's real file format by the writers of
+``benchmark_fixtures`` (shared with the end-to-end script tests). For each scorer the ground truth
 scores 100% and a known mix scores the value worked out by hand in the test; converters must
 produce upstream LLaVA's structure exactly. A few tests run upstream's command lines through a
 subprocess from the repository root.
@@ -34,24 +35,28 @@ from llava.eval import (
 from llava.eval.benchmark_io import BenchmarkInputError
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor, STVQAANLSEvaluator, TextVQAAccuracyEvaluator
 
+from benchmark_fixtures import (
+    PopeItem,
+    SeedQuestion,
+    SQAProblem,
+    TextVQAItem,
+    answer,
+    gqa_question,
+    mme_questions,
+    write_gqa_questions,
+    write_json,
+    write_jsonl,
+    write_mmbench_tsv,
+    write_mme,
+    write_pope,
+    write_scienceqa,
+    write_seed_bench,
+    write_textvqa,
+    write_vizwiz,
+    write_vqav2,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def write_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
-
-
-def answer(qid, text, prompt="q\nAnswer the question using a single word or phrase."):
-    """One line of a LLaVA answers file."""
-    return {"question_id": qid, "prompt": prompt, "text": text, "answer_id": "x", "model_id": "m", "metadata": {}}
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -113,12 +118,12 @@ def test_anls():
 
 
 def textvqa_fixture(tmp_path: Path):
-    annotations = {"data": [
-        {"image_id": "img1", "question": "What brand is it?", "answers": ["nikon"] * 10},
-        {"image_id": "img2", "question": "What number?", "answers": ["7"] * 2 + ["1"] * 8},
-        {"image_id": "img3", "question": "What color?", "answers": ["red"] * 10},
-    ]}
-    annotation_file = write_json(tmp_path / "TextVQA_0.5.1_val.json", annotations)
+    write_textvqa(tmp_path, [
+        TextVQAItem("img1", "What brand is it?", ("nikon",) * 10),
+        TextVQAItem("img2", "What number?", ("7",) * 2 + ("1",) * 8),
+        TextVQAItem("img3", "What color?", ("red",) * 10),
+    ])
+    annotation_file = tmp_path / "TextVQA_0.5.1_val.json"
     # The three prompt layouts LLaVA writes.
     prompts = [
         "what brand is it?\nReference OCR token: nikon, d3\nAnswer the question using a single word or phrase.",
@@ -169,16 +174,10 @@ def test_textvqa_cli_and_bad_lines(tmp_path):
 
 
 def pope_fixture(tmp_path: Path, adversarial_texts):
-    labels = {"adversarial": ["yes"] * 4 + ["no"] * 4, "random": ["yes", "no"]}
-    for category, category_labels in labels.items():
-        write_jsonl(tmp_path / "coco" / f"coco_pope_{category}.json",
-                    [{"question_id": i + 1, "image": f"{i}.jpg", "text": "Is there a dog?", "label": label}
-                     for i, label in enumerate(category_labels)])
-    questions = [{"question_id": i, "image": f"{i}.jpg", "text": "Is there a dog?", "category": "adversarial"}
-                 for i in range(8)]
-    questions += [{"question_id": 8 + i, "image": "r.jpg", "text": "Is there a cat?", "category": "random"}
-                  for i in range(2)]
-    question_file = write_jsonl(tmp_path / "llava_pope_test.jsonl", questions)
+    # questions 0-7 adversarial (labels yes x4, no x4), 8-9 random (yes, no)
+    write_pope(tmp_path, [PopeItem("adversarial", f"{i}.jpg", "dog", "yes" if i < 4 else "no") for i in range(8)]
+               + [PopeItem("random", "r.jpg", "cat", label) for label in ("yes", "no")])
+    question_file = tmp_path / "llava_pope_test.jsonl"
     answers = [answer(i, text) for i, text in enumerate(adversarial_texts)] + [answer(8, "Yes"), answer(9, "No")]
     result_file = write_jsonl(tmp_path / "answers.jsonl", answers[::-1])  # order does not matter
     return tmp_path / "coco", question_file, result_file
@@ -236,14 +235,13 @@ def test_pope_bad_inputs(tmp_path):
 
 def sqa_fixture(tmp_path: Path) -> Path:
     base = tmp_path / "scienceqa"
-    write_json(base / "pid_splits.json", {"test": ["1", "2", "3", "4"], "val": ["5"]})
-    write_json(base / "problems.json", {
-        "1": {"choices": ["x", "y", "z"], "answer": 0},
-        "2": {"choices": ["x", "y"], "answer": 1},
-        "3": {"choices": ["x", "y"], "answer": 1},
-        "4": {"choices": ["x", "y", "z", "w"], "answer": 3},
-        "5": {"choices": ["x", "y"], "answer": 0},
-    })
+    write_scienceqa(base, [
+        SQAProblem("1", ("x", "y", "z"), 0),
+        SQAProblem("2", ("x", "y"), 1, image=False),
+        SQAProblem("3", ("x", "y"), 1),
+        SQAProblem("4", ("x", "y", "z", "w"), 3, image=False),
+        SQAProblem("5", ("x", "y"), 0, split="val"),
+    ])
     return base
 
 
@@ -293,20 +291,13 @@ def test_science_qa_answer_outside_split(tmp_path):
 
 
 def gqa_questions():
-    def question(answer_, structural, semantic="attr", balanced=True, group=None, text="Is it red?"):
-        return {"question": text, "answer": answer_, "isBalanced": balanced, "imageId": "n1",
-                "types": {"structural": structural, "semantic": semantic, "detailed": "x"},
-                "groups": {"global": group, "local": None},
-                "semantic": [{"operation": "select", "argument": "dog", "dependencies": []},
-                             {"operation": "verify color", "argument": "red", "dependencies": [0]}]}
-
     return {
-        "q1": question("yes", "verify"),
-        "q2": question("table", "query", "cat"),
-        "q3": question("left", "choose", "rel"),
-        "q4": question("red", "query", "attr", group="color"),
-        "q5": question("no", "verify", balanced=False),  # unbalanced: ignored, needs no prediction
-        "q6": question("no", "logical", "obj"),
+        "q1": gqa_question("yes", "verify"),
+        "q2": gqa_question("table", "query", "cat"),
+        "q3": gqa_question("left", "choose", "rel"),
+        "q4": gqa_question("red", "query", "attr", group="color"),
+        "q5": gqa_question("no", "verify", balanced=False),  # unbalanced: ignored, needs no prediction
+        "q6": gqa_question("no", "logical", "obj"),
     }
 
 
@@ -324,7 +315,7 @@ def test_gqa_convert_and_score_via_upstream_command_line(tmp_path):
     assert predictions == [{"questionId": "q1", "prediction": "yes"}, {"questionId": "q2", "prediction": "table"},
                            {"questionId": "q3", "prediction": "right"}, {"questionId": "q4", "prediction": "blue"},
                            {"questionId": "q6", "prediction": "no"}]
-    write_json(data / "testdev_balanced_questions.json", gqa_questions())
+    write_gqa_questions(data / "testdev_balanced_questions.json", gqa_questions())
     done = run_cli("-m", "llava.eval.eval_gqa", "--tier", "testdev_balanced", cwd=data)
     assert done.returncode == 0, done.stderr
     # binary (structural != query): q1 right, q3 wrong, q6 right -> 66.67%; open: q2 right, q4 wrong -> 50%;
@@ -339,7 +330,7 @@ def test_gqa_convert_and_score_via_upstream_command_line(tmp_path):
 def test_gqa_ground_truth_and_bad_predictions(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     questions = gqa_questions()
-    write_json(tmp_path / "val_questions.json", questions)
+    write_gqa_questions(tmp_path / "val_questions.json", questions)
     write_json(tmp_path / "val_predictions.json",
                [{"questionId": q, "prediction": v["answer"]} for q, v in questions.items() if v["isBalanced"]])
     scores = eval_gqa.main([])  # default tier "val", files named {tier}_*.json in the cwd
@@ -359,8 +350,7 @@ def test_gqa_ground_truth_and_bad_predictions(tmp_path, monkeypatch):
 
 def test_vqav2_submission_layout(tmp_path, capsys):
     root = tmp_path / "vqav2"
-    write_jsonl(root / "llava_vqav2_mscoco_test2015.jsonl",
-                [{"question_id": qid, "image": f"{qid}.jpg", "text": "q"} for qid in (11, 12, 13)])
+    write_vqav2(root, {11: "q", 12: "q", 13: "q"})
     merge = root / "answers" / "test-dev" / "ckpt" / "merge.jsonl"
     write_jsonl(merge, [answer(13, "The dog."), answer(11, "Two")])
     with open(merge, "a") as f:
@@ -376,7 +366,7 @@ def test_vqav2_submission_layout(tmp_path, capsys):
 def test_vqav2_default_dir_via_script(tmp_path):
     # --dir defaults to ./playground/data/eval/vqav2 relative to the working directory
     root = tmp_path / "playground" / "data" / "eval" / "vqav2"
-    write_jsonl(root / "llava_vqav2_mscoco_test2015.jsonl", [{"question_id": 1, "image": "1.jpg", "text": "q"}])
+    write_vqav2(root, {1: "q"})
     write_jsonl(root / "answers" / "s" / "c" / "merge.jsonl", [answer(1, "Yes")])
     script = str(REPO / "scripts" / "convert_vqav2_for_submission.py")
     done = run_cli(script, "--split", "s", "--ckpt", "c", cwd=tmp_path)
@@ -385,10 +375,8 @@ def test_vqav2_default_dir_via_script(tmp_path):
 
 
 def test_vizwiz_submission(tmp_path):
-    questions = write_jsonl(tmp_path / "llava_test.jsonl", [
-        {"question_id": 0, "image": "VizWiz_test_00000000.jpg", "text": "q"},
-        {"question_id": 1, "image": "VizWiz_test_00000001.jpg", "text": "q"},
-    ])
+    questions = tmp_path / "llava_test.jsonl"
+    write_vizwiz(questions, ["q", "q"])
     result = write_jsonl(tmp_path / "a.jsonl", [answer(1, "Unanswerable"), answer(0, "A can of Coke.")])
     upload = tmp_path / "upload" / "m.json"
     convert_vizwiz_for_submission.main(["--annotation-file", str(questions), "--result-file", str(result),
@@ -424,17 +412,15 @@ def test_converters_refuse_missing_files_and_lines_without_question_id(tmp_path)
 
 
 def test_seed_accuracy_and_upload(tmp_path, capsys):
-    annotation = write_json(tmp_path / "SEED-Bench.json", {
-        "question_type": {"Scene Understanding": 1, "Instance Identity": 2, "Action Recognition": 10},
-        "questions": [
-            {"question_id": "101", "question_type_id": 1, "data_type": "image", "answer": "A"},
-            {"question_id": "102", "question_type_id": 1, "data_type": "image", "answer": "B"},
-            {"question_id": "103", "question_type_id": 2, "data_type": "image", "answer": "C"},
-            {"question_id": "104", "question_type_id": 2, "data_type": "image", "answer": "D"},
-            {"question_id": "105", "question_type_id": 10, "data_type": "video", "answer": "A"},
-            {"question_id": "106", "question_type_id": 10, "data_type": "video", "answer": "B"},
-        ],
-    })
+    write_seed_bench(tmp_path, [
+        SeedQuestion("101", "Scene Understanding", 1, "A"),
+        SeedQuestion("102", "Scene Understanding", 1, "B"),
+        SeedQuestion("103", "Instance Identity", 2, "C"),
+        SeedQuestion("104", "Instance Identity", 2, "D"),
+        SeedQuestion("105", "Action Recognition", 10, "A", data_type="video"),
+        SeedQuestion("106", "Action Recognition", 10, "B", data_type="video"),
+    ])
+    annotation = tmp_path / "SEED-Bench.json"
     # ids as ints in the answers, strings in SEED-Bench.json: still matched
     result = write_jsonl(tmp_path / "merge.jsonl", [answer(101, "A"), answer(102, "C"), answer(103, "C"),
                                                     answer(104, "D"), answer(105, "A"), answer(106, "A")])
@@ -459,19 +445,13 @@ def test_seed_accuracy_and_upload(tmp_path, capsys):
 # ---------------------------------------------------------------- MMBench
 
 
-MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "source",
-                   "l2-category", "comment", "split", "image"]
-
-
 def mmbench_tsv(tmp_path: Path) -> Path:
     rows = [
         [0, "Which animal?", "nan", "cat", "dog", "bird", "fish", "B", "recognition", "s", "l2", "nan", "dev", "aGk="],
         [1, "Which color?", "A hint", "red", "blue", "green", "", "A", "attribute", "s", "l2", "nan", "dev", "aGk="],
         [2, "How many?", "nan", "one", "two", "three", "four", "D", "counting", "s", "l2", "nan", "dev"],  # short row
     ]
-    path = tmp_path / "mmbench_dev_20230712.tsv"
-    path.write_text("\t".join(MMBENCH_COLUMNS) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
-    return path
+    return write_mmbench_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
 
 
 def test_mmbench_upload_xlsx(tmp_path):
@@ -522,33 +502,14 @@ def test_mmbench_circular_rounds(tmp_path):
 
 def mme_fixture(tmp_path: Path) -> Path:
     """An MME release with all 14 subtasks, 2 images each, 2 questions per image (Yes, then No)."""
-    data = tmp_path / "MME" / "MME_Benchmark_release_version"
-    with_images_dir = {"artwork", "celebrity", "landmark", "posters", "scene"}
-    for subtask in (*eval_mme.SUBTASKS["Perception"], *eval_mme.SUBTASKS["Cognition"]):
-        qa_dir = data / subtask / ("questions_answers_YN" if subtask in with_images_dir else "")
-        image_dir = data / subtask / ("images" if subtask in with_images_dir else "")
-        for image in ("0001", "0002"):
-            qa_dir.mkdir(parents=True, exist_ok=True)
-            image_dir.mkdir(parents=True, exist_ok=True)
-            (image_dir / f"{image}.png").write_bytes(b"")
-            # one question spelled with two spaces before the instruction, as some MME files are
-            (qa_dir / f"{image}.txt").write_text(
-                f"Is there a {subtask} {image}? Please answer yes or no.\tYes\n"
-                f"Is there no {subtask} {image}?  Please answer yes or no.\tNo\n"
-            )
-    return data
+    write_mme(tmp_path / "MME", mme_questions())
+    return tmp_path / "MME" / "MME_Benchmark_release_version"
 
 
 def mme_answers(tmp_path: Path, wrong: dict) -> None:
     """Answers in LLaVA's format for every MME question; ``wrong`` maps (subtask, image, i) to a text."""
-    lines = []
-    for subtask in (*eval_mme.SUBTASKS["Perception"], *eval_mme.SUBTASKS["Cognition"]):
-        for image in ("0001", "0002"):
-            for i, (question, truth) in enumerate(((f"Is there a {subtask} {image}?", "Yes"),
-                                                   (f"Is there no {subtask} {image}?", "No"))):
-                text = wrong.get((subtask, image, i), truth)
-                lines.append(answer(f"{subtask}/{image}.png", text,
-                                    f"{question}\nAnswer the question using a single word or phrase."))
+    lines = [answer(q.image_path, wrong.get((q.subtask, q.image, int(q.truth == "No")), q.truth), q.prompt)
+             for q in mme_questions()]
     write_jsonl(tmp_path / "MME" / "answers" / "exp.jsonl", lines)
 
 
