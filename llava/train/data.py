@@ -10,19 +10,23 @@ with offsets, and a token is learned when it overlaps an answer. A token that co
 text and answer text (the tokenizer merged across the boundary) is a tokenisation mismatch, as is
 a tokenisation that differs from ``tokenizer_image_token`` (what evaluation feeds the model).
 
-Broken samples (missing or unreadable image, ``<image>`` tokens that do not match the sample's
-images, turns that do not alternate, a tokenisation mismatch, nothing left to learn after
-truncation) raise ``SampleError`` naming the sample; with ``data_error_policy="skip"`` the dataset
-logs it, counts it, and serves the next sample instead (see ``LazySupervisedDataset``).
+What a valid data file and sample are is ``data_schema``'s job: each sample is checked there when
+it is fetched, before any image or tokenizer work. Broken samples (malformed fields or turns, see
+``data_schema.check_sample``; an image that is missing, outside ``image_folder``, unreadable or
+over Pillow's decompression-bomb limit; a tokenisation mismatch; nothing left to learn after
+truncation) raise ``SampleError`` naming the file, index and ``id``; with
+``data_error_policy="skip"`` the dataset logs it, counts it, and serves the next sample instead
+(see ``LazySupervisedDataset``). A data file that cannot be read at all is a ``DataFileError``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
+import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,35 +48,26 @@ from llava.conversation import Conversation, SeparatorStyle
 from llava.mm_utils import process_images, tokenizer_image_token
 
 from .arguments import DataArguments
+from .data_schema import (  # noqa: F401  (DataFileError, GPT, HUMAN, load_samples: re-exported)
+    GPT,
+    HUMAN,
+    DataFileError,
+    SampleError,
+    check_conversation,
+    check_image_tokens,
+    check_sample,
+    count_image_tokens,
+    has_image_key,
+    load_samples,
+    rough_length,
+    sample_id,
+)
 
 logger = logging.getLogger(__name__)
 
-HUMAN, GPT = "human", "gpt"
-
-
-class SampleError(ValueError):
-    """A training sample that cannot be used; the message names it and says what is wrong."""
-
-    def __init__(self, reason: str, index: int | None = None, sample_id: Any = None, source: str | None = None) -> None:
-        self.reason = reason
-        self.index = index
-        self.sample_id = sample_id
-        self.source = source
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        where = []
-        if self.index is not None:
-            where.append(f"index {self.index}")
-        if self.sample_id is not None:
-            where.append(f"id {self.sample_id!r}")
-        if self.source:
-            where.append(f"in {self.source}")
-        return f"Sample {' '.join(where)}: {self.reason}" if where else self.reason
-
-    def located(self, index: int, sample_id: Any, source: str | None) -> SampleError:
-        """The same error, naming the sample it came from."""
-        return SampleError(self.reason, index, sample_id, source)
+# What Pillow raises for a file it cannot decode: truncated or corrupt data (OSError, SyntaxError
+# from a bad chunk, ValueError, EOFError, struct.error) or an image over Image.MAX_IMAGE_PIXELS.
+_IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 @dataclass
@@ -92,11 +87,6 @@ class TokenizedSample:
 # ----------------------------------------------------------------------------------------------
 
 
-def count_image_tokens(conversation: Sequence[dict]) -> int:
-    """Number of ``<image>`` placeholders across all turns."""
-    return sum(turn["value"].count(DEFAULT_IMAGE_TOKEN) for turn in conversation)
-
-
 def preprocess_multimodal(
     conversation: Sequence[dict],
     *,
@@ -106,18 +96,18 @@ def preprocess_multimodal(
 ) -> list[dict]:
     """Check the ``<image>`` placeholder and move it to the front of its turn (a copy is returned).
 
-    A sample with an image must mention ``<image>`` exactly once; a text-only sample never. With
-    ``mm_use_im_start_end`` the placeholder is wrapped in ``<im_start>``/``<im_end>``.
+    The turns are checked first (``data_schema.check_conversation``, which drops a leading ``gpt``
+    turn). A sample with an image must mention ``<image>`` exactly once; a text-only sample never.
+    With ``mm_use_im_start_end`` the placeholder is wrapped in ``<im_start>``/``<im_end>``.
     """
-    count = count_image_tokens(conversation)
-    expected = 1 if has_image else 0
-    if count != expected:
-        what = "has an image" if has_image else "has no image"
-        raise SampleError(
-            f"image token mismatch: the sample {what} but its conversation contains {count} "
-            f"{DEFAULT_IMAGE_TOKEN!r} placeholder(s); expected {expected}."
-        )
-    out = copy.deepcopy(list(conversation))
+    turns = check_conversation(conversation)
+    check_image_tokens(turns, has_image)
+    return _place_image_token(turns, has_image=has_image, mm_use_im_start_end=mm_use_im_start_end, mmtag=mmtag)
+
+
+def _place_image_token(turns: Sequence[dict], *, has_image: bool, mm_use_im_start_end: bool, mmtag: bool) -> list[dict]:
+    """A copy of checked ``turns`` with ``<image>`` moved to the front of its turn (and wrapped)."""
+    out = copy.deepcopy(list(turns))
     if not has_image:
         return out
     for turn in out:
@@ -133,32 +123,8 @@ def preprocess_multimodal(
     return out
 
 
-def _check_turns(conversation: Sequence[dict]) -> list[dict]:
-    """Drop a leading assistant turn (as upstream does) and check that turns alternate human/gpt."""
-    turns = list(conversation)
-    if not turns:
-        raise SampleError("the conversation is empty.")
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise SampleError(f"turn {i} must be an object with 'from' and 'value', got {turn!r}.")
-        if turn["from"] not in (HUMAN, GPT):
-            raise SampleError(f"turn {i} is from {turn['from']!r}; only 'human' and 'gpt' are known.")
-        if not isinstance(turn["value"], str):
-            raise SampleError(f"turn {i} has a non-string value {turn['value']!r}.")
-    if turns[0]["from"] != HUMAN:
-        turns = turns[1:]
-    for i, turn in enumerate(turns):
-        expected = HUMAN if i % 2 == 0 else GPT
-        if turn["from"] != expected:
-            raise SampleError(f"turns must alternate human/gpt, but turn {i} is from {turn['from']!r}.")
-    if not any(turn["from"] == GPT for turn in turns):
-        raise SampleError("the conversation has no 'gpt' turn, so there is nothing to learn.")
-    return turns
-
-
-def _render_plain(conversation: Sequence[dict], template: Conversation) -> tuple[str, list[tuple[int, int]]]:
+def _render_plain(turns: Sequence[dict], template: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """``<image>`` + caption + sep, with the caption (and sep) as the one answer span."""
-    turns = _check_turns(conversation)
     if len(turns) != 2 or DEFAULT_IMAGE_TOKEN not in turns[0]["value"]:
         raise SampleError(
             "the 'plain' template (projector pretraining) needs exactly one human turn holding the image "
@@ -170,9 +136,8 @@ def _render_plain(conversation: Sequence[dict], template: Conversation) -> tuple
     return prompt, [(start, len(prompt))]
 
 
-def _render_two(conversation: Sequence[dict], template: Conversation) -> tuple[str, list[tuple[int, int]]]:
+def _render_two(turns: Sequence[dict], template: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """Vicuna-style prompt (``SeparatorStyle.TWO``) and the character spans of the answers + ``sep2``."""
-    turns = _check_turns(conversation)
     conv = template.copy()
     conv.messages = []
     seps = (conv.sep, conv.sep2)
@@ -275,8 +240,16 @@ def preprocess(
 ) -> TokenizedSample:
     """Token ids and labels of one conversation under ``template`` (``plain`` or ``v1`` style).
 
-    ``max_length`` truncates on the right; a sample left without any learned token is an error.
+    The turns are checked first (``data_schema.check_conversation``). ``max_length`` truncates on
+    the right; a sample left without any learned token is an error.
     """
+    return _tokenize_turns(check_conversation(conversation), tokenizer, template, max_length=max_length)
+
+
+def _tokenize_turns(
+    turns: Sequence[dict], tokenizer, template: Conversation, *, max_length: int | None = None
+) -> TokenizedSample:
+    """``preprocess`` of turns that ``check_conversation`` already accepted."""
     render = _RENDERERS.get(template.sep_style)
     if render is None:
         supported = ", ".join(s.name for s in _RENDERERS)
@@ -284,7 +257,7 @@ def preprocess(
             f"Training with conversation template {template.version!r} ({template.sep_style.name}) is not "
             f"supported; use --version plain (stage 1) or v1 (stage 2), i.e. separator styles {supported}."
         )
-    prompt, answers = render(conversation, template)
+    prompt, answers = render(turns, template)
     ids, spans = tokenize_with_offsets(prompt, tokenizer)
     reference = tokenizer_image_token(prompt, tokenizer)
     if list(reference) != ids:
@@ -323,24 +296,6 @@ def preprocess_v1(conversation: Sequence[dict], tokenizer, template: Conversatio
 # ----------------------------------------------------------------------------------------------
 # Dataset and collator
 # ----------------------------------------------------------------------------------------------
-
-
-def load_samples(data_path: str | os.PathLike) -> list[dict]:
-    """Samples of a LLaVA JSON file (a list) or a JSON-lines file (one sample per line)."""
-    path = Path(data_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Training data not found: {path} (set --data_path to a LLaVA-format JSON file).")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            samples = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            samples = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(samples, list) or not samples:
-        raise ValueError(f"{path} must hold a non-empty JSON list of samples, got {type(samples).__name__}.")
-    return samples
 
 
 def _crop_size(image_processor) -> tuple[int, int]:
@@ -402,37 +357,54 @@ class LazySupervisedDataset(Dataset):
 
     # Lengths for batching ------------------------------------------------------------------
 
-    def _word_length(self, sample: dict) -> int:
-        words = sum(len(turn.get("value", "").split()) for turn in sample.get("conversations", []))
-        return words + ((self.image_token_count or 0) if "image" in sample else 0)
-
     @property
     def lengths(self) -> list[int]:
-        """Rough length of each sample (words, plus the image's embeddings) for length grouping."""
+        """Rough length of each sample (words, plus the image's embeddings) for length grouping.
+
+        Broken samples get a length too (at least 1); they fail when fetched, under the error policy.
+        """
         if self._lengths is None:
-            self._lengths = [self._word_length(s) for s in self.samples]
+            self._lengths = [rough_length(s, self.image_token_count or 0) for s in self.samples]
         return self._lengths
 
     @property
     def modality_lengths(self) -> list[int]:
         """Like ``lengths``, positive for samples with an image and negative for text-only ones."""
-        return [n if "image" in s else -n for n, s in zip(self.lengths, self.samples)]
+        return [n if has_image_key(s) else -n for n, s in zip(self.lengths, self.samples)]
 
     # Fetching ----------------------------------------------------------------------------------
 
-    def _image_path(self, sample: dict) -> Path:
+    def _image_path(self, image: str) -> Path:
+        """``image`` under ``image_folder``; a path that leads out of the folder is refused."""
         folder = self.data_args.image_folder
-        return Path(folder) / sample["image"] if folder else Path(sample["image"])
+        if not folder:
+            return Path(image)
+        norm = os.path.normpath(image)
+        if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise SampleError(
+                f"'image' path {image!r} leads outside image_folder {folder!r}; image paths are relative to "
+                f"--image_folder. Make the path relative to it, or set --image_folder to a folder that holds it."
+            )
+        return Path(folder) / image
 
-    def _load_image(self, sample: dict) -> tuple[torch.Tensor, tuple[int, int]]:
-        path = self._image_path(sample)
+    def _load_image(self, image_path: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        path = self._image_path(image_path)
         if not path.is_file():
             raise SampleError(f"image file not found: {path} (image_folder={self.data_args.image_folder!r}).")
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except OSError as err:
-            raise SampleError(f"cannot read image {path}: {err}") from err
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that; decoding such an image in a
+                # dataloader worker is as much of a memory hazard as the ones it refuses.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    image = img.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise SampleError(
+                f"image {path} is over Pillow's decompression-bomb limit ({err}). Downscale it, or raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS if the data is trusted."
+            ) from err
+        except _IMAGE_DECODE_ERRORS as err:
+            raise SampleError(f"cannot read image {path} (truncated or corrupt?): {type(err).__name__}: {err}") from err
         cfg = SimpleNamespace(
             image_aspect_ratio=self.data_args.image_aspect_ratio,
             image_grid_pinpoints=self.data_args.image_grid_pinpoints,
@@ -457,30 +429,29 @@ class LazySupervisedDataset(Dataset):
         """Item ``index`` as tensors; raises ``SampleError`` if the sample is broken."""
         sample = self.samples[index]
         try:
-            if not isinstance(sample, dict) or "conversations" not in sample:
-                raise SampleError("a sample must be an object with 'conversations'.")
-            has_image = "image" in sample
+            checked = check_sample(sample)
+            has_image = checked.image is not None
             if has_image and not self.is_multimodal:
                 raise ValueError(
                     f"Sample {index} of {self.data_path} has an image but the model has no vision tower; "
                     f"pass --vision_tower."
                 )
-            conversation = sample["conversations"]
+            turns = checked.turns
             if self.is_multimodal:
-                conversation = preprocess_multimodal(
-                    conversation, has_image=has_image,
+                turns = _place_image_token(
+                    turns, has_image=has_image,
                     mm_use_im_start_end=getattr(self.data_args, "mm_use_im_start_end", False),
                     mmtag="mmtag" in (self.template.version or ""),
                 )
             item: dict[str, Any] = {}
             if has_image:
-                item["image"], item["image_size"] = self._load_image(sample)
+                item["image"], item["image_size"] = self._load_image(checked.image)
             elif self.is_multimodal:
                 # Keeps one image per sample in a mixed batch; the model uses none of it.
                 item["image"] = self._blank_image()
-            tokens = preprocess(conversation, self.tokenizer, self.template, max_length=self._text_limit(has_image))
+            tokens = _tokenize_turns(turns, self.tokenizer, self.template, max_length=self._text_limit(has_image))
         except SampleError as err:
-            raise err.located(index, sample.get("id") if isinstance(sample, dict) else None, self.data_path) from err
+            raise err.located(index, sample_id(sample), self.data_path) from err
         item["input_ids"] = tokens.input_ids
         item["labels"] = tokens.labels
         return item
