@@ -48,7 +48,7 @@ from llava.conversation import Conversation, SeparatorStyle
 from llava.mm_utils import process_images, tokenizer_image_token
 
 from .arguments import DataArguments
-from .data_schema import (  # noqa: F401  (DataFileError, GPT, HUMAN, load_samples: re-exported)
+from .data_schema import (  # noqa: F401  (re-exported: DataFileError, HUMAN, count_image_tokens, load_samples)
     GPT,
     HUMAN,
     DataFileError,
@@ -65,8 +65,8 @@ from .data_schema import (  # noqa: F401  (DataFileError, GPT, HUMAN, load_sampl
 
 logger = logging.getLogger(__name__)
 
-# What Pillow raises for a file it cannot decode: truncated or corrupt data (OSError, SyntaxError
-# from a bad chunk, ValueError, EOFError, struct.error) or an image over Image.MAX_IMAGE_PIXELS.
+# What Pillow raises for truncated or corrupt image data (OSError, SyntaxError from a bad chunk,
+# ValueError, EOFError, struct.error); the decompression-bomb check is handled on its own.
 _IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 

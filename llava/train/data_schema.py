@@ -157,7 +157,8 @@ def load_samples(data_path: str | os.PathLike) -> list[Any]:
                 f"samples; wrap a single sample in [...], or write one sample per line to a .jsonl file.",
             )
         if not isinstance(samples, list):
-            raise DataFileError(path, f"the top level is {type(samples).__name__}, but LLaVA data is a JSON list of samples.")
+            kind = type(samples).__name__
+            raise DataFileError(path, f"the top level is {kind}, but LLaVA data is a JSON list of samples.")
     if not samples:
         raise DataFileError(path, "holds no samples.")
     return samples
@@ -295,8 +296,8 @@ def check_image_field(image: Any) -> str:
         )
     if isinstance(image, list):
         raise SampleError(
-            f"'image' is a list of {len(image)} path(s) ({brief(image)}); this trainer takes one image per sample, as a "
-            f"path string (LLaVA-1.5 format). Give one path, or split the sample."
+            f"'image' is a list of {len(image)} path(s) ({brief(image)}); this trainer takes one image per "
+            f"sample, as a path string (LLaVA-1.5 format). Give one path, or split the sample."
         )
     raise SampleError(
         f"'image' is {json_kind(image)}; it must be the image's path (a string) relative to "
