@@ -24,8 +24,11 @@ from llava.standins import make_images
 
 NAME = "llava-v1.5-tiny"
 HIDDEN = 32  # tiny CLIP width (conftest.TINY_HIDDEN)
-COMPRESSOR_BYTES = (HIDDEN * HIDDEN * 3 * 3 + HIDDEN) * 4  # float32 weight + bias of the 24→12 / 24→8 conv
-COMPRESSOR_KEYS = {"model.vision_tower.token_compressor.conv.weight", "model.vision_tower.token_compressor.conv.bias"}
+# float32 weight + bias of the 24→12 / 24→8 conv, and the int64 (input, output) grid sizes
+COMPRESSOR_BYTES = (HIDDEN * HIDDEN * 3 * 3 + HIDDEN) * 4 + 2 * 8
+# The weights and the grid sizes they were made for (a loader refuses them for another geometry).
+COMPRESSOR_KEYS = {"model.vision_tower.token_compressor.conv.weight", "model.vision_tower.token_compressor.conv.bias",
+                   "model.vision_tower.token_compressor.grid_sizes"}
 SLACK = 64 * 1024
 
 

@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .models.token_compressor import TokenCompressor
+from .models.geometry import choose_geometry
+from .models.token_compressor import GRID_SIZES_KEY, TokenCompressor
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,36 @@ def metadata_of(
     )
 
 
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Name → what is wrong (``"3 NaN, 1 inf of 9216 values"``) for each floating tensor holding NaN or ±inf."""
+    found = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        found[name] = f"{nan} NaN, {tensor.numel() - int(finite.sum()) - nan} inf of {tensor.numel()} values"
+    return found
+
+
+def warn_non_finite(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> list[str]:
+    """Log a warning naming ``source`` and every tensor of ``tensors`` that holds NaN or ±inf; return their names.
+
+    A warning, not an error: the weights still load (a user may want to inspect them), but a
+    compressor with such weights turns every image into NaN features.
+    """
+    found = non_finite_tensors(tensors)
+    if found:
+        logger.warning(
+            "Token compressor weights from %s hold non-finite values: %s. Every compressed token will be NaN or "
+            "inf; use an earlier checkpoint of the run that wrote them.",
+            source, "; ".join(f"{name} ({what})" for name, what in found.items()),
+        )
+    return sorted(found)
+
+
 def save_compressor(
     compressor: TokenCompressor,
     path: str | os.PathLike,
@@ -123,24 +154,94 @@ def save_compressor(
     return path
 
 
-def _read(path: Path) -> tuple[CompressorMetadata, dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class _TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, I64, ...
+
+
+def _read_header(path: Path) -> tuple[CompressorMetadata, dict[str, _TensorInfo]]:
+    """Metadata and tensor shapes of a checkpoint, from its header alone (no tensor is read)."""
     if not path.is_file():
         raise FileNotFoundError(f"Token compressor checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            infos = {}
+            for key in f.keys():
+                view = f.get_slice(key)
+                infos[key] = _TensorInfo(tuple(view.get_shape()), view.get_dtype())
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
-            f"Could not read token compressor checkpoint {path}: {err}. The file is corrupt or not "
+            f"Could not read token compressor checkpoint {path}: {err}. The file is corrupt, truncated or not "
             f"safetensors; re-save it with vision_token_compression.save_compressor."
         ) from err
-    return CompressorMetadata.from_strings(raw_meta, path), tensors
+    return CompressorMetadata.from_strings(raw_meta, path), infos
+
+
+def expected_shapes(meta: CompressorMetadata) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a compressor with ``meta``'s sizes holds (the bias is optional)."""
+    c, k = meta.hidden_dim, meta.kernel_size
+    return {"conv.weight": (c, c, k, k), "conv.bias": (c,), GRID_SIZES_KEY: (2,)}
+
+
+def _check_header(meta: CompressorMetadata, infos: Mapping[str, _TensorInfo], path: Path) -> None:
+    """Refuse a checkpoint whose metadata contradicts its own tensors or this version's geometry.
+
+    Runs on the header alone, before any module is built: metadata claiming hidden_dim 20000 in a
+    file of 3×3 kernels of width 2 would otherwise allocate the claimed 14 GB first.
+    """
+    for name in ("input_grid_size", "output_grid_size", "hidden_dim"):
+        if getattr(meta, name) < 1:
+            raise ValueError(f"Token compressor checkpoint {path} has nonsense metadata: {name}={getattr(meta, name)}.")
+    try:
+        geometry = choose_geometry(meta.input_grid_size, meta.output_grid_size)
+    except ValueError as err:
+        raise ValueError(f"Token compressor checkpoint {path} has nonsense grid sizes in its metadata: {err}") from err
+    if (geometry.kernel_size, geometry.stride, geometry.padding) != (meta.kernel_size, meta.stride, meta.padding):
+        raise ValueError(
+            f"Token compressor checkpoint {path} uses PartialConv(k={meta.kernel_size}, s={meta.stride}, "
+            f"p={meta.padding}) but this version builds k={geometry.kernel_size}, s={geometry.stride}, "
+            f"p={geometry.padding} for {meta.input_grid_size}→{meta.output_grid_size}."
+        )
+    wanted = expected_shapes(meta)
+    if "conv.weight" not in infos:
+        raise ValueError(f"Token compressor checkpoint {path} holds no conv.weight (tensors: {sorted(infos)}).")
+    for name, shape in wanted.items():
+        info = infos.get(name)
+        if info is not None and info.shape != shape:
+            raise ValueError(
+                f"Token compressor checkpoint {path} is inconsistent: its metadata claims "
+                f"{meta.input_grid_size}→{meta.output_grid_size} at hidden_dim {meta.hidden_dim} (kernel "
+                f"{meta.kernel_size}), so {name} should have shape {shape}, but the file holds {name} of "
+                f"shape {info.shape}. The file is damaged or its metadata was edited; re-save it with "
+                f"vision_token_compression.save_compressor."
+            )
+
+
+def _read_tensors(path: Path, meta: CompressorMetadata) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (read after ``_check_header``), with its grid-size record checked or added."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"Could not read the tensors of token compressor checkpoint {path}: {err}.") from err
+    claimed = [meta.input_grid_size, meta.output_grid_size]
+    record = tensors.get(GRID_SIZES_KEY)
+    if record is None:  # saved before the record existed: the metadata says the same
+        tensors[GRID_SIZES_KEY] = torch.tensor(claimed)
+    elif record.tolist() != claimed:
+        raise ValueError(
+            f"Token compressor checkpoint {path} is inconsistent: its metadata says "
+            f"{claimed[0]}→{claimed[1]} but its {GRID_SIZES_KEY} tensor says {record.tolist()}."
+        )
+    warn_non_finite(tensors, path)
+    return tensors
 
 
 def read_metadata(path: str | os.PathLike) -> CompressorMetadata:
-    """Metadata of a compressor checkpoint, without building a module."""
-    return _read(Path(path))[0]
+    """Metadata of a compressor checkpoint, read from its header (no tensor is loaded)."""
+    return _read_header(Path(path))[0]
 
 
 def check_metadata(
@@ -188,9 +289,13 @@ def load_compressor_into(
     select_layer: int | None = None,
     select_feature: str | None = None,
 ) -> CompressorMetadata:
-    """Load a checkpoint's weights into an existing compressor after checking its metadata."""
+    """Load a checkpoint's weights into an existing compressor after checking its metadata and shapes.
+
+    Everything is checked from the file's header before a tensor is read; non-finite weights load
+    with a warning that names the file and the tensor.
+    """
     path = Path(path)
-    meta, tensors = _read(path)
+    meta, infos = _read_header(path)
     check_metadata(
         meta, path,
         input_grid_size=compressor.input_grid_size,
@@ -198,25 +303,26 @@ def load_compressor_into(
         hidden_dim=compressor.hidden_dim,
         vision_tower=vision_tower, select_layer=select_layer, select_feature=select_feature,
     )
+    _check_header(meta, infos, path)
     expected = set(compressor.state_dict())
-    if set(tensors) != expected:
+    if set(infos) | {GRID_SIZES_KEY} != expected:
         raise ValueError(
-            f"Token compressor checkpoint {path} holds tensors {sorted(tensors)}, expected {sorted(expected)}."
+            f"Token compressor checkpoint {path} holds tensors {sorted(infos)}, expected {sorted(expected)}."
         )
-    compressor.load_state_dict(tensors)
+    compressor.load_state_dict(_read_tensors(path, meta))
     logger.info("Loaded token compressor [%s] from %s", compressor.name, path)
     return meta
 
 
 def load_compressor(path: str | os.PathLike, device: torch.device | str = "cpu") -> TokenCompressor:
-    """Build a compressor from a checkpoint's metadata and load its weights."""
-    meta = read_metadata(path)
+    """Build a compressor from a checkpoint's metadata and load its weights.
+
+    The metadata is checked against the file's own tensor shapes first, so a file that claims a
+    larger compressor than it holds is refused before anything of the claimed size is allocated.
+    """
+    path = Path(path)
+    meta, infos = _read_header(path)
+    _check_header(meta, infos, path)
     compressor = TokenCompressor(meta.input_grid_size, meta.output_grid_size, meta.hidden_dim)
-    if (compressor.kernel_size, compressor.stride, compressor.padding) != (meta.kernel_size, meta.stride, meta.padding):
-        raise ValueError(
-            f"Token compressor checkpoint {path} uses PartialConv(k={meta.kernel_size}, s={meta.stride}, "
-            f"p={meta.padding}) but this version builds k={compressor.kernel_size}, s={compressor.stride}, "
-            f"p={compressor.padding} for {meta.input_grid_size}→{meta.output_grid_size}."
-        )
     load_compressor_into(compressor, path)
     return compressor.to(device)

@@ -30,7 +30,7 @@ from ..constants import (
 )
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
-from .llava_arch import load_adapter_weights
+from .llava_arch import check_compressor_weights, load_adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -123,24 +123,41 @@ def _load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_extra_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
+def _load_extra_weights(model, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Load named weights (projector, compressor, ...) into ``model``; names it does not have are an error.
 
     The one exception: compressor weights for a model loaded with compression switched off (as
-    asked, and warned about in ``_compression_switch``) are left out.
+    asked, and warned about in ``_compression_switch``) are left out. Compressor weights are
+    checked first (``check_compressor_weights``). Returns the weights loaded, with the
+    compressor's grid-size record when it was found beside the file.
     """
-    if model.get_vision_tower().token_compressor is None:
+    compressor = model.get_vision_tower().token_compressor
+    if compressor is None:
         weights = {k: v for k, v in weights.items() if "token_compressor." not in k}
+    else:
+        names = [k for k in weights if "token_compressor." in k]
+        if names:
+            prefix = names[0][: names[0].index("token_compressor.") + len("token_compressor.")]
+            own = check_compressor_weights(compressor, {k[len(prefix):]: weights[k] for k in names}, source)
+            weights = {**weights, **{prefix + k: v for k, v in own.items()}}
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ValueError(
             f"{source} holds weights this model does not have: {result.unexpected_keys[:8]}. Is the config in "
             f"model_path the one these weights were trained with?"
         )
+    return weights
 
 
-def _finish_compressor(model, switched_on: bool, token_compressor_path: str | None, loaded: bool) -> None:
-    """Give the compressor its weights: the given checkpoint, the loaded ones, or the average init."""
+def _finish_compressor(model, switched_on: bool, token_compressor_path: str | None, missing: list[str],
+                       source: str, checked: bool) -> None:
+    """Give the compressor its weights: the given checkpoint, the loaded ones, or the average init.
+
+    ``missing`` holds the compressor's state-dict keys that no loaded file had; ``checked`` says
+    whether its weights came from an extra file, checked on their way in (``check_compressor_weights``).
+    Weights from ``from_pretrained`` are checked here: transformers 5 sets them without the
+    torch-level hook that checks them in ``load_state_dict``.
+    """
     tower = model.get_vision_tower()
     compressor = tower.token_compressor
     config = model.config
@@ -149,15 +166,25 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
         return
     config.compression_input_size = tower.compression_input_size
     config.compression_output_size = tower.compression_output_size
-    if token_compressor_path:
-        from vision_token_compression.checkpoint import load_compressor_into
+    from vision_token_compression.checkpoint import load_compressor_into, warn_non_finite
+    from vision_token_compression.models.token_compressor import GRID_SIZES_KEY
 
+    record_missing = any(k.endswith("token_compressor." + GRID_SIZES_KEY) for k in missing)
+    loaded = len(missing) == int(record_missing)  # every weight came from a file (the record may not have)
+    if token_compressor_path:
         load_compressor_into(
             compressor, token_compressor_path, vision_tower=tower.vision_tower_name,
             select_layer=tower.select_layer, select_feature=tower.select_feature,
         )
         source = token_compressor_path
+    elif loaded and checked:
+        source = "the checkpoint"
     elif loaded:
+        if record_missing:
+            compressor.accept_unrecorded_grid_sizes(source)
+        else:
+            compressor.check_grid_sizes(source=source)
+        warn_non_finite(compressor.state_dict(), source)
         source = "the checkpoint"
     else:
         if not switched_on:
@@ -295,7 +322,7 @@ def load_pretrained_model(
         tokenizer = AutoTokenizer.from_pretrained(model_base)
         model, info = model_cls.from_pretrained(model_base, config=config, output_loading_info=True, **kwargs)
         extra = _load_non_lora_trainables(model_path)
-        _load_extra_weights(model, extra, f"{model_path}/non_lora_trainables.bin")
+        extra = _load_extra_weights(model, extra, f"{model_path}/non_lora_trainables.bin")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
@@ -309,8 +336,7 @@ def load_pretrained_model(
                 f"{model_path} has no mm_projector.bin. With model_base set, model_path must be a projector-only "
                 f"or LoRA checkpoint; for a full checkpoint, leave model_base unset."
             )
-        extra = load_adapter_weights(projector_file)
-        _load_extra_weights(model, extra, projector_file)
+        extra = _load_extra_weights(model, load_adapter_weights(projector_file), projector_file)
     else:
         logger.info("Loading LLaVA %s from %s", model_name, model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -323,9 +349,9 @@ def load_pretrained_model(
             f"projector-only checkpoint needs mm_projector.bin, a LoRA one non_lora_trainables.bin with the "
             f"projector in it (re-save it with this fork's training, which keeps a frozen projector there)."
         )
-    compressor_missing = any("token_compressor." in key for key in info["missing_keys"])
-    compressor_loaded = not compressor_missing or any("token_compressor." in key for key in extra)
-    _finish_compressor(model, switched_on, token_compressor_path, compressor_loaded)
+    compressor_missing = [k for k in info["missing_keys"] if "token_compressor." in k and k not in extra]
+    _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
+                       checked=any("token_compressor." in k for k in extra))
 
     if getattr(model.config, "mm_use_im_patch_token", DEFAULT_MM_USE_IM_PATCH_TOKEN):
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)

@@ -13,8 +13,10 @@ holds only
   (the tower's grid) and ``compression_output_size`` set; written last, so a folder with a config is
   complete (the folder is assembled under a temporary name and renamed into place);
 - the token compressor's weights under the model's parameter names
-  (``model.vision_tower.token_compressor.conv.weight``, ``...conv.bias``), float32: the average
-  init (each token the mean of its window) or a compressor checkpoint (``--token-compressor-path``);
+  (``model.vision_tower.token_compressor.conv.weight``, ``...conv.bias``), float32, and its grid
+  sizes (``...token_compressor.grid_sizes``, int64; a loader refuses the weights for another
+  geometry): the average init (each token the mean of its window) or a compressor checkpoint
+  (``--token-compressor-path``);
 - for a full checkpoint, a weight index that sends the source's tensors to links of the source's
   weight files and the compressor's to a new small file.
 
@@ -239,9 +241,14 @@ def build_compressor(tower: TowerInfo, output_size: int, token_compressor_path: 
 
 
 def _compressor_tensors(compressor, prefix: str) -> dict[str, torch.Tensor]:
-    """The compressor's tensors under a model's parameter names, float32 and contiguous (any loader casts them)."""
+    """The compressor's state dict under a model's names, contiguous; weights float32 (any loader casts them).
+
+    The integer ``grid_sizes`` record stays an integer: with it, a loader refuses the weights for
+    another geometry (e.g. after an edit of ``compression_output_size`` in the written config).
+    """
     return {
-        f"{prefix}{COMPRESSOR_MODULE}{name}": tensor.detach().to("cpu", torch.float32).contiguous()
+        f"{prefix}{COMPRESSOR_MODULE}{name}":
+            tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
         for name, tensor in compressor.state_dict().items()
     }
 

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from transformers import initialization as hf_init
 
+from vision_token_compression.checkpoint import read_metadata, warn_non_finite
 from vision_token_compression.models.partial_conv import PartialConv2d
-from vision_token_compression.models.token_compressor import TokenCompressor
+from vision_token_compression.models.token_compressor import GRID_SIZES_KEY, TokenCompressor
 
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
@@ -32,6 +33,7 @@ from ..constants import (
     DEFAULT_IMAGE_PATCH_TOKEN,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
+    TOKEN_COMPRESSOR_FILE,
 )
 from ..mm_utils import get_anyres_image_grid_shape
 from .multimodal_encoder.builder import build_vision_tower
@@ -125,6 +127,11 @@ class LlavaMetaModel:
             for compressor in self.modules():
                 if isinstance(compressor, TokenCompressor) and compressor.conv is module:
                     compressor.reset_parameters()
+        if isinstance(module, TokenCompressor):
+            # Called for the compressor module itself when its grid_sizes record is missing (a
+            # checkpoint saved before it existed): fill in the record, and only the record; the
+            # conv's trained weights were loaded and are not this module's own parameters.
+            hf_init.copy_(module.grid_sizes, torch.tensor([module.input_grid_size, module.output_grid_size]))
         if module is self and isinstance(getattr(self, "image_newline", None), nn.Parameter):
             hf_init.normal_(self.image_newline, mean=0.0, std=1.0 / math.sqrt(self.config.hidden_size))
 
@@ -200,12 +207,16 @@ class LlavaMetaModel:
             )
 
     def load_mm_adapter(self, path: str | os.PathLike) -> None:
-        """Load a pretrained projector file: the projector, and the token compressor / image_newline if it holds them."""
+        """Load a pretrained projector file: the projector, and the token compressor / image_newline if it holds them.
+
+        Compressor weights are checked before anything loads: weights trained for other grid sizes
+        (their ``grid_sizes`` record, or for a file saved without one the ``token_compressor.safetensors``
+        that pretraining writes beside it) are refused; non-finite values are logged as a warning.
+        """
         weights = load_adapter_weights(path)
         projector = select_weights(weights, "mm_projector")
         if not projector:
             raise ValueError(f"{path} holds no mm_projector weights (keys: {sorted(weights)[:8]}...).")
-        self.mm_projector.load_state_dict(projector)
         compressor_weights = select_weights(weights, "token_compressor")
         compressor = self.get_vision_tower().token_compressor
         if compressor_weights:
@@ -215,6 +226,9 @@ class LlavaMetaModel:
                     f"but this model has use_token_compression=False. Set use_token_compression=True with the "
                     f"compression_output_size it was trained with."
                 )
+            compressor_weights = check_compressor_weights(compressor, compressor_weights, os.fspath(path))
+        self.mm_projector.load_state_dict(projector)
+        if compressor_weights:
             compressor.load_state_dict(compressor_weights)
             logger.info("Loaded the token compressor from %s", path)
         elif compressor is not None:
@@ -224,6 +238,42 @@ class LlavaMetaModel:
             with torch.no_grad():
                 self.image_newline.copy_(next(iter(newline.values())))
         logger.info("Loaded the projector from %s", path)
+
+
+def sibling_grid_sizes(path: str | os.PathLike) -> tuple[tuple[int, int], str] | None:
+    """``((input, output), file)``: the grid sizes of the compressor checkpoint saved beside a weights file.
+
+    Projector-only pretraining writes ``token_compressor.safetensors`` (with its grid sizes in the
+    metadata) beside ``mm_projector.bin``, whose tensors are parameters only. None when there is none.
+    """
+    sibling = os.path.join(os.path.dirname(os.fspath(path)), TOKEN_COMPRESSOR_FILE)
+    if not os.path.isfile(sibling):
+        return None
+    meta = read_metadata(sibling)
+    return (meta.input_grid_size, meta.output_grid_size), sibling
+
+
+def check_compressor_weights(
+    compressor: TokenCompressor, weights: dict[str, torch.Tensor], source: str,
+) -> dict[str, torch.Tensor]:
+    """Check compressor ``weights`` (its own key names) from ``source`` before they load; returns them.
+
+    Weights recorded as trained for other grid sizes are refused (``GridSizeMismatchError``); without
+    a record of their own, the one in ``token_compressor.safetensors`` beside ``source`` is used and
+    added to the returned weights; with neither, the geometry cannot be checked (logged once).
+    Non-finite values are logged as a warning.
+    """
+    warn_non_finite(weights, source)
+    if GRID_SIZES_KEY in weights:
+        compressor.check_grid_sizes(weights[GRID_SIZES_KEY], source=source)
+        return weights
+    beside = sibling_grid_sizes(source)
+    if beside is None:
+        compressor.accept_unrecorded_grid_sizes(source)
+        return weights
+    grid_sizes, sibling = beside
+    compressor.check_grid_sizes(grid_sizes, source=f"{source} (grid sizes recorded in {sibling})")
+    return {**weights, GRID_SIZES_KEY: torch.tensor(grid_sizes)}
 
 
 class LlavaMetaForCausalLM(ABC):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -15,6 +16,32 @@ logger = logging.getLogger(__name__)
 
 InitMode = Literal["average", "random"]
 
+# State-dict key of the (input, output) grid sizes a compressor's weights were trained for.
+GRID_SIZES_KEY = "grid_sizes"
+
+
+class GridSizeMismatchError(ValueError):
+    """Weights trained for one pair of grid sizes were offered to a compressor of another.
+
+    24→12 (k3, s2, p1) and 24→8 (k3, s3, p0) have kernels of the same shape, so nothing else in
+    a state dict tells such weights apart.
+    """
+
+
+def _as_pair(recorded: torch.Tensor | Sequence[int]) -> tuple[int, int] | None:
+    """``(input, output)`` from a recorded grid-size tensor or pair; None when it holds no values (meta)."""
+    if isinstance(recorded, torch.Tensor):
+        if recorded.is_meta:
+            return None
+        values = recorded.detach().reshape(-1).tolist()
+    else:
+        values = list(recorded)
+    if len(values) != 2:
+        raise GridSizeMismatchError(
+            f"A token compressor's {GRID_SIZES_KEY} record holds (input, output) grid sizes, got {values}."
+        )
+    return int(values[0]), int(values[1])
+
 
 class TokenCompressor(nn.Module):
     """Compress (B, in², C) patch tokens to (B, out², C) with one C→C partial convolution.
@@ -24,6 +51,12 @@ class TokenCompressor(nn.Module):
     its window, so an untrained compressor already hands a LLaVA projector in-distribution
     features. Nothing follows the convolution (no norm, activation or position embedding): any
     of them would break that property.
+
+    The grid sizes travel with the weights as an int64 buffer, ``grid_sizes = [in, out]``: any
+    ``load_state_dict`` refuses weights recorded for other sizes (``GridSizeMismatchError``), the
+    first forward after a loader that bypasses it checks the record once (``check_grid_sizes`` is
+    the public check), and weights saved before the record existed still load, logged once
+    (``accept_unrecorded_grid_sizes``).
 
     Args:
         input_grid_size: Side of the input token grid (24 for CLIP ViT-L/14-336).
@@ -56,6 +89,12 @@ class TokenCompressor(nn.Module):
         # Tokens arrive as a channels-last grid view (see forward); a weight in the same layout
         # spares the convolution a conversion of the whole C×C×k×k weight on every call.
         self.conv.to(memory_format=torch.channels_last)
+        # The grid sizes travel with the weights (state dict, checkpoints, LLaVA's weight files), so
+        # weights trained for another geometry are refused at load even when the kernels have the
+        # same shape. Integer: dtype casts (.half(), from_pretrained(dtype=...)) leave it alone.
+        self.register_buffer(GRID_SIZES_KEY, torch.tensor([input_grid_size, output_grid_size], dtype=torch.int64))
+        self._checked_record: torch.Tensor | None = self.grid_sizes  # the record forward last verified
+        self._unrecorded_logged = False
         self.reset_parameters()
         logger.info(
             "TokenCompressor [%s]: %d×%d → %d×%d\n  Architecture: PartialConv(k=%d, s=%d, p=%d)\n"
@@ -99,6 +138,7 @@ class TokenCompressor(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Re-apply the constructor's init (``average`` or ``random``) in place."""
+        self.reset_grid_sizes()
         if self.init == "random":
             self.conv.reset_parameters()
             return
@@ -108,6 +148,82 @@ class TokenCompressor(nn.Module):
         weight[channels, channels] = 1.0 / (self.kernel_size**2)
         if self.conv.bias is not None:
             self.conv.bias.zero_()
+
+    # -- the grid-size record ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_grid_sizes(self) -> None:
+        """Write this compressor's own ``(input, output)`` grid sizes into its ``grid_sizes`` record."""
+        self.grid_sizes.copy_(torch.tensor([self.input_grid_size, self.output_grid_size]))
+
+    def check_grid_sizes(
+        self, recorded: torch.Tensor | Sequence[int] | None = None, *, source: str | None = None,
+    ) -> None:
+        """Raise ``GridSizeMismatchError`` unless ``recorded`` names this compressor's grid sizes.
+
+        Args:
+            recorded: ``(input, output)`` grid sizes that weights were trained for, as a tensor
+                (a state dict's ``grid_sizes``) or a pair; default: this module's own record, e.g.
+                after a loader that bypasses ``load_state_dict`` replaced it.
+            source: Where the weights come from (a file or folder), named in the error.
+        """
+        pair = _as_pair(self.grid_sizes if recorded is None else recorded)
+        if pair is None or pair == (self.input_grid_size, self.output_grid_size):
+            return
+        (rin, rout), (gin, gout) = pair, (self.input_grid_size, self.output_grid_size)
+        where = f" from {source}" if source else ""
+        raise GridSizeMismatchError(
+            f"Token compressor weights{where} were trained for {rin}→{rout} ({rin}×{rin} → {rout}×{rout}, "
+            f"{rout * rout} tokens), but this compressor is {gin}→{gout} ({gout * gout} tokens): weights of one "
+            f"geometry do not fit another, even where the kernels have the same shape. Set "
+            f"compression_input_size={rin} and compression_output_size={rout} to use these weights (e.g. undo "
+            f"an edit of compression_output_size in the checkpoint's config.json), or load weights trained for "
+            f"{gin}→{gout}."
+        )
+
+    def accept_unrecorded_grid_sizes(self, source: str | None = None) -> None:
+        """Accept weights saved without grid sizes (before they were recorded): keep this compressor's own.
+
+        Their geometry cannot be checked, which is logged once per compressor: a warning naming
+        ``source`` when a loader gives it, INFO from a bare ``load_state_dict`` (which cannot tell a
+        user's old file from, e.g., a trainer reloading its own parameters). They are never refused.
+        """
+        self.reset_grid_sizes()
+        if not self._unrecorded_logged:
+            self._unrecorded_logged = True
+            where = f"from {source} " if source else ""
+            logger.log(
+                logging.WARNING if source else logging.INFO,
+                "Token compressor [%s]: the weights loaded %scarry no grid sizes (saved before they were "
+                "recorded), so it cannot be checked that they were trained for %d→%d; assuming they were. "
+                "Re-save them to record the grid sizes.", self.name, where, self.input_grid_size,
+                self.output_grid_size,
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Every torch-level load (load_state_dict, transformers 4.x from_pretrained, LLaVA's
+        # load_mm_adapter and non_lora_trainables.bin) passes here before the conv's weights load.
+        key = prefix + GRID_SIZES_KEY
+        recorded = key in state_dict
+        if recorded:
+            self.check_grid_sizes(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not recorded and key in missing_keys and any(k.startswith(prefix) for k in state_dict):
+            # Weights without the record (saved before it existed): load them, say so once.
+            missing_keys.remove(key)
+            self.accept_unrecorded_grid_sizes()
+
+    def _check_record_once(self) -> None:
+        # Loaders that bypass load_state_dict (accelerate's meta-device loading in upstream LLaVA's
+        # from_pretrained) replace the buffer: verify each new record once, at its first forward.
+        record = self.grid_sizes
+        if record is not self._checked_record:
+            self.check_grid_sizes()
+            self._checked_record = record
+
+    # -- forward -------------------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 3:
@@ -136,6 +252,7 @@ class TokenCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in², C) tokens → (B, out², C) tokens."""
+        self._check_record_once()
         self._check_input(x)
         side = self.input_grid_size
         # A view, not a copy: (B, H, W, C) permuted is a channels-last (B, C, H, W) grid.
