@@ -180,7 +180,7 @@ def test_console_scripts_point_at_the_entry_points():
 
 @pytest.mark.parametrize("lr", [0.0, -1e-4])
 def test_train_config_refuses_a_non_positive_lr_instead_of_picking_the_auto_lr(lr):
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match=r"--lr \(lr\) must be a finite number > 0"):
         TrainConfig(data=["."], output_dir=".", lr=lr)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.geometry import ConvGeometry
+from .validation import check_choice, check_int, check_number, flag
 
 DistributionLoss = Literal["sliced_wasserstein", "sinkhorn", "none"]
 
@@ -132,15 +133,15 @@ def entropic_ot(
 
 @dataclass
 class LossConfig:
-    """Weights and settings of the compressor's training loss.
+    """Weights and settings of the compressor's training loss; values are checked on construction.
 
     Args:
-        window_weight: Weight of ``1 - window_cosine``.
+        window_weight: Weight of ``1 - window_cosine`` (≥ 0; this or the distribution term must be on).
         distribution: ``"sliced_wasserstein"`` (default), ``"sinkhorn"`` (entropic OT) or ``"none"``.
-        distribution_weight: Weight of the distribution term.
-        num_projections: Directions per step for the sliced distance.
-        sinkhorn_epsilon: Entropic regularisation, relative to the mean squared distance.
-        sinkhorn_iterations: Sinkhorn iterations.
+        distribution_weight: Weight of the distribution term (≥ 0).
+        num_projections: Directions per step for the sliced distance (≥ 1).
+        sinkhorn_epsilon: Entropic regularisation, relative to the mean squared distance (> 0).
+        sinkhorn_iterations: Sinkhorn iterations (≥ 1).
     """
 
     window_weight: float = 1.0
@@ -151,9 +152,20 @@ class LossConfig:
     sinkhorn_iterations: int = 50
 
     def __post_init__(self) -> None:
-        if self.distribution not in ("sliced_wasserstein", "sinkhorn", "none"):
+        check_choice("distribution", self.distribution, ("sliced_wasserstein", "sinkhorn", "none"))
+        check_number("window_weight", self.window_weight, 0)
+        check_number("distribution_weight", self.distribution_weight, 0)
+        check_int("num_projections", self.num_projections, 1, hint="The sliced distance needs directions.")
+        check_number("sinkhorn_epsilon", self.sinkhorn_epsilon, 0, low_open=True,
+                     hint="Entropic OT divides the costs by it; 0.05 is the default.")
+        check_int("sinkhorn_iterations", self.sinkhorn_iterations, 1)
+        distribution_on = self.distribution != "none" and self.distribution_weight > 0
+        if not self.window_weight > 0 and not distribution_on:
             raise ValueError(
-                f"distribution must be 'sliced_wasserstein', 'sinkhorn' or 'none', got {self.distribution!r}."
+                f"No loss term is on ({flag('window_weight')}={self.window_weight!r}, {flag('distribution')}="
+                f"{self.distribution!r}, {flag('distribution_weight')}={self.distribution_weight!r}): the "
+                f"compressor would not train. Give --window-weight or --distribution-weight a value > 0 (with "
+                f"--distribution sliced_wasserstein or sinkhorn)."
             )
 
 

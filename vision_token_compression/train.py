@@ -43,24 +43,30 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_compressor_into, save_compressor
+from .checkpoint import load_compressor_into, non_finite_tensors, save_compressor
 from .data import ImageFolderDataset, ShardedShuffleSampler
 from .feature_cache import build_feature_cache, files_digest
 from .features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
 from .losses import LossConfig, compression_loss
 from .models.token_compressor import TokenCompressor
 from .plotting import plot_curves
+from .validation import check_choice, check_int, check_number, check_text, flag
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.pt"
+# Largest --seed: per-step generator seeds (seed · 1_000_003 + step · world_size + rank) must fit in 64 bits.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
 class TrainConfig:
     """Everything a compressor pretraining run depends on; saved as ``config.json``.
+
+    Every field is checked on construction (``validate``): a nonsense value is a ``ValueError`` that
+    names its flag, the value and what is allowed, before anything loads.
 
     Args:
         data: Image folders (searched recursively for jpg/jpeg/png/webp).
@@ -120,19 +126,63 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
-        if not self.data:
-            raise ValueError("No image folders given: pass --data FOLDER [FOLDER ...].")
-        if not self.output_sizes or len(set(self.output_sizes)) != len(self.output_sizes):
-            raise ValueError(f"output_sizes must be distinct grid sides such as [12, 8], got {self.output_sizes}.")
-        for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or unset), got {self.max_steps}.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}; leave --lr out for the automatic learning rate.")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (types, ranges, finiteness) before a run starts; errors name the flag.
+
+        Runs on construction, before CLIP loads. What needs the tower (output sizes below its grid,
+        the select layer in range) is checked by ``check_against_tower`` from the tower's config alone.
+        """
+        if isinstance(self.data, (str, os.PathLike)) or not isinstance(self.data, (list, tuple)) or not self.data:
+            raise ValueError(f"No image folders given: pass {flag('data')} FOLDER [FOLDER ...], got {self.data!r}.")
+        for folder in self.data:
+            check_text("data", folder)
+        check_text("output_dir", self.output_dir)
+        check_text("vision_tower", self.vision_tower)
+        check_int("select_layer", self.select_layer)
+        check_choice("select_feature", self.select_feature, ("patch", "cls_patch"))
+        check_choice("image_aspect_ratio", self.image_aspect_ratio, ("pad", "crop"))
+        check_choice("init", self.init, ("average", "random"))
+        check_choice("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if not isinstance(self.output_sizes, (list, tuple)) or not self.output_sizes:
+            raise ValueError(
+                f"{flag('output_sizes')} must list output grid sides such as 12 8, got {self.output_sizes!r}."
+            )
+        for size in self.output_sizes:
+            check_int("output_sizes", size, 1, hint="Each is an output grid side: 12 → 144 tokens, 8 → 64.")
+        if len(set(self.output_sizes)) != len(self.output_sizes):
+            raise ValueError(
+                f"{flag('output_sizes')} must be distinct grid sides such as 12 8, got {self.output_sizes}."
+            )
+        check_int("epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            check_int("max_steps", self.max_steps, 1, hint="Leave it out to train for --epochs.")
+        check_int("batch_size", self.batch_size, 1)
+        if self.lr is not None:
+            check_number("lr", self.lr, 0, low_open=True, hint="Leave --lr out for the automatic learning rate.")
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1,
+                     hint="The cosine schedule ends at this share of --lr.")
+        check_number("grad_clip", self.grad_clip, 0, hint="0 turns clipping off.")
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("num_workers", self.num_workers, 0)
+        check_text("feature_cache", self.feature_cache, optional=True)
+        check_int("log_every", self.log_every, 1)
+        check_int("save_every_steps", self.save_every_steps, 0, hint="0 saves at epoch ends only.")
+        check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"{flag('device')} must be cpu, cuda or cuda:N, got {self.device!r}.") from err
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"{flag('device')} is {self.device!r}, but CUDA is not available here; use --device cpu."
+                )
+        if not isinstance(self.loss, LossConfig):
+            raise ValueError(f"loss must be a LossConfig, got {type(self.loss).__name__}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +244,29 @@ def setup_distributed(device: str | None) -> Distributed:
         rank=dist.get_rank(), world_size=dist.get_world_size(),
         device=torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"),
     )
+
+
+def check_against_tower(config: TrainConfig) -> None:
+    """Check the settings that depend on the tower (output sizes, select layer) from its config alone.
+
+    Reads only the tower's config.json, so bad values stop the run before the weights load.
+    """
+    from transformers import CLIPVisionConfig
+
+    tower = CLIPVisionConfig.from_pretrained(config.vision_tower)
+    grid = tower.image_size // tower.patch_size
+    for size in config.output_sizes:
+        if not 1 <= size < grid:
+            raise ValueError(
+                f"{flag('output_sizes')} must be grid sides in [1, {grid - 1}]: {config.vision_tower} has a "
+                f"{grid}×{grid} patch grid, which the compressor only reduces; got {size} in {config.output_sizes}."
+            )
+    layers = tower.num_hidden_layers
+    if not -(layers + 1) <= config.select_layer <= layers:
+        raise ValueError(
+            f"{flag('select_layer')} must be in [{-(layers + 1)}, {layers}] for {config.vision_tower} "
+            f"(embeddings + {layers} layers), got {config.select_layer}; LLaVA-1.5 uses -2."
+        )
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -320,6 +393,7 @@ class Trainer:
         self.dist = setup_distributed(config.device)
         self.output_dir = Path(config.output_dir)
         self.autocast_dtype = resolve_precision(config.precision, self.dist.device)
+        check_against_tower(config)
         self._prepare_output_dir(resume)
         torch.manual_seed(config.seed)
 
@@ -458,7 +532,11 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-N`` (via a hidden partial folder) and the top-level compressors."""
+        """Write ``checkpoints/step-N`` (via a hidden partial folder) and the top-level compressors.
+
+        Non-finite weights are never written (every process checks, so all stop together).
+        """
+        self._check_finite_weights()
         if not self.dist.is_main:
             return None
         final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:08d}"
@@ -511,6 +589,7 @@ class Trainer:
             losses = compression_loss(tokens, compressed, self.bank.compressors[name].geometry, self.config.loss, generator)
             total = total + losses["loss"]
             terms.update({f"{name}/{k}": v.detach() for k, v in losses.items() if k != "loss"})
+        self._stop_on_non_finite_loss(total, terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
@@ -524,6 +603,42 @@ class Trainer:
         names = ["loss", "grad_norm", *terms]
         values = self.dist.mean(torch.stack([total.detach(), grad_norm.detach().float(), *terms.values()]))
         return dict(zip(names, values.tolist()))
+
+    def _stop_on_non_finite_loss(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Raise ``FloatingPointError`` before the update if the loss (mean over processes) is NaN or ±inf.
+
+        Every process sees the same mean, so all stop together; the weights are still those of the
+        previous step and nothing is saved. Costs one small all-reduce and a device sync per step,
+        which the step's logging values need anyway.
+        """
+        loss = self.dist.mean(total.detach().float().reshape(1)).item()
+        if math.isfinite(loss):
+            return
+        local = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        saved = list_checkpoints(self.output_dir)
+        raise FloatingPointError(
+            f"Training stopped at step {self.step + 1}: the loss is {loss} (this process: {local}). The weights "
+            f"were not updated and nothing was saved; the last finite weights are in "
+            f"{saved[-1] if saved else 'no checkpoint yet'}. Lower --lr (now {self._lrs_text()}), train in fp32 "
+            f"(--precision fp32), or look for broken images in this step's batch."
+        )
+
+    def _check_finite_weights(self) -> None:
+        """Raise ``FloatingPointError`` if any compressor weight is NaN or ±inf (checked before every save)."""
+        bad = non_finite_tensors({
+            f"compressor_{name}.{key}": value
+            for name, compressor in self.bank.compressors.items() for key, value in compressor.state_dict().items()
+        })
+        if bad:
+            saved = list_checkpoints(self.output_dir)
+            raise FloatingPointError(
+                f"Training stopped at step {self.step}: the weights are no longer finite after the update "
+                f"({'; '.join(f'{k}: {v}' for k, v in bad.items())}), so they were not saved; the last finite "
+                f"weights are in {saved[-1] if saved else 'no checkpoint yet'}. Lower --lr (now {self._lrs_text()})."
+            )
+
+    def _lrs_text(self) -> str:
+        return ", ".join(f"{lr:.3g} for {name}" for name, lr in self.lrs.items())
 
     def run(self) -> dict:
         """Train until ``total_steps``; return the last log record."""
@@ -684,11 +799,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m vision_token_compression.train`` and ``toconv-train-compressor``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        check_against_tower(config)
+    except ValueError as err:
+        parser.error(str(err))  # exits with status 2, before CLIP's weights load
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    train(config_from_args(args), resume=args.resume)
+    train(config, resume=args.resume)
 
 
 if __name__ == "__main__":
