@@ -47,22 +47,28 @@ answer() {
 }
 
 # answer_chunked OUT_DIR ARGS...: model_vqa_loader split over the GPUs in CUDA_VISIBLE_DEVICES (one chunk
-# each, one chunk on a CPU), then the chunks merged in order into OUT_DIR/merge.jsonl.
+# each, one chunk on a CPU), then the chunks merged in order into OUT_DIR/merge.jsonl. If a chunk fails,
+# the script stops once every chunk has ended (none is left running), and there is no merge.jsonl.
 answer_chunked() {
     local out_dir=$1
     shift
     local gpus
     IFS=',' read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-0}"
-    local chunks=${#gpus[@]} pids=() idx
+    local chunks=${#gpus[@]} pids=() failed=() idx
     mkdir -p "$out_dir"
+    rm -f "$out_dir/merge.jsonl"
     for idx in $(seq 0 $((chunks - 1))); do
         CUDA_VISIBLE_DEVICES=${gpus[$idx]} answer model_vqa_loader "$@" \
             --answers-file "$out_dir/${chunks}_${idx}.jsonl" --num-chunks "$chunks" --chunk-idx "$idx" &
         pids+=($!)
     done
     for idx in "${!pids[@]}"; do
-        wait "${pids[$idx]}" || { echo "chunk $idx of $chunks failed" >&2; exit 1; }
+        wait "${pids[$idx]}" || failed+=("$idx")
     done
+    if [ "${#failed[@]}" -gt 0 ]; then
+        echo "chunk(s) ${failed[*]} of $chunks failed; no $out_dir/merge.jsonl written." >&2
+        exit 1
+    fi
     : > "$out_dir/merge.jsonl"
     for idx in $(seq 0 $((chunks - 1))); do
         cat "$out_dir/${chunks}_${idx}.jsonl" >> "$out_dir/merge.jsonl"
