@@ -8,11 +8,16 @@ parameters that are not partitioned, these helpers are plain copies.
 Projector-only pretraining saves ``mm_projector.bin``: the projector's parameters **and** the token
 compressor's, under their full parameter names (``model.mm_projector.0.weight``,
 ``model.vision_tower.token_compressor.conv.weight``), so ``--pretrain_mm_mlp_adapter`` restores both.
+
+Every file is written atomically (``llava.train.atomic``), and reading one back checks it: an empty
+or truncated file (a run killed while writing it, with an older version of this code) is a
+``CheckpointError`` that names the file and the fix, never a bare ``EOFError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..constants import MM_PROJECTOR_FILE, TOKEN_COMPRESSOR_FILE
+from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
+from . import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,12 @@ logger = logging.getLogger(__name__)
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")
 COMPRESSOR_KEYS = ("token_compressor",)
 IM_START_END_KEYS = ("embed_tokens", "embed_in")
+# Written last into every checkpoint-N by the Trainer; a folder without it was not finished.
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file or folder is missing, incomplete or unreadable; the message names it and the fix."""
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -112,6 +124,12 @@ def get_peft_state_maybe_zero_3(named_params: Iterable[tuple[str, torch.Tensor]]
     return gather_state(chosen)
 
 
+def _is_non_lora_trainable(name: str, param: torch.Tensor, require_grad_only: bool = True) -> bool:
+    return "lora_" not in name and (
+        param.requires_grad or not require_grad_only or matches(name, PROJECTOR_KEYS + COMPRESSOR_KEYS)
+    )
+
+
 def get_peft_state_non_lora_maybe_zero_3(
     named_params: Iterable[tuple[str, torch.Tensor]], require_grad_only: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -122,11 +140,79 @@ def get_peft_state_non_lora_maybe_zero_3(
     frozen in stage 2 (``freeze_mm_mlp_adapter``, ``freeze_token_compressor``) and left out here
     would come back random or as the average init instead of its stage-1 weights.
     """
-    always = PROJECTOR_KEYS + COMPRESSOR_KEYS
-    return gather_state(
-        (n, p) for n, p in named_params
-        if "lora_" not in n and (p.requires_grad or not require_grad_only or matches(n, always))
+    return gather_state((n, p) for n, p in named_params if _is_non_lora_trainable(n, p, require_grad_only))
+
+
+def load_weights_file(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file (``.bin``, read with ``weights_only``) or a ``.safetensors`` file.
+
+    A missing, empty, truncated or otherwise unreadable file is a ``CheckpointError`` that names it,
+    its size and ``fix`` (what the user can do about it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist. {fix}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): a run was probably killed while writing it. {fix}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError, a zip reader's RuntimeError, UnpicklingError, SafetensorError, ...
+        raise CheckpointError(
+            f"{path} ({size} bytes) cannot be read ({type(err).__name__}: {err}): it is truncated or not a weights "
+            f"file, as a run killed while writing it leaves it. {fix}"
+        ) from err
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` (a ``checkpoint-N``) cannot be resumed from, or None when it is complete.
+
+    This code writes checkpoints under a temporary name and renames them when complete; the check
+    catches folders cut short by older code or by hand (the Trainer writes ``trainer_state.json`` last).
+    """
+    state = Path(folder) / TRAINER_STATE_FILE
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE_FILE}"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as err:
+        return f"its {TRAINER_STATE_FILE} cannot be read ({err})"
+    return None
+
+
+def load_non_lora_trainables(model: nn.Module, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load ``checkpoint/non_lora_trainables.bin`` (projector, compressor, ...) into the peft ``model``.
+
+    Every parameter that ``get_peft_state_non_lora_maybe_zero_3`` saves must be in the file, and
+    nothing else: a LoRA resume that restored the adapter but not these would continue the
+    optimizer with the projector and compressor of stage 1.
+    """
+    path = Path(checkpoint) / NON_LORA_FILE
+    fix = (
+        f"A LoRA checkpoint needs it to restore the projector, the token compressor and the other non-LoRA "
+        f"weights. Resume from an earlier checkpoint-N with --resume_from_checkpoint, or move {Path(checkpoint).name} "
+        f"out of the output folder to resume from the one before it."
     )
+    state = load_weights_file(path, fix)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if _is_non_lora_trainable(n, p)}
+    missing, unknown = sorted(expected - set(state)), sorted(set(state) - set(params))
+    if missing or unknown:
+        raise CheckpointError(
+            f"{path} does not match the model: missing {missing or 'nothing'}, not in the model "
+            f"{unknown or 'nothing'}. Resume with the model flags (vision tower, compression, LoRA) of the run "
+            f"that wrote it."
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            with gathered([params[name]], modifier_rank=0):
+                params[name].copy_(tensor)
+    logger.info("Restored %s (%d tensors: %s) from %s", NON_LORA_FILE, len(state), describe(state), checkpoint)
+    return state
 
 
 def find_all_linear_names(model: nn.Module) -> list[str]:
@@ -149,7 +235,7 @@ def save_mm_adapter(
     use_im_start_end: bool = False,
     should_save: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Write ``mm_projector.bin`` (projector + token compressor) and ``config.json`` to ``output_dir``.
+    """Write ``mm_projector.bin`` (projector + token compressor) and ``config.json`` to ``output_dir``, each atomically.
 
     Call it on every rank (ZeRO-3 gathers are collective); only ``should_save`` ranks write. Also
     writes the compressor alone as ``token_compressor.safetensors`` with its metadata, the
@@ -161,9 +247,9 @@ def save_mm_adapter(
     if not should_save:
         return state
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(output_dir)
-    torch.save(state, output_dir / MM_PROJECTOR_FILE)
+    with atomic.staged_files(output_dir, "config") as staged:
+        model.config.save_pretrained(staged)
+    atomic.torch_save(state, output_dir / MM_PROJECTOR_FILE)
     compressor_state = {n: t for n, t in state.items() if matches(n, COMPRESSOR_KEYS)}
     if compressor_state:
         _save_compressor_file(model, compressor_state, output_dir / TOKEN_COMPRESSOR_FILE)
