@@ -8,7 +8,15 @@ On top of ``transformers.Trainer`` it
 - in projector-only pretraining (``tune_mm_mlp_adapter``) saves only ``mm_projector.bin``
   (projector + token compressor) in every checkpoint and at the end, gathered under ZeRO-3;
 - in LoRA fine-tuning also writes ``non_lora_trainables.bin`` into each checkpoint, so any
-  ``checkpoint-N`` loads with ``load_pretrained_model``;
+  ``checkpoint-N`` loads with ``load_pretrained_model``, and reads it back when training resumes
+  from one (projector, compressor and the other non-LoRA weights continue with the optimizer);
+- writes every ``checkpoint-N`` under a hidden temporary name (``.checkpoint-N.partial``) and
+  renames it when complete, so a run killed while saving leaves the previous checkpoints intact
+  and resumable; old checkpoints are deleted the same way (renamed, then removed);
+- resumed from a run's last checkpoint (killed while writing the final outputs), trains no further
+  and only writes them;
+- stops with ``NonFiniteLossError`` at the first NaN/inf loss (or, without fp16 loss scaling, NaN/inf
+  gradient norm), before the optimizer step, so no weights or checkpoint ever hold NaN;
 - counts samples the dataset skipped (``data_error_policy=skip``) and logs the count.
 
 Everything else (DDP via torchrun, DeepSpeed, mixed precision, gradient accumulation) is the
@@ -18,25 +26,35 @@ Trainer's own, so scaling out needs no code here.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
-from transformers.trainer import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME, rotate_checkpoints
+from transformers.trainer import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
 
 from ..constants import NON_LORA_FILE
+from . import atomic
 from .checkpointing import (
     COMPRESSOR_KEYS,
     PROJECTOR_KEYS,
     get_peft_state_non_lora_maybe_zero_3,
+    load_non_lora_trainables,
     matches,
     save_mm_adapter,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss (or gradient norm); the message names the step and the value."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +161,7 @@ class LLaVATrainer(Trainer):
     def __init__(
         self, *args: Any, tune_mm_mlp_adapter: bool | None = None, use_im_start_end: bool | None = None, **kwargs: Any
     ) -> None:
+        self._staging_run_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
         super().__init__(*args, **kwargs)
         if tune_mm_mlp_adapter is None:
             tune_mm_mlp_adapter = bool(getattr(self.args, "tune_mm_mlp_adapter", False))
@@ -168,6 +187,16 @@ class LLaVATrainer(Trainer):
             world_size=self.args.world_size * self.args.gradient_accumulation_steps,
             lengths=lengths,
         )
+
+    # Training loop --------------------------------------------------------------------------------
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # Resumed from the run's last checkpoint (a kill during the final save): nothing is left to
+            # train. The Trainer itself would run one step more when that checkpoint ends mid-epoch.
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
 
     # Optimizer -----------------------------------------------------------------------------------
 
@@ -213,7 +242,38 @@ class LLaVATrainer(Trainer):
         skipped = inputs.pop("skipped_samples", None)
         if skipped:
             self.data_skipped += len(skipped)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if model.training:
+            self._check_finite("loss", (result[0] if return_outputs else result).detach())
+        return result
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # With fp16 the loss scaler expects inf/NaN gradients now and then: it skips that step.
+        if grad_norm is not None and not self.args.fp16:
+            self._check_finite("gradient norm", grad_norm)
+        return grad_norm
+
+    def _check_finite(self, what: str, value: torch.Tensor | float) -> None:
+        """Stop at a NaN/inf ``value``, before the optimizer step can write it into the weights.
+
+        Costs one device synchronisation per micro-batch (reading one number back).
+        """
+        if isinstance(value, torch.Tensor):
+            if bool(torch.isfinite(value).all()):
+                return
+            value = value.float().item() if value.numel() == 1 else value.float().tolist()
+        elif math.isfinite(value):
+            return
+        step = self.state.global_step + 1
+        raise NonFiniteLossError(
+            f"The training {what} is {value} at step {step} (of {self.state.max_steps}). Training stopped before "
+            f"that step's update, so no weights or checkpoint hold it; checkpoints up to step {step - 1} are intact. "
+            f"Look for a broken sample in that step's batch, lower --learning_rate / --mm_projector_lr, or train "
+            f"in bf16 rather than fp16, then resume."
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.data_skipped:
@@ -222,34 +282,89 @@ class LLaVATrainer(Trainer):
 
     # Saving --------------------------------------------------------------------------------------
 
-    def _checkpoint_dir(self, trial) -> tuple[str, str]:
-        run_dir = self._get_output_dir(trial=trial)
-        return run_dir, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, the Trainer's own saving code writes into the staging folder.
+        if self._staging_run_dir is not None:
+            return self._staging_run_dir
+        return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` whole: into ``.checkpoint-N.partial/checkpoint-N``, then rename it.
+
+        Every rank writes its part (RNG state, DeepSpeed shards) into the same staging folder; once
+        all are done, the saving rank renames it and deletes checkpoints beyond ``save_total_limit``.
+        """
+        run_dir = super()._get_output_dir(trial)
+        final = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = atomic.staging_folder(final)
+        staged = staging_root / final.name
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging_root)
+        try:
+            self._write_checkpoint(model, trial, staged)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        atomic.publish_folder(staged, final)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        self._delete_old_checkpoints(run_dir)
+
+    def _write_checkpoint(self, model, trial, output_dir: Path) -> None:
         if not self.tune_mm_mlp_adapter:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # into output_dir, through _get_output_dir
             if _is_peft(self.model):
-                self._save_non_lora(self._checkpoint_dir(trial)[1])
+                self._save_non_lora(output_dir)
             return
         # Stage 1: the LLM and CLIP are frozen, so the adapter weights are the whole checkpoint.
-        run_dir, output_dir = self._checkpoint_dir(trial)
         save_mm_adapter(
             self.model, output_dir, use_im_start_end=self.use_im_start_end, should_save=self.args.should_save
         )
         if self.args.should_save:
-            self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
-            rotate_checkpoints(
-                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
-            )
+            self.state.save_to_json(str(output_dir / TRAINER_STATE_NAME))
 
-    def _save_non_lora(self, output_dir: str) -> None:
+    def _delete_old_checkpoints(self, run_dir: str) -> None:
+        """The Trainer's ``rotate_checkpoints``, deleting each folder by renaming it away first."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        checkpoints = sort_checkpoints(run_dir, use_mtime=True)
+        protected = {checkpoints[-1]}  # the newest, to resume from
+        if self.state.best_model_checkpoint is not None:
+            protected.add(str(Path(self.state.best_model_checkpoint)))
+        excess = len(checkpoints) - max(limit, len(protected))
+        for checkpoint in [c for c in checkpoints if c not in protected][:max(excess, 0)]:
+            logger.info("Deleting older checkpoint %s (save_total_limit=%d)", checkpoint, limit)
+            atomic.remove_tree(checkpoint)
+
+    def _save_non_lora(self, output_dir: str | os.PathLike) -> None:
         state = get_peft_state_non_lora_maybe_zero_3(self.model.named_parameters())
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             self.model.config.save_pretrained(output_dir)
-            torch.save(state, os.path.join(output_dir, NON_LORA_FILE))
+            torch.save(state, os.path.join(output_dir, NON_LORA_FILE))  # inside the staged checkpoint folder
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's loading (LoRA adapter or full model), plus ``non_lora_trainables.bin`` for LoRA.
+
+        Under DeepSpeed the Trainer restores the engine's own checkpoint instead (every trainable
+        parameter included) and does not call this.
+        """
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if _is_peft(self.model):
+            load_non_lora_trainables(self.model, resume_from_checkpoint)
+
+    def save_state(self) -> None:
+        """``trainer_state.json`` in the output folder, atomically."""
+        if self.is_world_process_zero():
+            with atomic.atomic_file(os.path.join(self.args.output_dir, TRAINER_STATE_NAME)) as tmp:
+                self.state.save_to_json(str(tmp))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """In projector-only pretraining write ``mm_projector.bin`` instead of the whole model."""

@@ -32,15 +32,19 @@ from llava.conversation import Conversation, SeparatorStyle, conv_templates
 # Absolute imports: DeepSpeed's launcher runs this file as a script (deepspeed llava/train/train.py).
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
 from llava.constants import NON_LORA_FILE
+from llava.train import atomic
 from llava.train.checkpointing import (
     COMPRESSOR_KEYS,
     PROJECTOR_KEYS,
+    CheckpointError,
+    checkpoint_problem,
     describe,
     find_all_linear_names,
     gather_state,
     gathered,
     get_peft_state_maybe_zero_3,
     get_peft_state_non_lora_maybe_zero_3,
+    load_weights_file,
     matches,
 )
 from llava.train.data import make_supervised_data_module
@@ -182,10 +186,8 @@ def apply_lora(model, training_args: TrainingArguments):
 
 def _adapter_check(model, path: str) -> None:
     """Confirm that the projector and compressor now hold ``path``'s weights; say what was loaded."""
-    from llava.model.llava_arch import load_adapter_weights
-
     keys = PROJECTOR_KEYS + COMPRESSOR_KEYS
-    saved = {_from_keyword(k, keys): t for k, t in load_adapter_weights(path).items() if matches(k, keys)}
+    saved = {_from_keyword(k, keys): t for k, t in read_adapter_file(path).items() if matches(k, keys)}
     live = gather_state((n, p) for n, p in model.named_parameters() if matches(n, keys))
     live = {_from_keyword(n, keys): t for n, t in live.items()}
     # Compare in the live dtype: setup_vision casts the tower (compressor included) to the compute
@@ -194,6 +196,14 @@ def _adapter_check(model, path: str) -> None:
     if differs:
         raise RuntimeError(f"After loading {path}, these parameters do not hold its weights: {differs}.")
     logger.info("Started from %s (%s)", path, describe(saved))
+
+
+def read_adapter_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``--pretrain_mm_mlp_adapter``; an empty or truncated file is an error saying what to do."""
+    return load_weights_file(
+        path,
+        fix="Pass the mm_projector.bin of a finished stage 1, or of its latest checkpoint-N/, or rerun stage 1.",
+    )
 
 
 def _from_keyword(name: str, keywords: Sequence[str]) -> str:
@@ -205,6 +215,8 @@ def setup_vision(
     model, tokenizer, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> None:
     """Build the vision tower, compressor and projector; choose what trains; add LLaVA's tokens."""
+    if model_args.pretrain_mm_mlp_adapter:
+        read_adapter_file(model_args.pretrain_mm_mlp_adapter)  # a clear error before the model reads it
     llava_model = model.get_model()
     existing = [p for name in ("mm_projector", "vision_tower") for p in _params_of(llava_model, name)]
     # Under ZeRO-3, a LLaVA checkpoint's vision modules are partitioned: gather them to load the adapter.
@@ -281,31 +293,42 @@ def save_arguments(output_dir: str, *groups: Any) -> None:
     for group in groups:
         values = group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group)
         record[type(group).__name__] = values
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / TRAIN_ARGS_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic.write_text(Path(output_dir) / TRAIN_ARGS_FILE, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def save_trained_model(trainer: LLaVATrainer, model, tokenizer, training_args: TrainingArguments) -> None:
-    """Write the final outputs: ``mm_projector.bin`` (stage 1), LoRA weights + ``non_lora_trainables.bin``, or the model."""
+    """Write the final outputs: ``mm_projector.bin`` (stage 1), LoRA + ``non_lora_trainables.bin``, or the model.
+
+    They are written into a hidden folder first and then moved into the output folder one file at
+    a time (each move atomic), so a run killed while saving never leaves a truncated output file.
+    """
     output_dir = training_args.output_dir
     model.config.use_cache = True
-    if trainer.tune_mm_mlp_adapter:
-        trainer.save_model(output_dir)
-        return
-    if training_args.lora_enable:
+    staged = Path(output_dir) / f".final{atomic.PARTIAL_SUFFIX}"
+    if training_args.should_save:
+        atomic.remove_tree(staged)
+    trainer.accelerator.wait_for_everyone()
+    lora_state = non_lora_state = None
+    if training_args.lora_enable and not trainer.tune_mm_mlp_adapter:
         lora_state = get_peft_state_maybe_zero_3(model.named_parameters(), training_args.lora_bias)
         non_lora_state = get_peft_state_non_lora_maybe_zero_3(model.named_parameters())
         if training_args.should_save:
-            model.config.save_pretrained(output_dir)
-            model.save_pretrained(output_dir, state_dict=lora_state)
-            torch.save(non_lora_state, os.path.join(output_dir, NON_LORA_FILE))
-            tokenizer.save_pretrained(output_dir)
-            logger.info(
-                "Saved LoRA weights (%d tensors) and %s (%d tensors: %s) to %s",
-                len(lora_state), NON_LORA_FILE, len(non_lora_state), describe(non_lora_state), output_dir,
-            )
+            staged.mkdir(parents=True)
+            model.config.save_pretrained(staged)
+            model.save_pretrained(staged, state_dict=lora_state)
+            torch.save(non_lora_state, staged / NON_LORA_FILE)
+            tokenizer.save_pretrained(staged)
+    else:
+        trainer.save_model(str(staged))  # stage 1: mm_projector.bin (+ compressor, config); else the model
+    trainer.accelerator.wait_for_everyone()
+    if not training_args.should_save:
         return
-    trainer.save_model(output_dir)
+    atomic.publish_files(staged, output_dir)
+    if non_lora_state is not None:
+        logger.info(
+            "Saved LoRA weights (%d tensors) and %s (%d tensors: %s) to %s",
+            len(lora_state), NON_LORA_FILE, len(non_lora_state), describe(non_lora_state), output_dir,
+        )
 
 
 def train(
@@ -323,8 +346,10 @@ def train(
     model_args, data_args, training_args = parse_arguments(list(argv) if argv is not None else None)
     template = resolve_template(model_args.version)
     check_deepspeed_config(training_args)
+    resume_from = _resume_point(training_args, model_args)  # checks the checkpoint before anything loads
     if training_args.should_save:
         save_arguments(training_args.output_dir, model_args, data_args, training_args)
+    seed_everything(training_args)
 
     model = load_language_model(model_args, training_args, attn_implementation)
     if model_args.freeze_backbone:
@@ -360,7 +385,7 @@ def train(
         use_im_start_end=model_args.mm_use_im_start_end,
         **data_module,
     )
-    trainer.train(resume_from_checkpoint=_resume_point(training_args, model_args))
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
     if trainer.data_skipped or data_module["train_dataset"].num_skipped:
         logger.warning(
@@ -371,23 +396,72 @@ def train(
     return trainer
 
 
-def _resume_point(training_args: TrainingArguments, model_args: ModelArguments) -> str | bool | None:
+def seed_everything(training_args: TrainingArguments) -> None:
+    """Seed Python, NumPy and torch from ``--seed`` before any weight is created.
+
+    The Trainer seeds only when it is constructed, after the model exists; LoRA's A matrices (and
+    a new projector in stage 1) would otherwise start from whatever state the process began with
+    (torch seeds itself from the OS), and two runs with the same ``--seed`` would differ.
+    """
+    if training_args.full_determinism:
+        transformers.enable_full_determinism(training_args.seed)
+    else:
+        transformers.set_seed(training_args.seed)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders in ``output_dir``, oldest step first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def _resume_point(training_args: TrainingArguments, model_args: ModelArguments) -> str | None:
     """Resume from ``--resume_from_checkpoint`` or, as upstream does, from the output folder's latest checkpoint.
 
-    Stage-1 checkpoints hold only the adapter weights, so they are not resumed: start a new run
-    with ``--pretrain_mm_mlp_adapter checkpoint-N/mm_projector.bin`` instead.
+    Only complete checkpoints count: newer ones that a killed run left incomplete are skipped with a
+    warning naming them, and the temporaries it left are removed. An incomplete checkpoint given
+    by ``--resume_from_checkpoint`` is an error. Stage-1 checkpoints hold only the adapter weights,
+    so they are not resumed: start a new run with ``--pretrain_mm_mlp_adapter
+    checkpoint-N/mm_projector.bin`` instead.
     """
+    output_dir = Path(training_args.output_dir)
+    if training_args.should_save:
+        stale = atomic.remove_stale(output_dir)
+        if stale:
+            names = ", ".join(p.name for p in stale)
+            logger.warning("Removed what an interrupted run left half-written in %s: %s", output_dir, names)
     if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if not list(Path(training_args.output_dir).glob("checkpoint-*")):
+        given = training_args.resume_from_checkpoint
+        if not Path(given).is_dir():
+            raise CheckpointError(f"--resume_from_checkpoint {given} does not exist or is not a folder.")
+        problem = checkpoint_problem(given)
+        if problem is not None:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {given} is incomplete: {problem} (its run was probably killed while "
+                f"saving it). Resume from an earlier checkpoint-N."
+            )
+        return given
+    checkpoints = _checkpoints(output_dir)
+    if not checkpoints:
         return None
     if model_args.tune_mm_mlp_adapter:
         logger.warning(
             "%s holds stage-1 checkpoints (weights only); training starts from scratch. To continue one, pass "
-            "--pretrain_mm_mlp_adapter <checkpoint>/mm_projector.bin.", training_args.output_dir,
+            "--pretrain_mm_mlp_adapter <checkpoint>/mm_projector.bin.", output_dir,
         )
         return None
-    return True
+    skipped = []
+    for checkpoint in reversed(checkpoints):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            if skipped:
+                logger.warning("Resuming from %s, the latest complete checkpoint.", checkpoint)
+            return str(checkpoint)
+        skipped.append(checkpoint)
+        logger.warning("Skipping incomplete checkpoint %s: %s (its run was probably killed while saving it).",
+                       checkpoint, problem)
+    logger.warning("No complete checkpoint in %s; training starts from the beginning.", output_dir)
+    return None
 
 
 def configure_logging(level: int = logging.INFO) -> None:
