@@ -70,7 +70,10 @@ def test_compressor_is_built_at_construction_with_delay_load(tiny_tower_336, mak
     assert isinstance(tower.token_compressor, TokenCompressor)
     assert (tower.num_patches_per_side, tower.num_patches, tower.hidden_size) == (12, 144, C)
     assert "ToConv Token Compression enabled: 24x24 → 12x12" in caplog.messages
-    assert sorted(tower.state_dict()) == ["token_compressor.conv.bias", "token_compressor.conv.weight"]
+    assert sorted(tower.state_dict()) == [
+        "token_compressor.conv.bias", "token_compressor.conv.weight", "token_compressor.grid_sizes"
+    ]
+    assert tower.token_compressor.grid_sizes.tolist() == [24, 12]
 
 
 def test_load_model_keeps_trained_compressor_weights(tiny_tower_336, make_args):
