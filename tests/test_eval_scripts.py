@@ -22,8 +22,10 @@ import io
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,11 +90,56 @@ SWITCHED_ON_12 = "Token compression switched on at load time: 24×24 → 12×12"
 FROM_CHECKPOINT_12 = "Token compression: 24×24 → 12×12, compressor from the checkpoint"
 
 
-def script_env(model_path: Path | None, eval_args: str = NEW_TOKENS, gpus: str = "0", **variables: str) -> dict:
+@dataclass
+class Run:
+    """A finished script run: its output and the ``python`` command lines it ran, in order."""
+
+    stdout: str
+    stderr: str
+    calls: list[list[str]]
+
+    @property
+    def modules(self) -> list[str]:
+        """What each ``python`` call ran: the module of ``-m``, else the file."""
+        return [call[1] if call[0] == "-m" else call[0] for call in self.calls]
+
+    def call(self, module: str) -> list[str]:
+        """The one call that ran ``module``."""
+        (found,) = [call for call in self.calls if call[:2] == ["-m", module]]
+        return found
+
+    @property
+    def loads(self) -> int:
+        """How many times the run loaded a model."""
+        return self.stderr.count("INFO llava.model.builder: Loading LLaVA")
+
+
+def flag(call: list[str], name: str) -> str:
+    """The value given to ``name`` in a command line."""
+    return call[call.index(name) + 1]
+
+
+def python_shim(cwd: Path) -> Path:
+    """A folder whose ``python`` logs each call's arguments (one shell-quoted line) and runs this interpreter."""
+    folder = cwd / ".python-shim"
+    folder.mkdir(exist_ok=True)
+    shim = folder / "python"
+    shim.write_text(f'''#!/bin/bash
+line=$(printf '%q ' "$@")
+echo "$line" >> "$(dirname "$0")/calls"
+exec {shlex.quote(sys.executable)} "$@"
+''')
+    shim.chmod(0o755)
+    (folder / "calls").write_text("")
+    return folder
+
+
+def script_env(cwd: Path, model_path: Path | None, eval_args: str = NEW_TOKENS, gpus: str = "0",
+               **variables: str) -> dict:
     """The environment of a script run on the CPU; ``variables`` add to or override the defaults."""
     env = {key: value for key, value in os.environ.items() if key not in SCRIPT_VARIABLES}
     env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` is this interpreter
+        "PATH": f"{python_shim(cwd)}{os.pathsep}{env.get('PATH', '')}",
         "DEVICE": "cpu", "EVAL_ARGS": eval_args, "CUDA_VISIBLE_DEVICES": gpus,
         "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
     })
@@ -103,14 +150,15 @@ def script_env(model_path: Path | None, eval_args: str = NEW_TOKENS, gpus: str =
 
 
 def run_script(name: str, cwd: Path, model_path: Path | None = None, *, eval_args: str = NEW_TOKENS,
-               gpus: str = "0", returncode: int = 0, **variables: str) -> subprocess.CompletedProcess:
+               gpus: str = "0", returncode: int = 0, **variables: str) -> Run:
     """``bash scripts/v1_5/eval/<name>`` in ``cwd``; fails the test unless it exits with ``returncode``."""
-    env = script_env(model_path, eval_args, gpus, **variables)
+    env = script_env(cwd, model_path, eval_args, gpus, **variables)
     done = subprocess.run(["bash", str(SCRIPTS / name)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == returncode, (
         f"{name} exited with {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}"
     )
-    return done
+    calls = (cwd / ".python-shim" / "calls").read_text().splitlines()
+    return Run(done.stdout, done.stderr, [shlex.split(line) for line in calls])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -144,9 +192,9 @@ def printed(function, *args):
     return result, buffer.getvalue()
 
 
-def loads(done: subprocess.CompletedProcess) -> int:
-    """How many times a script loaded a model."""
-    return done.stderr.count("INFO llava.model.builder: Loading LLaVA")
+def upstream_flags(call: list[str], model_path: Path) -> bool:
+    """Whether an answering command line starts as upstream's scripts do: the model, greedy, vicuna_v1."""
+    return call[2:8] == ["--model-path", str(model_path), "--temperature", "0", "--conv-mode", "vicuna_v1"]
 
 
 # ---------------------------------------------------------------- compression switch
@@ -171,7 +219,19 @@ def test_pope_with_and_without_compression_side_by_side(tmp_path, tiny_llava):
                                                                     "llava-v1.5-tiny.jsonl"]
     assert "Token compression" not in plain.stderr
     assert SWITCHED_ON_12 in compressed.stderr and "average init" in compressed.stderr
-    for done, tag in ((plain, "llava-v1.5-tiny"), (compressed, "llava-v1.5-tiny-toconv12")):
+    pope = "./playground/data/eval/pope"
+    for done, tag, compression in ((plain, "llava-v1.5-tiny", []),
+                                   (compressed, "llava-v1.5-tiny-toconv12",
+                                    ["--use-token-compression", "--compression-output-size", "12"])):
+        # upstream's command lines, plus the compression flags, the device and EVAL_ARGS
+        assert done.calls == [
+            ["-m", "llava.eval.model_vqa_loader", "--model-path", str(tiny_llava), "--temperature", "0",
+             "--conv-mode", "vicuna_v1", *compression, "--device", "cpu", "--max_new_tokens", "3",
+             "--num-workers", "0", "--question-file", f"{pope}/llava_pope_test.jsonl",
+             "--image-folder", f"{pope}/val2014", "--answers-file", f"{pope}/answers/{tag}.jsonl"],
+            ["-m", "llava.eval.eval_pope", "--annotation-dir", f"{pope}/coco",
+             "--question-file", f"{pope}/llava_pope_test.jsonl", "--result-file", f"{pope}/answers/{tag}.jsonl"],
+        ]
         answers = root / "answers" / f"{tag}.jsonl"
         check_answers(answers, list(range(6)), tiny_llava)
         scores, expected = printed(eval_pope.evaluate, str(root / "coco"), str(root / "llava_pope_test.jsonl"),
@@ -186,7 +246,7 @@ def test_token_compressor_without_compress_to_is_refused(tmp_path, tiny_llava):
     done = run_script("pope.sh", tmp_path, tiny_llava, returncode=2, TOKEN_COMPRESSOR="/ckpt/compressor.safetensors")
     assert done.stderr == ("TOKEN_COMPRESSOR=/ckpt/compressor.safetensors is set but COMPRESS_TO is not: "
                            "set COMPRESS_TO=12 or 8 to use it.\n")
-    assert done.stdout == "" and not (tmp_path / "playground").exists()
+    assert done.stdout == "" and done.calls == [] and not (tmp_path / "playground").exists()
 
 
 # ---------------------------------------------------------------- scored locally
@@ -215,6 +275,9 @@ def test_textvqa_with_a_token_compressor_file(tmp_path, tiny_llava, compressor_f
     done = run_script("textvqa.sh", tmp_path, tiny_llava, COMPRESS_TO="12", TOKEN_COMPRESSOR=str(compressor_file))
 
     assert f"{SWITCHED_ON_12}, compressor from {compressor_file}" in done.stderr
+    assert done.modules == ["llava.eval.model_vqa_loader", "llava.eval.eval_textvqa"]
+    answering = done.call("llava.eval.model_vqa_loader")
+    assert upstream_flags(answering, tiny_llava) and flag(answering, "--token-compressor-path") == str(compressor_file)
     answers = root / "answers" / "llava-v1.5-tiny-toconv12.jsonl"
     check_answers(answers, ["0054c91397f2fe05", "003a8ae2ef43b901", "00685bc495504d61"], tiny_llava)
     annotations = eval_textvqa.load_annotations(str(root / "TextVQA_0.5.1_val.json"))
@@ -237,6 +300,9 @@ def test_sqa(tmp_path, tiny_llava_compressed):
     done = run_script("sqa.sh", tmp_path, tiny_llava_compressed)
 
     assert FROM_CHECKPOINT_12 in done.stderr
+    assert done.modules == ["llava.eval.model_vqa_science", "llava.eval.eval_science_qa"]
+    answering = done.call("llava.eval.model_vqa_science")
+    assert upstream_flags(answering, tiny_llava_compressed) and answering[-1] == "--single-pred-prompt"
     answers_dir = base / "answers"
     answers = check_answers(answers_dir / "llava-v1.5-tiny-toconv12.jsonl", ["5", "12", "27", "33"],
                             tiny_llava_compressed)
@@ -275,7 +341,11 @@ def test_gqa_in_two_chunks(tmp_path, tiny_llava):
 
     done = run_script("gqa.sh", tmp_path, tiny_llava, eval_args=LOADER_ARGS, gpus="0,1")
 
-    assert loads(done) == 2
+    assert done.loads == 2
+    assert done.modules == ["llava.eval.model_vqa_loader"] * 2 + ["llava.eval.convert_gqa_for_eval",
+                                                                  "llava.eval.eval_gqa", "eval/eval.py"]
+    assert sorted((flag(c, "--num-chunks"), flag(c, "--chunk-idx")) for c in done.calls[:2]) == [("2", "0"),
+                                                                                               ("2", "1")]
     folder = gqa / "answers" / "llava_gqa_testdev_balanced" / "llava-v1.5-tiny"
     check_chunks(folder, list(questions))
     answers = check_answers(folder / "merge.jsonl", list(questions), tiny_llava)
@@ -300,6 +370,9 @@ def test_mme(tmp_path, tiny_llava):
 
     done = run_script("mme.sh", tmp_path, tiny_llava, eval_args=f"{LOADER_ARGS} --batch-size 7")
 
+    assert done.modules == ["llava.eval.model_vqa_loader", "llava.eval.convert_answer_to_mme", "llava.eval.eval_mme"]
+    assert done.calls[1:] == [["-m", "llava.eval.convert_answer_to_mme", "--experiment", "llava-v1.5-tiny"],
+                              ["-m", "llava.eval.eval_mme", "--results_dir", "answers/llava-v1.5-tiny"]]
     answers = check_answers(mme / "answers" / "llava-v1.5-tiny.jsonl", [q.image_path for q in questions], tiny_llava)
     results_dir = mme / "eval_tool" / "answers" / "llava-v1.5-tiny"
     assert sorted(p.name for p in results_dir.iterdir()) == sorted(f"{q.subtask}.txt" for q in questions[::2])
@@ -327,6 +400,11 @@ def test_mmbench(tmp_path, tiny_llava):
 
     done = run_script("mmbench.sh", tmp_path, tiny_llava)
 
+    assert done.modules == ["llava.eval.model_vqa_mmbench", "llava.eval.convert_mmbench_for_submission",
+                            "llava.eval.eval_mmbench"]
+    answering = done.call("llava.eval.model_vqa_mmbench")
+    assert upstream_flags(answering, tiny_llava) and answering[-1] == "--single-pred-prompt"
+    assert "--lang" not in answering
     root = tmp_path / EVAL / "mmbench"
     answers_file = root / "answers" / "mmbench_dev_20230712" / "llava-v1.5-tiny.jsonl"
     answers = check_answers(answers_file, [241, 242, 245], tiny_llava, keys=MMBENCH_ANSWER_KEYS)
@@ -355,6 +433,11 @@ def test_mmbench_cn(tmp_path, tiny_llava_compressed):
     done = run_script("mmbench_cn.sh", tmp_path, tiny_llava_compressed)
 
     assert FROM_CHECKPOINT_12 in done.stderr
+    assert done.modules == ["llava.eval.model_vqa_mmbench", "llava.eval.convert_mmbench_for_submission",
+                            "llava.eval.eval_mmbench"]
+    answering = done.call("llava.eval.model_vqa_mmbench")
+    assert upstream_flags(answering, tiny_llava_compressed) and answering[-3:] == ["--lang", "cn",
+                                                                                   "--single-pred-prompt"]
     root = tmp_path / EVAL / "mmbench_cn"
     answers_file = root / "answers" / split / "llava-v1.5-tiny-toconv12.jsonl"
     answers = check_answers(answers_file, [1, 2], tiny_llava_compressed, keys=MMBENCH_ANSWER_KEYS)
@@ -380,7 +463,8 @@ def test_seed_in_two_chunks_with_compression(tmp_path, tiny_llava):
 
     done = run_script("seed.sh", tmp_path, tiny_llava, eval_args=LOADER_ARGS, gpus="0,1", COMPRESS_TO="12")
 
-    assert loads(done) == 2 and done.stderr.count(SWITCHED_ON_12) == 2
+    assert done.loads == 2 and done.stderr.count(SWITCHED_ON_12) == 2
+    assert done.modules == ["llava.eval.model_vqa_loader"] * 2 + ["llava.eval.convert_seed_for_submission"]
     folder = root / "answers" / "llava-v1.5-tiny-toconv12"
     ids = [int(q.question_id) for q in questions]
     check_chunks(folder, ids)
@@ -409,7 +493,8 @@ def test_vqav2_in_two_chunks(tmp_path, tiny_llava_compressed):
 
     done = run_script("vqav2.sh", tmp_path, tiny_llava_compressed, eval_args=LOADER_ARGS, gpus="0,1")
 
-    assert loads(done) == 2 and done.stderr.count(FROM_CHECKPOINT_12) == 2
+    assert done.loads == 2 and done.stderr.count(FROM_CHECKPOINT_12) == 2
+    assert done.modules == ["llava.eval.model_vqa_loader"] * 2 + ["llava.eval.convert_vqav2_for_submission"]
     split = "llava_vqav2_mscoco_test-dev2015"
     folder = root / "answers" / split / "llava-v1.5-tiny-toconv12"
     check_chunks(folder, test_dev)
@@ -437,7 +522,7 @@ def test_a_failed_chunk_fails_the_script_once_every_chunk_has_ended(tmp_path, ti
     # Output to files, not pipes: the script's exit is what is timed, not that of a chunk left running.
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         script = subprocess.Popen(["bash", str(SCRIPTS / "vqav2.sh")], cwd=tmp_path, stdout=out, stderr=err,
-                                  env=script_env(tiny_llava, LOADER_ARGS, gpus="0,1"))
+                                  env=script_env(tmp_path, tiny_llava, LOADER_ARGS, gpus="0,1"))
         returncode = script.wait(timeout=600)
 
     stderr = (tmp_path / "stderr").read_text()
@@ -457,6 +542,8 @@ def test_vizwiz_with_eval_dir(tmp_path, tiny_llava):
 
     done = run_script("vizwiz.sh", tmp_path, tiny_llava, eval_args=LOADER_ARGS, EVAL_DIR=str(eval_dir))
 
+    assert done.modules == ["llava.eval.model_vqa_loader", "llava.eval.convert_vizwiz_for_submission"]
+
     check_answers(root / "answers" / "llava-v1.5-tiny.jsonl", [0, 1, 2], tiny_llava)
     assert "total results: 3, total split: 3, error_line: 0\n" in done.stdout
     upload = json.loads((root / "answers_upload" / "llava-v1.5-tiny.json").read_text())
@@ -473,7 +560,9 @@ def test_mmvet_with_ckpt_name(tmp_path, tiny_llava):
     save_images_as(root / "images", write_mmvet(root / "llava-mm-vet.jsonl",
                                                 ["What is in the image?", "Describe the shapes.", "How many?"]))
 
-    run_script("mmvet.sh", tmp_path, tiny_llava, CKPT="my-run")
+    done = run_script("mmvet.sh", tmp_path, tiny_llava, CKPT="my-run")
+
+    assert done.modules == ["llava.eval.model_vqa", "llava.eval.convert_mmvet_for_eval"]
 
     answers = check_answers(root / "answers" / "my-run.jsonl", [0, 1, 2], tiny_llava)
     results = json.loads((root / "results" / "my-run.json").read_text())
@@ -490,5 +579,7 @@ def test_llavabench_with_64_tokens(tmp_path, tiny_llava):
     done = run_script("llavabench.sh", tmp_path, tiny_llava, COMPRESS_TO="8")
 
     assert "Token compression switched on at load time: 24×24 → 8×8" in done.stderr
+    assert done.modules == ["llava.eval.model_vqa"]
+    assert flag(done.call("llava.eval.model_vqa"), "--compression-output-size") == "8"
     answers = check_answers(root / "answers" / "llava-v1.5-tiny-toconv8.jsonl", [0, 1], tiny_llava)
     assert [a["prompt"] for a in answers] == texts
