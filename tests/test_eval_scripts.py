@@ -5,6 +5,8 @@ LLaVA's docs/Evaluation.md describes it (LLaVA's question files, generated image
 own annotations; the writers live in ``benchmark_fixtures``), runs the script with ``bash`` on the
 CPU with a stand-in LLaVA-1.5 checkpoint (3 new tokens per answer), and checks each stage:
 
+* the command lines: a logging ``python`` first on the script's PATH records every call, so the
+  steps and their flags (upstream's, and ours: compression, device, EVAL_ARGS) are checked too;
 * answering: one answer line per question, in question order, with upstream's keys;
 * conversion: the file the benchmark's evaluator or server takes, with its keys and counts;
 * scoring: what the script printed equals what the scorer prints when run in this process on the
@@ -12,7 +14,7 @@ CPU with a stand-in LLaVA-1.5 checkpoint (3 new tokens per answer), and checks e
 
 GQA, VQAv2 and SEED-Bench run with ``CUDA_VISIBLE_DEVICES=0,1``: two chunks answered side by side on
 the CPU, then merged in order. POPE runs with and without ``COMPRESS_TO=12``, the two answer files
-side by side. About 10 s per script (mostly the two processes' imports and the model load).
+side by side. About 10 s per script on a CPU, mostly spent importing torch and transformers.
 """
 
 from __future__ import annotations
@@ -534,8 +536,8 @@ def test_a_failed_chunk_fails_the_script_once_every_chunk_has_ended(tmp_path, ti
     assert not (folder / "merge.jsonl").exists() and not (root / "answers_upload").exists()
 
 
-def test_vizwiz_with_eval_dir(tmp_path, tiny_llava):
-    eval_dir = tmp_path / "benchmarks"  # EVAL_DIR elsewhere, absolute
+def test_vizwiz_with_an_eval_dir_elsewhere(tmp_path, tiny_llava):
+    eval_dir = tmp_path / "eval data"  # EVAL_DIR elsewhere, absolute, with a space
     root = eval_dir / "vizwiz"
     save_images_as(root / "test", write_vizwiz(root / "llava_test.jsonl",
                                                ["What is this?", "What does the label say?", "Which color?"]))
@@ -543,7 +545,6 @@ def test_vizwiz_with_eval_dir(tmp_path, tiny_llava):
     done = run_script("vizwiz.sh", tmp_path, tiny_llava, eval_args=LOADER_ARGS, EVAL_DIR=str(eval_dir))
 
     assert done.modules == ["llava.eval.model_vqa_loader", "llava.eval.convert_vizwiz_for_submission"]
-
     check_answers(root / "answers" / "llava-v1.5-tiny.jsonl", [0, 1, 2], tiny_llava)
     assert "total results: 3, total split: 3, error_line: 0\n" in done.stdout
     upload = json.loads((root / "answers_upload" / "llava-v1.5-tiny.json").read_text())
@@ -563,7 +564,6 @@ def test_mmvet_with_ckpt_name(tmp_path, tiny_llava):
     done = run_script("mmvet.sh", tmp_path, tiny_llava, CKPT="my-run")
 
     assert done.modules == ["llava.eval.model_vqa", "llava.eval.convert_mmvet_for_eval"]
-
     answers = check_answers(root / "answers" / "my-run.jsonl", [0, 1, 2], tiny_llava)
     results = json.loads((root / "results" / "my-run.json").read_text())
     assert results == {f"v1_{a['question_id']}": a["text"] for a in answers}
