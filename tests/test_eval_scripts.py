@@ -49,6 +49,9 @@ from llava.eval import (
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
 from llava.standins import make_images
 
+# Each script starts several Python processes (about 7 s of imports each).
+pytestmark = pytest.mark.slow
+
 from benchmark_fixtures import (
     OPTION_LETTER,
     PopeItem,
