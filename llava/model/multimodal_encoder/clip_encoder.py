@@ -8,12 +8,18 @@ switched on by fields of the ``args`` object LLaVA already passes in:
 - ``compression_input_size`` (default: the tower's own patch grid)
 - ``compression_output_size`` (default 12)
 - ``pretrain_token_compressor`` (optional path of a compressor checkpoint)
+
+Those fields, ``mm_vision_select_layer`` and the tower's path are checked once, at construction, by
+the functions under "Settings" below; LLaVA's loader and command-line tools reuse the same checks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -50,6 +56,202 @@ CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or tra
 _LAYER_SWAP_LOCK = threading.Lock()
 
 
+# ---- Settings: the compression fields, the select layer and the tower path, checked once ------------
+# The tower, LLaVA's loader (llava.model.builder) and its command-line tools (llava.utils) all call
+# these, each naming the fields as its caller spells them (SettingNames). They live in this file so
+# that a fork that copies only clip_encoder.py (and vision_token_compression) gets them too.
+
+_TRUE_STRINGS = ("true", "1", "yes")
+_FALSE_STRINGS = ("false", "0", "no")
+
+
+def parse_bool_setting(value, name: str) -> bool:
+    """A bool setting, also when a hand-edited config or YAML file gives it as a string.
+
+    ``None`` (a missing field) is False; the unambiguous strings ``"true"``/``"false"``, ``"1"``/``"0"``,
+    ``"yes"``/``"no"`` (any case) and the ints 1/0 are converted; anything else is a ``ValueError``,
+    so ``"false"`` can never switch a feature on.
+    """
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise ValueError(
+        f"{name}={value!r} is not a boolean: use true or false (the strings 'true'/'false', '1'/'0' and "
+        f"'yes'/'no' are accepted too)."
+    )
+
+
+@dataclass(frozen=True)
+class SettingNames:
+    """How a caller spells the compression settings in its messages, and how to switch compression on."""
+
+    use_token_compression: str = "use_token_compression"
+    input_size: str = "compression_input_size"
+    output_size: str = "compression_output_size"
+    checkpoint: str = "pretrain_token_compressor"
+    switch_on: str = "set use_token_compression=True"
+
+
+# The fields of LLaVA's model args and model config.
+MODEL_ARG_NAMES = SettingNames()
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """Checked compression settings: ``input_size`` is None when off or left to the tower's grid."""
+
+    enabled: bool
+    input_size: int | None
+    output_size: int
+    checkpoint: str | None
+
+
+def _check_grid_side(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(
+            f"{name} must be an int (a grid side such as 12 or 8), got {value!r} ({type(value).__name__})."
+        )
+
+
+def check_compression_settings(
+    use_token_compression,
+    input_size=None,
+    output_size=None,
+    checkpoint=None,
+    *,
+    grid: int | None = None,
+    tower: str = "the vision tower",
+    names: SettingNames = MODEL_ARG_NAMES,
+    where: str = "",
+    unset_output_sizes: tuple = (None,),
+) -> CompressionSettings:
+    """Check the compression settings; returns them with the defaults filled in.
+
+    Args:
+        use_token_compression: A bool, or a string/int that ``parse_bool_setting`` accepts.
+        input_size / output_size: Grid sides (ints, not floats or strings); with compression on,
+            ``1 <= output_size < input_size`` and ``input_size`` equals ``grid`` when that is known.
+        checkpoint: Path of a compressor checkpoint; must be an existing file.
+        grid: The tower's own patch grid side, when known; ``tower`` names it in messages.
+        names: How the caller spells the settings (model args, function arguments or CLI flags).
+        where: Prefix of every message, naming the file or object the settings came from.
+        unset_output_sizes: Output sizes that mean "not given" while compression is off: the
+            default that args dataclasses carry (``compression_output_size=12``) cannot be told from
+            a given 12.
+
+    Raises:
+        ValueError: a value of the wrong type or out of range, or sizes / a checkpoint given while
+            compression is off (they would be ignored).
+        FileNotFoundError: the checkpoint does not exist.
+    """
+    enabled = parse_bool_setting(use_token_compression, names.use_token_compression)
+    _check_grid_side(input_size, names.input_size)
+    _check_grid_side(output_size, names.output_size)
+    checkpoint = os.fspath(checkpoint) if checkpoint else None
+    if not enabled:
+        given = [
+            f"{name}={value!r}" for name, value, unset in (
+                (names.input_size, input_size, (None,)),
+                (names.output_size, output_size, unset_output_sizes),
+                (names.checkpoint, checkpoint, (None,)),
+            ) if value not in unset
+        ]
+        if given:
+            raise ValueError(
+                f"{where}{', '.join(given)} {'needs' if len(given) == 1 else 'need'} token compression, but "
+                f"{names.use_token_compression} is off ({use_token_compression!r}), so "
+                f"{'it' if len(given) == 1 else 'they'} would be ignored: {names.switch_on} to compress, or "
+                f"remove {'it' if len(given) == 1 else 'them'}."
+            )
+        return CompressionSettings(False, None, DEFAULT_COMPRESSION_OUTPUT_SIZE, None)
+
+    output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
+    if grid is not None and input_size is not None and input_size != grid:
+        raise ValueError(
+            f"{where}{names.input_size}={input_size} but {tower} produces a {grid}×{grid} patch grid. "
+            f"Set {names.input_size}={grid} or leave it unset."
+        )
+    side = grid if grid is not None else input_size
+    if output_size < 1 or (side is not None and output_size >= side):
+        allowed = f"1..{side - 1}" if side is not None else "at least 1"
+        raise ValueError(
+            f"{where}{names.output_size}={output_size} is out of range"
+            f"{f' for a {side}×{side} input grid' if side is not None else ''}: use {allowed} "
+            f"(12 gives 144 tokens, 8 gives 64)."
+        )
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(
+            f"{where}{names.checkpoint}={checkpoint!r} not found (no such file). Pass a token compressor "
+            f"checkpoint (.safetensors, written by vision_token_compression's save_compressor or trainer)."
+        )
+    return CompressionSettings(True, input_size, output_size, checkpoint)
+
+
+def check_select_layer(layer, num_layers: int, tower: str) -> int:
+    """``mm_vision_select_layer`` as an index into CLIP's ``hidden_states`` (``num_layers`` + 1 entries)."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(
+            f"mm_vision_select_layer must be an int (e.g. -2, as LLaVA-1.5), got {layer!r} ({type(layer).__name__})."
+        )
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise ValueError(
+            f"mm_vision_select_layer={layer} is out of range: {tower} has {num_layers} layers, so use "
+            f"{-(num_layers + 1)}..{num_layers} (0 is the embeddings, -1 the last layer, -2 LLaVA-1.5's choice)."
+        )
+    return layer
+
+
+# A Hugging Face Hub repo id: "name" or "namespace/name", each part of letters, digits, "-", "_", ".",
+# not starting or ending with "-" or ".", without "--" or "..".
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?/)?[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?$")
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hub repo id (it may still not exist)."""
+    return len(name) <= 96 * 2 + 1 and bool(_REPO_ID.match(name)) and "--" not in name and ".." not in name
+
+
+def not_found_error(name, what: str, fix: str, cause: BaseException | None = None) -> FileNotFoundError:
+    """The error for a model path that is neither a local folder nor a loadable Hub repo."""
+    name = os.fspath(name)
+    where = os.path.abspath(os.path.expanduser(name))
+    detail = f"there is no local file or folder {where}"
+    if name.startswith("~") and os.path.exists(where):
+        detail = f"'~' is not expanded here: pass {where}"
+    elif not is_repo_id(name):
+        detail += ", and it is not a Hugging Face Hub repo id (namespace/name) either"
+    elif cause is not None:
+        detail += f", and loading it as a Hugging Face Hub repo failed: {str(cause).strip().splitlines()[0]}"
+    return FileNotFoundError(f"{what} {name!r} not found: {detail}. {fix}")
+
+
+def require_pretrained(name, what: str, fix: str) -> None:
+    """Refuse, without any network access, a path that exists neither locally nor as a possible Hub repo id."""
+    path = os.fspath(name)
+    if not os.path.exists(path) and not is_repo_id(path):
+        raise not_found_error(path, what, fix)
+
+
+_TOWER_FIX = (
+    "Pass the folder of a CLIP vision model (with config.json) or a Hub name such as "
+    "openai/clip-vit-large-patch14-336 as mm_vision_tower (config) / vision_tower (model args)."
+)
+
+
+def load_tower_config(vision_tower: str) -> CLIPVisionConfig:
+    """The CLIP vision config of ``vision_tower``; a ``FileNotFoundError`` naming it when it cannot be found."""
+    require_pretrained(vision_tower, "Vision tower", _TOWER_FIX)
+    try:
+        return CLIPVisionConfig.from_pretrained(vision_tower)
+    except (OSError, ValueError) as err:
+        if os.path.exists(vision_tower):
+            raise
+        raise not_found_error(vision_tower, "Vision tower", _TOWER_FIX, err) from err
+
+
 def _find_encoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.Module, str, nn.ModuleList] | None:
     """``(parent, attribute, layers)`` of the one ``*encoder.layers`` ModuleList of ``num_layers`` layers, else None."""
     names = [
@@ -79,22 +281,33 @@ class CLIPVisionTower(nn.Module):
         super().__init__()
         self.is_loaded = False
         self.vision_tower_name = vision_tower
-        self.select_layer = args.mm_vision_select_layer
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         if self.select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"Unexpected mm_vision_select_feature: {self.select_feature!r}; use 'patch' or 'cls_patch'.")
-        self.use_token_compression = bool(getattr(args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION))
-        self.compression_input_size = getattr(args, "compression_input_size", None)
-        # `is None`, not `or`: an explicit 0 must reach the compressor's check, not become the default.
-        output_size = getattr(args, "compression_output_size", None)
-        self.compression_output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
         self._configure(args)
+        # Every setting is checked against the tower's config before any weights load.
+        self.cfg_only = load_tower_config(self.vision_tower_name)
+        self.select_layer = check_select_layer(
+            args.mm_vision_select_layer, self.cfg_only.num_hidden_layers, self.vision_tower_name
+        )
+        grid = self.cfg_only.image_size // self.cfg_only.patch_size
+        settings = check_compression_settings(
+            getattr(args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION),
+            getattr(args, "compression_input_size", None),
+            getattr(args, "compression_output_size", None),
+            getattr(args, "pretrain_token_compressor", None),
+            grid=grid, tower=f"{self.vision_tower_name} (image_size {self.cfg_only.image_size} / patch_size "
+            f"{self.cfg_only.patch_size})", where=f"{type(args).__name__}: ",
+            unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
+        )
+        self.use_token_compression = settings.enabled
+        self.compression_input_size = settings.input_size
+        self.compression_output_size = settings.output_size
 
-        if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
+        if not delay_load or parse_bool_setting(getattr(args, "unfreeze_mm_vision_tower", False),
+                                                "unfreeze_mm_vision_tower"):
             self.load_model()
-        else:
-            self.cfg_only = CLIPVisionConfig.from_pretrained(self.vision_tower_name)
-        self.token_compressor = self._build_compressor(getattr(args, "pretrain_token_compressor", None))
+        self.token_compressor = self._build_compressor(settings.checkpoint)
 
     def _configure(self, args) -> None:
         """Read subclass settings before anything loads (S2 needs its scales in ``load_model``)."""
@@ -124,15 +337,8 @@ class CLIPVisionTower(nn.Module):
     def _build_compressor(self, checkpoint: str | None) -> nn.Module | None:
         if not self.use_token_compression:
             return None
-        grid = self.tower_grid_size
-        if self.compression_input_size is None:
-            self.compression_input_size = grid
-        elif self.compression_input_size != grid:
-            raise ValueError(
-                f"compression_input_size={self.compression_input_size} but {self.vision_tower_name} produces a "
-                f"{grid}×{grid} patch grid (image_size {self.config.image_size} / patch_size "
-                f"{self.config.patch_size}). Set compression_input_size={grid} or leave it unset."
-            )
+        grid = self.tower_grid_size  # compression_input_size, when given, was checked against it
+        self.compression_input_size = grid
         try:
             from vision_token_compression.checkpoint import load_compressor_into
             from vision_token_compression.models.token_compressor import TokenCompressor
@@ -238,6 +444,12 @@ class CLIPVisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """(B, 3, H, W) images → (B, num_patches, hidden_size) features; a list maps image by image."""
+        if isinstance(images, list) and not images or torch.is_tensor(images) and images.shape[:1] == (0,):
+            shape = "an empty list" if isinstance(images, list) else f"a tensor of shape {tuple(images.shape)}"
+            raise ValueError(
+                f"{type(self).__name__} got no images ({shape}): pass at least one (B ≥ 1, 3, H, W) image, "
+                f"or no images at all (images=None) for a text-only input."
+            )
         if isinstance(images, list):
             return [self._forward_batch(image.unsqueeze(0)) for image in images]
         return self._forward_batch(images)
