@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
@@ -31,12 +32,48 @@ from ..constants import (
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import check_compressor_weights, load_adapter_weights
+from .multimodal_encoder.clip_encoder import (
+    DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    MODEL_ARG_NAMES,
+    SettingNames,
+    check_compression_settings,
+    not_found_error,
+    parse_bool_setting,
+    require_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LEN = 2048
 # Upstream's default for configs that predate the field.
 DEFAULT_MM_USE_IM_PATCH_TOKEN = True
+
+
+# load_pretrained_model's compression arguments, as its messages name them.
+LOADER_NAMES = SettingNames(
+    checkpoint="token_compressor_path",
+    switch_on="pass use_token_compression=True (--use-token-compression)",
+)
+_MODEL_PATH_FIX = (
+    "Pass a LLaVA (or language model) checkpoint folder with a config.json, or a Hub name such as "
+    "liuhaotian/llava-v1.5-7b, as model_path (--model-path)."
+)
+_MODEL_BASE_FIX = (
+    "Pass the language model the checkpoint was trained on, as a folder or a Hub name such as "
+    "lmsys/vicuna-7b-v1.5, as model_base (--model-base)."
+)
+
+
+def _read_config_dict(model_path: str) -> dict:
+    """``model_path``'s config.json as a dict; a ``FileNotFoundError`` naming the path when it is not found."""
+    require_pretrained(model_path, "Model path", _MODEL_PATH_FIX)
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(model_path)
+    except (OSError, ValueError) as err:
+        if os.path.exists(model_path):
+            raise
+        raise not_found_error(model_path, "Model path", _MODEL_PATH_FIX, err) from err
+    return config_dict
 
 
 def _find_file(model_path: str, filename: str) -> str | None:
@@ -66,31 +103,42 @@ def apply_compression_settings(
     compression_input_size: int | None = None,
     compression_output_size: int | None = None,
     token_compressor_path: str | None = None,
+    source: str = "the checkpoint's config",
 ) -> bool:
     """Apply load-time compression switches to a LLaVA config; True if compression is switched on here.
 
-    ``use_token_compression=None`` keeps the checkpoint's setting. Sizes that contradict a
-    checkpoint trained with compression are an error (its compressor has fixed shapes).
+    ``use_token_compression=None`` keeps the checkpoint's setting. Both the config's fields and
+    the switches go through the tower's one check (``check_compression_settings``): a string
+    "false" is off, sizes or a compressor path while compression stays off are an error, and so
+    are sizes that contradict a checkpoint trained with compression (its compressor has fixed shapes).
+    ``source`` names the config in messages (e.g. its config.json).
     """
-    trained_with = bool(getattr(config, "use_token_compression", False))
-    extras_given = compression_input_size is not None or compression_output_size is not None or token_compressor_path
+    trained = check_compression_settings(
+        getattr(config, "use_token_compression", False), getattr(config, "compression_input_size", None),
+        getattr(config, "compression_output_size", None), names=MODEL_ARG_NAMES, where=f"{source}: ",
+        unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
+    )
+    if hasattr(config, "use_token_compression"):
+        config.use_token_compression = trained.enabled  # a string "false" in config.json becomes False
+    names = LOADER_NAMES
     if use_token_compression is None:
-        if extras_given and not trained_with:
-            raise ValueError(
-                "Compression sizes or a token compressor path were given, but this checkpoint was trained without "
-                "compression and use_token_compression is not set: pass use_token_compression=True "
-                "(--use-token-compression) to switch it on."
-            )
-        use_token_compression = trained_with
+        use_token_compression = trained.enabled
+        names = replace(names, use_token_compression=f"use_token_compression (not given, so that of {source})")
+    else:
+        use_token_compression = parse_bool_setting(use_token_compression, "use_token_compression")
+    check_compression_settings(
+        use_token_compression, compression_input_size, compression_output_size, token_compressor_path, names=names,
+    )
     if not use_token_compression:
-        if trained_with:
+        if trained.enabled:
             logger.warning(
                 "The checkpoint was trained with token compression (%s→%s); loading it without compression as asked.",
                 getattr(config, "compression_input_size", None), getattr(config, "compression_output_size", None),
             )
             config.use_token_compression = False
+            config.compression_input_size = config.compression_output_size = None
         return False
-    if trained_with:
+    if trained.enabled:
         for name, value in (("compression_input_size", compression_input_size),
                             ("compression_output_size", compression_output_size)):
             saved = getattr(config, name, None)
@@ -301,7 +349,9 @@ def load_pretrained_model(
         raise TypeError("load_pretrained_model() got an unexpected keyword argument 'multimodal'")
     kwargs = _from_pretrained_kwargs(device_map, device, load_8bit, load_4bit, use_flash_attn, kwargs)
 
-    config_dict, _ = PreTrainedConfig.get_config_dict(model_path)
+    config_dict = _read_config_dict(model_path)
+    if model_base is not None:
+        require_pretrained(model_base, "Model base", _MODEL_BASE_FIX)
     lora = _find_file(model_path, "adapter_config.json") is not None
     if lora and model_base is None:
         raise ValueError(
@@ -314,7 +364,8 @@ def load_pretrained_model(
     config_cls, model_cls = _classes_for(config_dict)
     config = config_cls.from_pretrained(model_path)
     switched_on = apply_compression_settings(
-        config, use_token_compression, compression_input_size, compression_output_size, token_compressor_path
+        config, use_token_compression, compression_input_size, compression_output_size, token_compressor_path,
+        source=f"{model_path}/config.json",
     )
     extra: dict[str, torch.Tensor] = {}
     if lora:

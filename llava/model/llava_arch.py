@@ -37,6 +37,11 @@ from ..constants import (
 )
 from ..mm_utils import get_anyres_image_grid_shape
 from .multimodal_encoder.builder import build_vision_tower
+from .multimodal_encoder.clip_encoder import (
+    DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    DEFAULT_USE_TOKEN_COMPRESSION,
+    check_compression_settings,
+)
 from .multimodal_projector.builder import build_vision_projector
 
 logger = logging.getLogger(__name__)
@@ -144,6 +149,14 @@ class LlavaMetaModel:
         ``pretrain_token_compressor``) and, when present, ``s2``/``s2_scales``. The adapter file may
         hold the token compressor too (under ``...token_compressor.``); both are loaded.
         """
+        # Checked before the config is touched: sizes or a compressor path with compression off are an
+        # error here too, also when the tower already exists (the tower checks them when it is built).
+        settings = check_compression_settings(
+            getattr(model_args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION),
+            getattr(model_args, "compression_input_size", None), getattr(model_args, "compression_output_size", None),
+            getattr(model_args, "pretrain_token_compressor", None), where=f"{type(model_args).__name__}: ",
+            unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
+        )
         config = self.config
         config.mm_vision_tower = model_args.vision_tower
         config.mm_vision_select_layer = model_args.mm_vision_select_layer
@@ -158,9 +171,10 @@ class LlavaMetaModel:
             vision_tower = build_vision_tower(model_args)
             self.vision_tower = [vision_tower] if fsdp else vision_tower
         else:
-            self._check_tower_matches(vision_tower, model_args)
+            wanted_output_size = getattr(model_args, "compression_output_size", None)
+            self._check_tower_matches(vision_tower, settings.enabled, wanted_output_size)
             vision_tower.load_model()
-            compressor_path = getattr(model_args, "pretrain_token_compressor", None)
+            compressor_path = settings.checkpoint
             if compressor_path and vision_tower.token_compressor is not None:
                 from vision_token_compression.checkpoint import load_compressor_into
 
@@ -194,10 +208,8 @@ class LlavaMetaModel:
             self.load_mm_adapter(adapter)
 
     @staticmethod
-    def _check_tower_matches(vision_tower, model_args) -> None:
-        wanted = bool(getattr(model_args, "use_token_compression", False))
+    def _check_tower_matches(vision_tower, wanted: bool, out: int | None) -> None:
         has = vision_tower.token_compressor is not None
-        out = getattr(model_args, "compression_output_size", None)
         if wanted != has or (has and out is not None and out != vision_tower.compression_output_size):
             raise ValueError(
                 f"The model already has a vision tower with use_token_compression={has}"
