@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,79 @@ def compression_kwargs(args) -> dict:
         "compression_output_size": getattr(args, "compression_output_size", None),
         "token_compressor_path": getattr(args, "token_compressor_path", None),
     }
+
+
+# ---- Flag checks shared by the eval and serve entry points: run before the model loads ----------
+# Each raises ValueError naming the flag and the value; ``llava.eval.vqa_common.parse_args`` turns it
+# into the parser's usage line and exit status 2.
+
+# Upstream's spelling of the generation flags (llava.eval.*); llava.serve.cli spells --max-new-tokens.
+GENERATION_FLAGS = {
+    "conv_mode": "--conv-mode",
+    "temperature": "--temperature",
+    "top_p": "--top_p",
+    "num_beams": "--num_beams",
+    "max_new_tokens": "--max_new_tokens",
+}
+
+
+def check_generation_args(args, flags: dict[str, str] | None = None) -> None:
+    """``--conv-mode`` (a known template; None: inferred), ``--temperature`` ≥ 0, ``--top_p`` in (0, 1],
+    ``--num_beams`` and ``--max_new_tokens`` ≥ 1; flags that ``args`` lacks are skipped.
+
+    ``flags`` overrides how a flag is spelled in the message (``{"max_new_tokens": "--max-new-tokens"}``).
+    """
+    flags = {**GENERATION_FLAGS, **(flags or {})}
+    conv_mode = getattr(args, "conv_mode", None)
+    if conv_mode is not None:
+        from .conversation import conv_templates
+
+        if conv_mode not in conv_templates:
+            raise ValueError(
+                f"{flags['conv_mode']} {conv_mode!r} is not a known conversation template; "
+                f"known: {', '.join(sorted(conv_templates))}."
+            )
+    temperature = getattr(args, "temperature", 0)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{flags['temperature']} must be >= 0 (0 decodes greedily), got {temperature}.")
+    top_p = getattr(args, "top_p", None)
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError(
+            f"{flags['top_p']} must be in (0, 1] (the probability mass sampled from; 1 keeps every token), got "
+            f"{top_p}. For greedy decoding pass {flags['temperature']} 0 instead."
+        )
+    for name in ("num_beams", "max_new_tokens"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise ValueError(f"{flags[name]} must be at least 1, got {value}.")
+
+
+def check_compression_flags(args) -> None:
+    """The flags of ``add_compression_args``, by the tower's own check (``check_compression_settings``).
+
+    Sizes or ``--token-compressor-path`` without ``--use-token-compression`` are refused: they would
+    be ignored, or (for a checkpoint trained without compression) refused only once loading began.
+    """
+    from .model.multimodal_encoder.clip_encoder import SettingNames, check_compression_settings
+
+    try:
+        check_compression_settings(
+            getattr(args, "use_token_compression", False), getattr(args, "compression_input_size", None),
+            getattr(args, "compression_output_size", None), getattr(args, "token_compressor_path", None),
+            names=SettingNames("--use-token-compression", "--compression-input-size", "--compression-output-size",
+                               "--token-compressor-path", switch_on="add --use-token-compression"),
+        )
+    except FileNotFoundError as err:  # a missing --token-compressor-path: a bad flag value like the others
+        raise ValueError(str(err)) from err
+
+
+def check_image_files(image_files, flag: str = "--image-file") -> None:
+    """Every local image (not an http(s) URL) exists as a file."""
+    for image_file in image_files:
+        if image_file.startswith(("http://", "https://")):
+            continue
+        if not os.path.isfile(image_file):
+            raise ValueError(f"{flag} {image_file!r} does not exist (or is not a file).")
 
 
 def resolve_device(device: str | None) -> str:

@@ -15,10 +15,14 @@ import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
+from llava.eval.vqa_common import parse_args
 from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.utils import (
     add_compression_args,
+    check_compression_flags,
+    check_generation_args,
+    check_image_files,
     compression_kwargs,
     disable_torch_init,
     image_prompt,
@@ -48,8 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """Refuse flag values that would fail only after the model has loaded (the eval scripts' checks)."""
+    check_generation_args(args)
+    check_compression_flags(args)
+    check_image_files(args.image_file.split(getattr(args, "sep", ",")))
+
+
 def eval_model(args) -> str:
-    """Load the model, answer ``args.query`` about ``args.image_file``, print and return the answer."""
+    """Load the model, answer ``args.query`` about ``args.image_file``, print and return the answer.
+
+    ``args`` may be upstream's hand-built object (no ``device`` or compression attributes); its
+    values are checked before the model loads.
+    """
+    check_args(args)
     disable_torch_init()
     model_name = get_model_name_from_path(args.model_path)
     device = resolve_device(getattr(args, "device", None))
@@ -94,7 +110,7 @@ def eval_model(args) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return eval_model(build_parser().parse_args(argv))
+    return eval_model(parse_args(build_parser(), argv, check_args))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,15 @@ from llava.mm_utils import (
     tokenizer_image_token,
 )
 from llava.model.builder import load_pretrained_model
-from llava.utils import add_compression_args, compression_kwargs, disable_torch_init, images_to, resolve_device
+from llava.utils import (
+    add_compression_args,
+    check_compression_flags,
+    check_generation_args,
+    compression_kwargs,
+    disable_torch_init,
+    images_to,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +91,12 @@ def build_parser(
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that would fail (or overwrite the questions) only after the model has loaded."""
-    if args.conv_mode not in conv_templates:
-        raise ValueError(
-            f"--conv-mode {args.conv_mode!r} is not a known conversation template; "
-            f"known: {', '.join(sorted(conv_templates))}."
-        )
+    """Refuse flag values that would fail (or overwrite the questions) only after the model has loaded.
+
+    The generation and compression flags go through the checks ``run_llava`` and ``serve.cli`` share.
+    """
+    check_generation_args(args)
+    check_compression_flags(args)
     if args.num_chunks < 1:
         raise ValueError(f"--num-chunks must be at least 1, got {args.num_chunks}.")
     if not 0 <= args.chunk_idx < args.num_chunks:
@@ -96,12 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--chunk-idx {args.chunk_idx} is outside the {args.num_chunks} chunk(s) of --num-chunks "
             f"{args.num_chunks}: use 0..{args.num_chunks - 1}."
         )
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num_beams", args.num_beams, 1),
-                             ("--max_new_tokens", args.max_new_tokens, 1)):
-        if value < low:
-            raise ValueError(f"{flag} must be at least {low}, got {value}.")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 decodes greedily), got {args.temperature}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     question_file = os.path.expanduser(args.question_file)
     if not os.path.isfile(question_file):
         raise ValueError(f"--question-file {args.question_file!r} does not exist (or is not a file).")
@@ -157,7 +161,12 @@ def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}, column {err.colno}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number} is a JSON {type(record).__name__}, not an object.")
             missing = [key for key in required if key not in record]
             if missing:
                 raise ValueError(

@@ -16,10 +16,14 @@ from transformers import TextStreamer
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import SeparatorStyle, conv_templates
+from llava.eval.vqa_common import parse_args
 from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.utils import (
     add_compression_args,
+    check_compression_flags,
+    check_generation_args,
+    check_image_files,
     compression_kwargs,
     disable_torch_init,
     image_prompt,
@@ -48,10 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """Refuse flag values that would fail only after the model has loaded (the eval scripts' checks)."""
+    check_generation_args(args, flags={"max_new_tokens": "--max-new-tokens"})
+    check_compression_flags(args)
+    check_image_files([args.image_file])
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Run the chat loop; returns the model's answers, one per turn."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, check_args)
     disable_torch_init()
     model_name = get_model_name_from_path(args.model_path)
     tokenizer, model, image_processor, _ = load_pretrained_model(
