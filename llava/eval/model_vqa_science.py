@@ -25,6 +25,7 @@ from functools import partial
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval import vqa_common
+from llava.eval.benchmark_io import read_json
 from llava.eval.vqa_common import Prompt
 
 logger = logging.getLogger("llava.eval.model_vqa_science")
@@ -34,15 +35,13 @@ SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices dir
 
 def read_questions(path: str) -> list[dict]:
     """The question list, each item checked for ``id`` and a first turn in ``conversations``."""
-    with open(os.path.expanduser(path)) as f:
-        questions = json.load(f)
+    questions = read_json(os.path.expanduser(path), "ScienceQA question file")
     if not isinstance(questions, list):
         raise ValueError(f"{path} holds a JSON {type(questions).__name__}; ScienceQA questions are a JSON list.")
     for number, item in enumerate(questions):
-        if "id" not in item or not item.get("conversations"):
-            raise ValueError(
-                f"{path} item {number} needs 'id' and a non-empty 'conversations' (it has {sorted(item)})."
-            )
+        if not isinstance(item, dict) or "id" not in item or not item.get("conversations"):
+            found = sorted(item) if isinstance(item, dict) else f"a JSON {type(item).__name__}"
+            raise ValueError(f"{path} item {number} needs 'id' and a non-empty 'conversations' (it has {found}).")
     return questions
 
 
