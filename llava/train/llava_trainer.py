@@ -12,7 +12,8 @@ On top of ``transformers.Trainer`` it
   from one (projector, compressor and the other non-LoRA weights continue with the optimizer);
 - writes every ``checkpoint-N`` under a hidden temporary name (``.checkpoint-N.partial``) and
   renames it when complete, so a run killed while saving leaves the previous checkpoints intact
-  and resumable; old checkpoints are deleted the same way (renamed, then removed);
+  and resumable; checkpoints beyond ``save_total_limit`` are deleted the same way (renamed, then
+  removed), once more at the end of training for what a kill left;
 - resumed from a run's last checkpoint (killed while writing the final outputs), trains no further
   and only writes them;
 - stops with ``NonFiniteLossError`` at the first NaN/inf loss (or, without fp16 loss scaling, NaN/inf
@@ -189,6 +190,13 @@ class LLaVATrainer(Trainer):
         )
 
     # Training loop --------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self.args.should_save:
+            # A run killed between writing a checkpoint and deleting the oldest leaves one too many.
+            self._delete_old_checkpoints(super()._get_output_dir(trial))
+        return output
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
         if 0 < self.state.max_steps <= self.state.global_step:
