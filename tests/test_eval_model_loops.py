@@ -388,8 +388,8 @@ def test_bad_arguments_fail_before_the_model_loads(module, bad, message, tmp_pat
 
 
 @pytest.mark.parametrize("module, content, message", [
-    (model_vqa, '{"question_id": 0, "text": "Hi?"}\n', "line 1 lacks 'image'"),
-    (model_vqa_loader, '\n{"question_id": 0, "image": "a.png"}\n', "line 2 lacks 'text'"),
+    (model_vqa, '{"question_id": 0, "text": "Hi?"}\n', "line 1 has no 'image'"),
+    (model_vqa_loader, '\n{"question_id": 0, "image": "a.png"}\n', "line 2 has no 'text'"),
     (model_vqa_science, '{"id": "1"}', "JSON list"),
     (model_vqa_science, '[{"id": "1"}]', "item 0 needs 'id' and a non-empty 'conversations'"),
     (model_vqa_mmbench, "index\tquestion\thint\tA\n1\tWhy?\t\tyes\n", "lacks the column(s) image"),

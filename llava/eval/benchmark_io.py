@@ -57,12 +57,13 @@ def read_jsonl(
     required: Sequence[str] = ("question_id",),
     hint: str = "",
     skip_invalid: bool = False,
+    fix: str = "pass the file written by llava.eval.model_vqa* for this benchmark.",
 ) -> tuple[list[dict], list[int]]:
     """Load a JSON-lines file, one object a line, checking that each has the ``required`` keys.
 
     Blank lines are ignored. With ``skip_invalid`` a line that is not JSON is left out and its
     1-based number returned (upstream's VQAv2/VizWiz converters tolerate lines cut short by a
-    killed worker); otherwise it is an error.
+    killed worker); otherwise it is an error. ``fix`` ends the message for a line missing a key.
 
     Returns:
         (records, numbers of the lines left out).
@@ -91,8 +92,7 @@ def read_jsonl(
             if missing:
                 raise BenchmarkInputError(
                     f"{what} {path!r} line {number} has no {', '.join(map(repr, missing))} "
-                    f"(keys present: {sorted(record)}). Each line needs {list(required)}; "
-                    "pass the file written by llava.eval.model_vqa* for this benchmark."
+                    f"(keys present: {sorted(record)}). Each line needs {list(required)}; {fix}"
                 )
             records.append(record)
     return records, skipped

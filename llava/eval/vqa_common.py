@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
+from llava.eval import benchmark_io
 from llava.mm_utils import (
     get_model_name_from_path,
     left_pad_input_ids,
@@ -155,24 +156,11 @@ def get_chunk(lst: Sequence, n: int, k: int) -> list:
 
 
 def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
-    """The JSON lines of ``path`` (blank lines skipped); each must hold the ``required`` keys."""
-    records = []
-    with open(os.path.expanduser(path)) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}, column {err.colno}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {number} is a JSON {type(record).__name__}, not an object.")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise ValueError(
-                    f"{path} line {number} lacks {', '.join(map(repr, missing))} (it has {sorted(record)})."
-                )
-            records.append(record)
+    """The question lines of ``path`` (blank lines skipped); each must hold the ``required`` keys."""
+    records, _ = benchmark_io.read_jsonl(
+        os.path.expanduser(path), "Question file", required=tuple(required),
+        fix="write one such JSON object a line, as the question files in LLaVA's eval.zip are.",
+    )
     return records
 
 
