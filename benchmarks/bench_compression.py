@@ -28,7 +28,6 @@ import datetime
 import gc
 import json
 import logging
-import math
 import os
 import platform
 import statistics

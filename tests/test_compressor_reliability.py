@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 import vision_token_compression.checkpoint as checkpoint_module
 import vision_token_compression.train as train_module
 from llava.model.builder import load_pretrained_model
-from llava.standins import VisionModelArgs, build_tokenizer, create_tiny_llava, make_images, tiny_language_config
+from llava.standins import VisionModelArgs, build_tokenizer, create_tiny_llava, tiny_language_config
 from vision_token_compression import (
     GridSizeMismatchError,
     TokenCompressor,

@@ -16,7 +16,6 @@ answers equal batch size 1), ``--top_p``, ``--num_beams``, ``--max_new_tokens`` 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
