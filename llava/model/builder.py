@@ -41,6 +41,7 @@ from .multimodal_encoder.clip_encoder import (
     parse_bool_setting,
     require_pretrained,
 )
+from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,11 @@ def _load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
     path = _find_file(model_path, NON_LORA_FILE)
     if path is None:
         raise FileNotFoundError(f"{model_path} is a LoRA checkpoint without non_lora_trainables.bin (projector weights).")
-    weights = torch.load(path, map_location="cpu", weights_only=True)
+    weights = load_weights_file(
+        path,
+        fix=f"It holds the projector and token compressor of the LoRA checkpoint {model_path}: load the latest "
+        f"complete checkpoint-N/ of that run instead (each holds its own {NON_LORA_FILE}), or retrain.",
+    )
     # Saved from the PEFT-wrapped model: "base_model.model.model.mm_projector..." → "model.mm_projector...".
     out = {}
     for key, value in weights.items():

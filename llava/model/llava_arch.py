@@ -43,6 +43,7 @@ from .multimodal_encoder.clip_encoder import (
     check_compression_settings,
 )
 from .multimodal_projector.builder import build_vision_projector
+from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +60,16 @@ S2_CONFIG_FIELDS = ("s2", "s2_scales")
 
 
 def load_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of an ``mm_projector.bin`` (``torch.save``, read with ``weights_only``) or ``.safetensors`` file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Projector weights not found: {path}. Pass the mm_projector.bin written by pretraining.")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Tensors of an ``mm_projector.bin`` (``torch.save``, read with ``weights_only``) or ``.safetensors`` file.
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    A missing file is a ``WeightsFileNotFoundError`` (a ``FileNotFoundError``), an empty or truncated
+    one a ``CheckpointError``; both name the file and the fix.
+    """
+    return load_weights_file(
+        path,
+        fix="Use the mm_projector.bin of a finished projector pretraining (stage 1) or of its latest checkpoint-N/, "
+        "or rerun stage 1.",
+    )
 
 
 def select_weights(weights: dict[str, torch.Tensor], module_name: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ compressor's, under their full parameter names (``model.mm_projector.0.weight``,
 
 Every file is written atomically (``llava.train.atomic``), and reading one back checks it: an empty
 or truncated file (a run killed while writing it, with an older version of this code) is a
-``CheckpointError`` that names the file and the fix, never a bare ``EOFError``.
+``CheckpointError`` that names the file and the fix, never a bare ``EOFError``. The reader and its
+error live in ``llava.model.weights_io``, shared with inference (``llava.model`` never imports
+``llava.train``); they are importable from here too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ import torch
 from torch import nn
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
+from ..model.weights_io import (
+    CheckpointError,
+    load_weights_file,
+)
 from . import atomic
 
 logger = logging.getLogger(__name__)
@@ -37,10 +43,6 @@ COMPRESSOR_KEYS = ("token_compressor",)
 IM_START_END_KEYS = ("embed_tokens", "embed_in")
 # Written last into every checkpoint-N by the Trainer; a folder without it was not finished.
 TRAINER_STATE_FILE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file or folder is missing, incomplete or unreadable; the message names it and the fix."""
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -141,31 +143,6 @@ def get_peft_state_non_lora_maybe_zero_3(
     would come back random or as the average init instead of its stage-1 weights.
     """
     return gather_state((n, p) for n, p in named_params if _is_non_lora_trainable(n, p, require_grad_only))
-
-
-def load_weights_file(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``torch.save`` file (``.bin``, read with ``weights_only``) or a ``.safetensors`` file.
-
-    A missing, empty, truncated or otherwise unreadable file is a ``CheckpointError`` that names it,
-    its size and ``fix`` (what the user can do about it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist. {fix}")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): a run was probably killed while writing it. {fix}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # EOFError, a zip reader's RuntimeError, UnpicklingError, SafetensorError, ...
-        raise CheckpointError(
-            f"{path} ({size} bytes) cannot be read ({type(err).__name__}: {err}): it is truncated or not a weights "
-            f"file, as a run killed while writing it leaves it. {fix}"
-        ) from err
 
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
