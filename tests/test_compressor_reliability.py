@@ -422,10 +422,30 @@ def stage1_12(tmp_path_factory, tiny_tower_336, tokenizer_dir):
     return out, {k: v.clone() for k, v in model.get_vision_tower().token_compressor.state_dict().items()}
 
 
+def _without_record(source: Path, target: Path) -> Path:
+    """``source`` as save_mm_adapter wrote it before the grid-size record existed."""
+    adapter = torch.load(source, weights_only=True)
+    assert adapter[COMPRESSOR + "grid_sizes"].tolist() == [24, 12]
+    torch.save({k: v for k, v in adapter.items() if not k.endswith("grid_sizes")}, target)
+    return target
+
+
 def test_stage1_adapter_is_refused_for_another_size_in_stage2(stage1_12, tiny_tower_336, tokenizer_dir):
     folder, _ = stage1_12
     with pytest.raises(GridSizeMismatchError) as exc:
         _fresh_llava(tokenizer_dir, tiny_tower_336, 8, adapter=folder / "mm_projector.bin")
+    message = str(exc.value)
+    assert "24→12" in message and "24→8" in message and "mm_projector.bin" in message
+    assert "token_compressor.safetensors" not in message  # the record in mm_projector.bin decided
+
+
+def test_old_stage1_adapter_is_refused_by_the_compressor_file_beside_it(stage1_12, tiny_tower_336, tokenizer_dir,
+                                                                        tmp_path):
+    folder, _ = stage1_12
+    _without_record(folder / "mm_projector.bin", tmp_path / "mm_projector.bin")
+    shutil.copy(folder / "token_compressor.safetensors", tmp_path / "token_compressor.safetensors")
+    with pytest.raises(GridSizeMismatchError) as exc:
+        _fresh_llava(tokenizer_dir, tiny_tower_336, 8, adapter=tmp_path / "mm_projector.bin")
     message = str(exc.value)
     assert "24→12" in message and "24→8" in message and "mm_projector.bin" in message
     assert "token_compressor.safetensors" in message  # where the record came from
@@ -453,7 +473,7 @@ def test_adapter_with_its_own_record_is_refused_for_another_size(stage1_12, tiny
 def test_old_adapter_without_any_record_loads_exactly_with_one_warning(stage1_12, tiny_tower_336, tokenizer_dir,
                                                                        tmp_path, caplog):
     folder, trained = stage1_12
-    shutil.copy(folder / "mm_projector.bin", tmp_path / "mm_projector.bin")  # alone: nothing to check against
+    _without_record(folder / "mm_projector.bin", tmp_path / "mm_projector.bin")  # alone: nothing to check against
     with caplog.at_level(WARNINGS):
         model = _fresh_llava(tokenizer_dir, tiny_tower_336, 12, adapter=tmp_path / "mm_projector.bin")
     state = model.get_vision_tower().token_compressor.state_dict()

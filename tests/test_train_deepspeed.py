@@ -34,7 +34,16 @@ import torch
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'toconv-llava[train]'); "
                     "these tests run stage 1/2 under real ZeRO-2/3 where it is")
 
-from test_train_e2e import ADAPTER_KEYS, losses, run_torchrun, stage1_flags, stage2_flags, ws  # noqa: E402,F401
+from test_train_e2e import (  # noqa: E402,F401
+    ADAPTER_KEYS,
+    GRID_SIZES_RECORD,
+    SAVED_ADAPTER_KEYS,
+    losses,
+    run_torchrun,
+    stage1_flags,
+    stage2_flags,
+    ws,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # tiny stand-ins: CLIP hidden 32, LLM hidden 64, 24→12 (k=3) compressor
@@ -114,7 +123,9 @@ def run_deepspeed(tmp: Path, flags: list[str], config: str) -> SimpleNamespace:
 
 def check_adapter_file(path: Path, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     saved = torch.load(path, weights_only=True)
-    assert set(saved) == ADAPTER_KEYS
+    assert set(saved) == SAVED_ADAPTER_KEYS
+    record = saved.pop(GRID_SIZES_RECORD)  # a buffer, whole on every rank; int64 whatever the training dtype
+    assert record.dtype == torch.int64 and record.tolist() == [24, 12]
     for name, tensor in saved.items():
         assert tuple(tensor.shape) == SHAPES[name], name  # whole, not an empty ZeRO-3 shard
         assert torch.equal(tensor, live[name]), name
@@ -128,7 +139,7 @@ def check_stage1(out: Path, run: SimpleNamespace) -> None:
     saved = check_adapter_file(out / "mm_projector.bin", run.end)
     weight = "model.vision_tower.token_compressor.conv.weight"
     assert not torch.equal(saved[weight], run.begin[weight])  # the compressor trained
-    assert set(torch.load(out / "checkpoint-2" / "mm_projector.bin", weights_only=True)) == ADAPTER_KEYS
+    assert set(torch.load(out / "checkpoint-2" / "mm_projector.bin", weights_only=True)) == SAVED_ADAPTER_KEYS
 
     from vision_token_compression.checkpoint import load_compressor
 

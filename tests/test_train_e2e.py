@@ -5,7 +5,8 @@ Stand-ins: a 2-layer Llama (hidden 64) saved as a plain LLM checkpoint, the BPE 
 32), twelve generated images, and small caption / conversation JSON files.
 
 - stage 1 (projector-only, 24→12): loss finite and moving; only projector + compressor change;
-  ``mm_projector.bin`` (and every checkpoint's) holds both under their full names;
+  ``mm_projector.bin`` (and every checkpoint's) holds both under their full names, with the
+  compressor's grid-size record;
 - stage 2 from that file: starts from exactly those weights; its output loads with
   ``load_pretrained_model`` (compressor included) and ``llava.eval.run_llava`` answers from it;
 - LoRA stage 2: the same, through ``non_lora_trainables.bin``;
@@ -37,6 +38,9 @@ ADAPTER_KEYS = {
     "model.mm_projector.2.bias", "model.vision_tower.token_compressor.conv.weight",
     "model.vision_tower.token_compressor.conv.bias",
 }
+# The compressor's grid-size record (an int64 buffer [in, out], not a parameter), saved with its weights.
+GRID_SIZES_RECORD = "model.vision_tower.token_compressor.grid_sizes"
+SAVED_ADAPTER_KEYS = ADAPTER_KEYS | {GRID_SIZES_RECORD}  # what mm_projector.bin holds
 
 
 def _is_adapter(name: str) -> bool:
@@ -141,6 +145,11 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def parameters_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved state without the compressor's grid-size record: the parameters alone."""
+    return {k: v for k, v in state.items() if not k.endswith("token_compressor.grid_sizes")}
+
+
 def strip_to_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():
@@ -175,14 +184,15 @@ def test_stage1_trains_projector_and_compressor_only(stage1):
     assert any("vision_tower.vision_tower" in n for n in before)  # CLIP was there, and stayed frozen
 
     saved = torch.load(stage1.projector, weights_only=True)
-    assert set(saved) == ADAPTER_KEYS
-    assert_same(saved, {n: after[n].detach() for n in ADAPTER_KEYS})
+    assert set(saved) == SAVED_ADAPTER_KEYS
+    assert_same(parameters_of(saved), {n: after[n].detach() for n in ADAPTER_KEYS})
+    assert saved[GRID_SIZES_RECORD].dtype == torch.int64 and saved[GRID_SIZES_RECORD].tolist() == [24, 12]
     expected = {"config.json", "mm_projector.bin", "token_compressor.safetensors", "trainer_state.json"}
     assert files_under(stage1.out) == expected | {"llava_train_args.json"} | {
         f"checkpoint-{s}/{f}" for s in (2, 4) for f in expected
     }
     mid = torch.load(stage1.out / "checkpoint-2" / "mm_projector.bin", weights_only=True)
-    assert set(mid) == ADAPTER_KEYS
+    assert set(mid) == SAVED_ADAPTER_KEYS
     config = json.loads((stage1.out / "config.json").read_text())
     assert config["use_token_compression"] is True and config["compression_output_size"] == 12
 
@@ -208,7 +218,7 @@ def _answer(model_path: Path, image: Path, model_base: Path | None = None) -> st
 
 def _check_stage2(ws, stage1, out: Path, snap: Snapshot, trainer, model_base: Path | None) -> None:
     # Started from exactly stage 1's projector and compressor.
-    saved = strip_to_module(torch.load(stage1.projector, weights_only=True))
+    saved = strip_to_module(parameters_of(torch.load(stage1.projector, weights_only=True)))
     start = {n: t for n, t in strip_to_module({k: v for k, v in snap.before.items() if _is_adapter(k)}).items()}
     assert_same(start, saved)
     values = losses(trainer.state.log_history)
@@ -245,7 +255,7 @@ def test_stage2_lora_round_trip(ws, stage1):
     assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin", "config.json"} <= files
     assert "checkpoint-2/non_lora_trainables.bin" in files
     non_lora = torch.load(out / "non_lora_trainables.bin", weights_only=True)
-    assert {k.removeprefix("base_model.model.") for k in non_lora} == ADAPTER_KEYS
+    assert {k.removeprefix("base_model.model.") for k in non_lora} == SAVED_ADAPTER_KEYS
     # Only LoRA weights, the projector and the compressor trained.
     after = dict(trainer.model.named_parameters())
     changed = {n for n, p in after.items() if not torch.equal(p.detach(), snap.before[n])}
@@ -268,7 +278,7 @@ def test_stage1_under_torchrun_writes_the_same_files(ws, stage1):
     values = losses(state["log_history"])
     assert len(values) == 4 and all(math.isfinite(v) for v in values)
     saved = torch.load(out / "mm_projector.bin", weights_only=True)
-    assert set(saved) == ADAPTER_KEYS
+    assert set(saved) == SAVED_ADAPTER_KEYS
     # The compressor trained away from its average init on both ranks together.
     from vision_token_compression.models.token_compressor import TokenCompressor
 
@@ -302,7 +312,7 @@ def test_frozen_compressor_stays_as_initialised(ws):
     changed = {n for n, p in after.items() if not torch.equal(p.detach(), snap.before[n])}
     assert changed == {n for n in ADAPTER_KEYS if "mm_projector" in n}
     # Still saved, so stage 2 starts from the same (average-init) compressor.
-    assert set(torch.load(out / "mm_projector.bin", weights_only=True)) == ADAPTER_KEYS
+    assert set(torch.load(out / "mm_projector.bin", weights_only=True)) == SAVED_ADAPTER_KEYS
 
 
 def test_unfrozen_clip_cannot_be_saved_by_stage_1():

@@ -160,14 +160,17 @@ def test_zero3_adapter_save_gathers_full_tensors(fake_deepspeed, tmp_path):
     full = partition(model)
     state = ckpt.save_mm_adapter(model, tmp_path)
     expected = {n for n in full if "mm_projector" in n or "token_compressor" in n}
-    assert set(state) == expected and fake_deepspeed.calls
+    record = "model.vision_tower.token_compressor.grid_sizes"  # a buffer: whole on every rank, never gathered
+    assert set(state) == expected | {record} and fake_deepspeed.calls
     saved = torch.load(tmp_path / "mm_projector.bin", weights_only=True)
     for name in expected:
         assert torch.equal(saved[name], full[name]), name
+    assert saved[record].dtype == torch.int64 and saved[record].tolist() == [4, 2]
     from vision_token_compression.checkpoint import load_compressor
 
-    compressor = load_compressor(tmp_path / "token_compressor.safetensors")
+    compressor = load_compressor(tmp_path / "token_compressor.safetensors")  # written from a gathered twin
     assert torch.equal(compressor.conv.weight, full["model.vision_tower.token_compressor.conv.weight"])
+    assert compressor.grid_sizes.tolist() == [4, 2]
     assert all(p.numel() == 0 for p in model.parameters())  # still partitioned afterwards
 
 

@@ -8,6 +8,9 @@ parameters that are not partitioned, these helpers are plain copies.
 Projector-only pretraining saves ``mm_projector.bin``: the projector's parameters **and** the token
 compressor's, under their full parameter names (``model.mm_projector.0.weight``,
 ``model.vision_tower.token_compressor.conv.weight``), so ``--pretrain_mm_mlp_adapter`` restores both.
+``mm_projector.bin`` and LoRA's ``non_lora_trainables.bin`` also hold the compressor's grid-size
+record (``...token_compressor.grid_sizes``, an int64 buffer ``[in, out]``, under the prefix of its
+weights), so every loader refuses them for a compressor of other grid sizes.
 
 Every file is written atomically (``llava.train.atomic``), and reading one back checks it: an empty
 or truncated file (a run killed while writing it, with an older version of this code) is a
@@ -28,6 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vision_token_compression.models.token_compressor import (
+    GRID_SIZES_KEY,
+    TokenCompressor,
+)
+
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from ..model.weights_io import (
     CheckpointError,
@@ -41,6 +49,8 @@ logger = logging.getLogger(__name__)
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")
 COMPRESSOR_KEYS = ("token_compressor",)
 IM_START_END_KEYS = ("embed_tokens", "embed_in")
+# Name ending of the compressor's grid-size record, saved beside its weights.
+GRID_SIZES_SUFFIX = f"{COMPRESSOR_KEYS[0]}.{GRID_SIZES_KEY}"
 # Written last into every checkpoint-N by the Trainer; a folder without it was not finished.
 TRAINER_STATE_FILE = "trainer_state.json"
 
@@ -161,12 +171,61 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def is_grid_size_record(name: str) -> bool:
+    return name.endswith(GRID_SIZES_SUFFIX)
+
+
+def grid_size_records(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The token compressor's grid-size record, keyed by its full buffer name (the prefix of its weights).
+
+    E.g. ``model.vision_tower.token_compressor.grid_sizes``, or under peft
+    ``base_model.model.model.vision_tower.token_compressor.grid_sizes``. A buffer, not a parameter:
+    it never trains and is not counted among the trainable parameters. Copied as it is (int64,
+    never cast to a float dtype); empty without a compressor.
+    """
+    return {n: b.detach().to("cpu").clone() for n, b in model.named_buffers() if is_grid_size_record(n)}
+
+
+def check_grid_size_records(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Check the grid-size record that ``state`` (keys as ``model`` names them) holds for each token compressor.
+
+    A record of other grid sizes is a ``GridSizeMismatchError`` naming both geometries and ``source``;
+    compressor weights without a record (files saved before it existed) load, with the compressor's
+    warning that their grid sizes cannot be checked.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, TokenCompressor):
+            continue
+        prefix = f"{name}." if name else ""
+        key = prefix + GRID_SIZES_KEY
+        if key in state:
+            module.check_grid_sizes(state[key], source=source)
+        elif any(k.startswith(prefix) for k in state):
+            module.accept_unrecorded_grid_sizes(source)
+
+
+def mm_adapter_state(model: nn.Module, use_im_start_end: bool = False) -> dict[str, torch.Tensor]:
+    """What ``mm_projector.bin`` holds: projector and compressor parameters (gathered) and the grid-size record."""
+    state = get_mm_adapter_state_maybe_zero_3(model.named_parameters(), adapter_keys(use_im_start_end))
+    state.update(grid_size_records(model))
+    return state
+
+
+def non_lora_trainables_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``non_lora_trainables.bin`` holds: ``get_peft_state_non_lora_maybe_zero_3`` plus the grid-size record."""
+    state = get_peft_state_non_lora_maybe_zero_3(model.named_parameters())
+    state.update(grid_size_records(model))
+    return state
+
+
 def load_non_lora_trainables(model: nn.Module, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load ``checkpoint/non_lora_trainables.bin`` (projector, compressor, ...) into the peft ``model``.
 
     Every parameter that ``get_peft_state_non_lora_maybe_zero_3`` saves must be in the file, and
-    nothing else: a LoRA resume that restored the adapter but not these would continue the
-    optimizer with the projector and compressor of stage 1.
+    nothing else but the compressor's grid-size record: a LoRA resume that restored the adapter but
+    not these would continue the optimizer with the projector and compressor of stage 1. The record
+    is checked before anything loads (``check_grid_size_records``); files written before it existed
+    load with a warning.
     """
     path = Path(checkpoint) / NON_LORA_FILE
     fix = (
@@ -176,16 +235,20 @@ def load_non_lora_trainables(model: nn.Module, checkpoint: str | os.PathLike) ->
     )
     state = load_weights_file(path, fix)
     params = dict(model.named_parameters())
+    records = grid_size_records(model)
     expected = {n for n, p in params.items() if _is_non_lora_trainable(n, p)}
-    missing, unknown = sorted(expected - set(state)), sorted(set(state) - set(params))
+    missing, unknown = sorted(expected - set(state)), sorted(set(state) - set(params) - set(records))
     if missing or unknown:
         raise CheckpointError(
             f"{path} does not match the model: missing {missing or 'nothing'}, not in the model "
             f"{unknown or 'nothing'}. Resume with the model flags (vision tower, compression, LoRA) of the run "
             f"that wrote it."
         )
+    check_grid_size_records(model, state, str(path))
     with torch.no_grad():
         for name, tensor in state.items():
+            if name in records:
+                continue  # checked: it holds this model's own grid sizes
             with gathered([params[name]], modifier_rank=0):
                 params[name].copy_(tensor)
     logger.info("Restored %s (%d tensors: %s) from %s", NON_LORA_FILE, len(state), describe(state), checkpoint)
@@ -212,13 +275,14 @@ def save_mm_adapter(
     use_im_start_end: bool = False,
     should_save: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Write ``mm_projector.bin`` (projector + token compressor) and ``config.json`` to ``output_dir``, each atomically.
+    """Write ``mm_projector.bin`` (projector + token compressor + its grid-size record) and ``config.json`` to
+    ``output_dir``, each atomically.
 
     Call it on every rank (ZeRO-3 gathers are collective); only ``should_save`` ranks write. Also
     writes the compressor alone as ``token_compressor.safetensors`` with its metadata, the
     portable format that ``--pretrain_token_compressor`` and the eval scripts read.
     """
-    state = get_mm_adapter_state_maybe_zero_3(model.named_parameters(), adapter_keys(use_im_start_end))
+    state = mm_adapter_state(model, use_im_start_end)
     if not any(matches(n, PROJECTOR_KEYS) for n in state):
         raise RuntimeError("The model has no mm_projector parameters to save; was initialize_vision_modules called?")
     if not should_save:
@@ -245,7 +309,9 @@ def _save_compressor_file(model: nn.Module, compressor_state: dict[str, torch.Te
         prefix = os.path.commonprefix(list(compressor_state))
         prefix = prefix[: prefix.rfind("token_compressor.") + len("token_compressor.")]
         twin = type(compressor)(compressor.input_grid_size, compressor.output_grid_size, compressor.hidden_dim)
-        twin.load_state_dict({n[len(prefix):]: t.float() for n, t in compressor_state.items()})
+        twin.load_state_dict({
+            n[len(prefix):]: t.float() if t.is_floating_point() else t for n, t in compressor_state.items()
+        })
         compressor = twin
     save_compressor(
         compressor, path, vision_tower=tower.vision_tower_name,

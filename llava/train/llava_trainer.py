@@ -10,6 +10,7 @@ On top of ``transformers.Trainer`` it
 - in LoRA fine-tuning also writes ``non_lora_trainables.bin`` into each checkpoint, so any
   ``checkpoint-N`` loads with ``load_pretrained_model``, and reads it back when training resumes
   from one (projector, compressor and the other non-LoRA weights continue with the optimizer);
+  both files carry the compressor's grid-size record, checked by every loader;
 - writes every ``checkpoint-N`` under a hidden temporary name (``.checkpoint-N.partial``) and
   renames it when complete, so a run killed while saving leaves the previous checkpoints intact
   and resumable; checkpoints beyond ``save_total_limit`` are deleted the same way (renamed, then
@@ -45,9 +46,9 @@ from . import atomic
 from .checkpointing import (
     COMPRESSOR_KEYS,
     PROJECTOR_KEYS,
-    get_peft_state_non_lora_maybe_zero_3,
     load_non_lora_trainables,
     matches,
+    non_lora_trainables_state,
     save_mm_adapter,
 )
 
@@ -352,7 +353,7 @@ class LLaVATrainer(Trainer):
             atomic.remove_tree(checkpoint)
 
     def _save_non_lora(self, output_dir: str | os.PathLike) -> None:
-        state = get_peft_state_non_lora_maybe_zero_3(self.model.named_parameters())
+        state = non_lora_trainables_state(self.model)
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             self.model.config.save_pretrained(output_dir)

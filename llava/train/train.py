@@ -43,9 +43,10 @@ from llava.train.checkpointing import (
     gather_state,
     gathered,
     get_peft_state_maybe_zero_3,
-    get_peft_state_non_lora_maybe_zero_3,
+    grid_size_records,
     load_weights_file,
     matches,
+    non_lora_trainables_state,
 )
 from llava.train.data import make_supervised_data_module
 from llava.train.llava_trainer import LLaVATrainer
@@ -185,11 +186,11 @@ def apply_lora(model, training_args: TrainingArguments):
 
 
 def _adapter_check(model, path: str) -> None:
-    """Confirm that the projector and compressor now hold ``path``'s weights; say what was loaded."""
+    """Confirm that the projector and compressor (with its grid-size record) hold ``path``'s weights; log them."""
     keys = PROJECTOR_KEYS + COMPRESSOR_KEYS
     saved = {_from_keyword(k, keys): t for k, t in read_adapter_file(path).items() if matches(k, keys)}
     live = gather_state((n, p) for n, p in model.named_parameters() if matches(n, keys))
-    live = {_from_keyword(n, keys): t for n, t in live.items()}
+    live = {_from_keyword(n, keys): t for n, t in {**live, **grid_size_records(model)}.items()}
     # Compare in the live dtype: setup_vision casts the tower (compressor included) to the compute
     # dtype after loading, so an fp32 stage-1 file and a bf16 stage 2 differ by that rounding alone.
     differs = [k for k, t in saved.items() if k not in live or not torch.equal(live[k], t.to(live[k].dtype))]
@@ -311,7 +312,7 @@ def save_trained_model(trainer: LLaVATrainer, model, tokenizer, training_args: T
     lora_state = non_lora_state = None
     if training_args.lora_enable and not trainer.tune_mm_mlp_adapter:
         lora_state = get_peft_state_maybe_zero_3(model.named_parameters(), training_args.lora_bias)
-        non_lora_state = get_peft_state_non_lora_maybe_zero_3(model.named_parameters())
+        non_lora_state = non_lora_trainables_state(model)
         if training_args.should_save:
             staged.mkdir(parents=True)
             model.config.save_pretrained(staged)
