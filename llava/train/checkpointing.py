@@ -320,10 +320,16 @@ def _save_compressor_file(model: nn.Module, compressor_state: dict[str, torch.Te
 
 
 def describe(state: dict[str, torch.Tensor]) -> str:
-    """``"mm_projector: 4, token_compressor: 2"``: how many tensors of each part a state holds."""
+    """``"grid_sizes: 1, mm_projector: 4, token_compressor: 2"``: how many tensors of each part a state holds.
+
+    The compressor's grid-size record counts apart from its weights.
+    """
     parts: dict[str, int] = {}
     for name in state:
-        key = next((k for k in PROJECTOR_KEYS + COMPRESSOR_KEYS + IM_START_END_KEYS if k in name), "other")
+        if is_grid_size_record(name):
+            key = GRID_SIZES_KEY
+        else:
+            key = next((k for k in PROJECTOR_KEYS + COMPRESSOR_KEYS + IM_START_END_KEYS if k in name), "other")
         parts[key] = parts.get(key, 0) + 1
     return ", ".join(f"{k}: {v}" for k, v in sorted(parts.items()))
 
