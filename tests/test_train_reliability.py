@@ -4,6 +4,11 @@ On the tiny stand-ins of ``test_train_e2e`` (2-layer Llama, 24×24-grid CLIP, 24
 
 - LoRA resume restores ``non_lora_trainables.bin`` (projector, compressor) with the adapter; a
   checkpoint without it, or with it cut short, is an error naming the file;
+- ``mm_projector.bin`` and ``non_lora_trainables.bin`` carry the compressor's grid sizes (int64):
+  stage 2, LoRA resume and ``load_pretrained_model`` refuse them for another size naming both
+  geometries, and files written before the record existed still load with a warning;
+- an empty or truncated ``mm_projector.bin`` / ``non_lora_trainables.bin`` at inference is a
+  ``CheckpointError`` naming the file;
 - checkpoints and outputs appear whole or not at all; an automatic resume skips an incomplete
   ``checkpoint-N`` with a warning naming it; a truncated ``mm_projector.bin`` is an error naming it;
 - two runs with the same ``--seed`` are identical;
@@ -29,21 +34,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_e2e import (  # noqa: F401  (ws and stage1 are fixtures)
+    GRID_SIZES_RECORD,
     Snapshot,
     assert_same,
     losses,
+    parameters_of,
     stage1,
     stage1_flags,
     stage2_flags,
     strip_to_module,
     ws,
 )
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
-from llava.constants import MM_PROJECTOR_FILE, NON_LORA_FILE
-from llava.train.checkpointing import CheckpointError, checkpoint_problem
+from llava.constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
+from llava.model.builder import load_pretrained_model
+from llava.standins import VisionModelArgs, create_tiny_llava, tiny_language_config
+from llava.train.checkpointing import (
+    CheckpointError,
+    checkpoint_problem,
+    non_lora_trainables_state,
+    save_mm_adapter,
+)
 from llava.train.llava_trainer import NonFiniteLossError
-from llava.train.train import train
+from llava.train.train import log_trainable, train
+from vision_token_compression import GridSizeMismatchError
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "train_kill_worker.py"
@@ -54,8 +69,12 @@ def lora_flags(ws, projector: Path, out: Path) -> list[str]:
     return ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", *stage2_flags(ws, projector, out)]
 
 
+LORA_GRID_SIZES_RECORD = f"base_model.model.{GRID_SIZES_RECORD}"  # under the prefix of the peft model's weights
+
+
 def non_lora(path: Path) -> dict[str, torch.Tensor]:
-    return strip_to_module(torch.load(path, weights_only=True))
+    """The parameters of a ``non_lora_trainables.bin``, keyed from the module name on (its record left out)."""
+    return strip_to_module(parameters_of(torch.load(path, weights_only=True)))
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +180,183 @@ def test_truncated_pretrained_projector_names_the_file_and_the_fix(ws, stage1, t
     expected = rf"{re.escape(str(broken))} .*Pass the mm_projector.bin of a finished stage 1"
     with pytest.raises(CheckpointError, match=expected):
         train(argv=stage2_flags(ws, broken, tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The compressor's grid sizes travel with its weights in the training outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def with_output_size(flags: list[str], size: int) -> list[str]:
+    flags = list(flags)
+    flags[flags.index("--compression_output_size") + 1] = str(size)
+    return flags
+
+
+def drop_record(path: Path) -> None:
+    """Rewrite a weights file as this code wrote it before the grid-size record existed."""
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.endswith("grid_sizes")}, path)
+
+
+def lora_output_copy(lora_run: Path, tmp_path: Path, **config) -> Path:
+    """The LoRA run's final output folder (without its checkpoints), with ``config`` fields edited."""
+    out = tmp_path / lora_run.name
+    out.mkdir()
+    for path in lora_run.iterdir():
+        if path.is_file():
+            shutil.copy(path, out)
+    fields = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**fields, **config}))
+    return out
+
+
+def warnings_of(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_training_outputs_carry_the_grid_sizes(stage1, lora_run):
+    files = {
+        GRID_SIZES_RECORD: [stage1.projector, stage1.out / "checkpoint-2" / MM_PROJECTOR_FILE],
+        LORA_GRID_SIZES_RECORD: [lora_run / NON_LORA_FILE, lora_run / "checkpoint-2" / NON_LORA_FILE],
+    }
+    for record, paths in files.items():
+        for path in paths:
+            state = torch.load(path, weights_only=True)
+            assert state[record].dtype == torch.int64 and state[record].tolist() == [24, 12], path
+            assert record.replace("grid_sizes", "conv.weight") in state  # the prefix of the compressor's weights
+    # A buffer: never a parameter, never trained or counted as trainable.
+    model = stage1.trainer.model
+    assert not any(name.endswith("grid_sizes") for name, _ in model.named_parameters())
+    compressor = model.get_vision_tower().token_compressor
+    conv_numel = 32 * 32 * 9 + 32  # weight and bias only
+    assert log_trainable(model)["token_compressor"] == sum(p.numel() for p in compressor.parameters()) == conv_numel
+
+
+def test_grid_size_record_is_saved_as_int64_from_a_bf16_model(ws, tmp_path):
+    peft = pytest.importorskip("peft")
+    tokenizer = AutoTokenizer.from_pretrained(ws.llm)
+    model = create_tiny_llava(ws.clip, tokenizer, compression_output_size=12).to(torch.bfloat16)
+    saved = save_mm_adapter(model, tmp_path)
+    on_disk = torch.load(tmp_path / MM_PROJECTOR_FILE, weights_only=True)
+    for state in (saved, on_disk):
+        assert state[GRID_SIZES_RECORD].dtype == torch.int64 and state[GRID_SIZES_RECORD].tolist() == [24, 12]
+        assert state["model.vision_tower.token_compressor.conv.weight"].dtype == torch.bfloat16
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    state = non_lora_trainables_state(lora)
+    assert state[LORA_GRID_SIZES_RECORD].dtype == torch.int64 and state[LORA_GRID_SIZES_RECORD].tolist() == [24, 12]
+
+
+def test_lora_checkpoint_with_its_config_edited_to_another_size_is_refused(ws, lora_run, tmp_path):
+    out = lora_output_copy(lora_run, tmp_path, compression_output_size=8)
+    assert not (out / TOKEN_COMPRESSOR_FILE).exists()  # the record in non_lora_trainables.bin is all there is
+    with pytest.raises(GridSizeMismatchError) as exc:
+        load_pretrained_model(str(out), str(ws.llm), out.name, device="cpu")
+    message = str(exc.value)
+    assert str(out / NON_LORA_FILE) in message and "trained for 24→12" in message and "is 24→8" in message, message
+
+
+def test_lora_checkpoint_without_the_record_still_loads_with_a_warning(ws, lora_run, tmp_path, caplog):
+    out = lora_output_copy(lora_run, tmp_path)
+    drop_record(out / NON_LORA_FILE)
+    with caplog.at_level(logging.WARNING):
+        _, model, _, _ = load_pretrained_model(str(out), str(ws.llm), out.name, device="cpu")
+    assert f"from {out / NON_LORA_FILE} carry no grid sizes" in warnings_of(caplog)
+    loaded = {k: v for k, v in model.named_parameters() if "token_compressor" in k}
+    assert_same(strip_to_module(loaded), {k: v for k, v in non_lora(lora_run / NON_LORA_FILE).items()
+                                          if "token_compressor" in k})
+    assert model.get_vision_tower().token_compressor.grid_sizes.tolist() == [24, 12]
+
+
+def test_stage1_adapter_is_refused_by_a_stage2_of_another_size(ws, stage1, tmp_path):
+    alone = tmp_path / MM_PROJECTOR_FILE
+    shutil.copy(stage1.projector, alone)  # without token_compressor.safetensors: the file's own record decides
+    with pytest.raises(GridSizeMismatchError) as exc:
+        train(argv=with_output_size(stage2_flags(ws, alone, tmp_path / "out"), 8))
+    message = str(exc.value)
+    assert f"from {alone} were trained for 24→12" in message and "is 24→8" in message, message
+
+
+def test_projector_only_checkpoint_without_the_record_still_loads(ws, stage1, tmp_path, caplog):
+    out = tmp_path / stage1.out.name
+    out.mkdir()
+    for name in ("config.json", MM_PROJECTOR_FILE):  # no token_compressor.safetensors beside it
+        shutil.copy(stage1.out / name, out)
+    drop_record(out / MM_PROJECTOR_FILE)
+    with caplog.at_level(logging.WARNING):
+        _, model, _, _ = load_pretrained_model(str(out), str(ws.llm), out.name, device="cpu")
+    assert f"from {out / MM_PROJECTOR_FILE} carry no grid sizes" in warnings_of(caplog)
+    loaded = {k: v for k, v in model.named_parameters() if "token_compressor" in k or "mm_projector" in k}
+    assert_same(loaded, parameters_of(torch.load(stage1.projector, weights_only=True)))
+
+
+def test_lora_resume_of_another_size_is_refused(ws, stage1, lora_run, tmp_path):
+    out = killed_after_checkpoint_2(lora_run, tmp_path)
+    flags = with_output_size(lora_flags(ws, stage1.projector, out), 8)
+    i = flags.index("--pretrain_mm_mlp_adapter")  # stage 1 was 24→12 too: leave it out to reach the resume
+    del flags[i : i + 2]
+    with pytest.raises(GridSizeMismatchError) as exc:
+        train(argv=flags)
+    message = str(exc.value)
+    path = out / "checkpoint-2" / NON_LORA_FILE
+    assert f"from {path} were trained for 24→12" in message and "is 24→8" in message, message
+
+
+def test_lora_resume_from_a_checkpoint_without_the_record(ws, stage1, lora_run, tmp_path, caplog):
+    out = killed_after_checkpoint_2(lora_run, tmp_path)
+    drop_record(out / "checkpoint-2" / NON_LORA_FILE)
+    with caplog.at_level(logging.WARNING):
+        train(argv=lora_flags(ws, stage1.projector, out))
+    assert f"from {out / 'checkpoint-2' / NON_LORA_FILE} carry no grid sizes" in warnings_of(caplog)
+    assert_same(non_lora(out / NON_LORA_FILE), non_lora(lora_run / NON_LORA_FILE))
+    assert torch.load(out / NON_LORA_FILE, weights_only=True)[LORA_GRID_SIZES_RECORD].tolist() == [24, 12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Empty or truncated weights files at inference name the file
+# ----------------------------------------------------------------------------------------------
+
+
+def damaged(source: Path, target: Path, damage: str) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    return target
+
+
+DAMAGE_MESSAGE = {"empty": r"is empty \(0 bytes\)", "truncated": r"\(\d+ bytes\) cannot be read"}
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_projector_file_at_load_pretrained_model_names_it(ws, stage1, tmp_path, damage):
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    shutil.copy(stage1.out / "config.json", out)
+    broken = damaged(stage1.projector, out / MM_PROJECTOR_FILE, damage)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(broken))} {DAMAGE_MESSAGE[damage]}"):
+        load_pretrained_model(str(out), str(ws.llm), out.name, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_pretrain_mm_mlp_adapter_at_initialize_vision_modules_names_it(ws, stage1, tmp_path, damage):
+    from llava.model import LlavaLlamaForCausalLM
+
+    broken = damaged(stage1.projector, tmp_path / MM_PROJECTOR_FILE, damage)
+    tokenizer = AutoTokenizer.from_pretrained(ws.llm)
+    model = LlavaLlamaForCausalLM(tiny_language_config(vocab_size=len(tokenizer)))
+    args = VisionModelArgs(vision_tower=str(ws.clip), use_token_compression=True, compression_output_size=12,
+                           pretrain_mm_mlp_adapter=str(broken))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(broken))} {DAMAGE_MESSAGE[damage]}"):
+        model.get_model().initialize_vision_modules(args)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # as before: a missing file
+        model.get_model().load_mm_adapter(tmp_path / "missing" / MM_PROJECTOR_FILE)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_non_lora_trainables_at_load_pretrained_model_names_it(ws, lora_run, tmp_path, damage):
+    out = lora_output_copy(lora_run, tmp_path)
+    broken = damaged(lora_run / NON_LORA_FILE, out / NON_LORA_FILE, damage)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(broken))} {DAMAGE_MESSAGE[damage]}"):
+        load_pretrained_model(str(out), str(ws.llm), out.name, device="cpu")
 
 
 class Interrupted(BaseException):
