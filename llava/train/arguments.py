@@ -109,8 +109,12 @@ class DataArguments:
     data_error_policy: str = field(
         default="raise",
         metadata={
-            "help": "What a broken sample (missing image, image-token mismatch, tokenisation mismatch, nothing to "
-            "learn) does: 'raise' stops with a message naming it; 'skip' logs it, counts it and uses the next sample.",
+            "help": "What a broken sample does: malformed fields (not an object; 'image' or 'conversations' of "
+            "the wrong type; turns that are malformed, do not alternate or hold no answer; empty values or answers; "
+            "lone surrogates), an image that is missing, outside --image_folder, unreadable or over Pillow's "
+            "decompression-bomb limit, an image-token or tokenisation mismatch, nothing left to learn after "
+            "truncation. 'raise' stops with a message naming file, index, id and fault; 'skip' logs it, counts it "
+            "and uses the next sample. A data file that cannot be read (DataFileError) always stops.",
             "choices": list(DATA_ERROR_POLICIES),
         },
     )
