@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compression.py"
 STAT_MEASURES = (
     "vision_tower_ms", "compressor_ms", "projector_ms", "prefill_ms", "first_token_sampling_ms", "ttft_ms",
     "decode_ms_per_token",
@@ -21,13 +17,9 @@ VARIANTS_24 = ["none", "toconv-24to12", "avgpool-24to12", "conv-24to12", "toconv
 
 @pytest.fixture(scope="module")
 def bench():
-    """The benchmark script as a module (it is a script, not part of the installed package)."""
-    spec = importlib.util.spec_from_file_location("bench_compression", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    from benchmarks import bench_compression
+
+    return bench_compression
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,5 @@
+"""What token compression buys in a LLaVA-1.5-shaped pipeline, measured side by side.
+
+The entry point is ``benchmarks.bench_compression`` (``python benchmarks/bench_compression.py`` or
+``python -m benchmarks.bench_compression``); see docs/benchmarks.md.
+"""
