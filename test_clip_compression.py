@@ -137,7 +137,7 @@ def _is_standin(path: Path) -> bool:
 
 def resolve_tower(name: str, given: str | None, args: argparse.Namespace) -> TowerSource:
     """Real weights if given or cached, else a random-weight stand-in built under ``--standin-dir``."""
-    from vision_token_compression.standins import build_clip_standin, find_local_tower
+    from vision_token_compression.testing import build_clip_standin, find_local_tower
 
     if given is not None:
         return TowerSource(name, Path(given), real=not _is_standin(Path(given)))

@@ -108,7 +108,7 @@ def build_tokenizer(out_dir: str | os.PathLike, *, vocab_size: int = 512) -> Pat
 
 def build_tiny_clip(out_dir: str | os.PathLike, *, hidden_size: int = 32, num_hidden_layers: int = 2, seed: int = 0) -> Path:
     """A random CLIP ViT-L/14-336 stand-in shrunk to ``hidden_size`` channels: 336px, patch 14, a 24×24 grid."""
-    from vision_token_compression.standins import build_clip_standin
+    from vision_token_compression.testing import build_clip_standin
 
     return build_clip_standin(
         "openai/clip-vit-large-patch14-336", out_dir, num_hidden_layers=num_hidden_layers, seed=seed,

@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = opts.work_dir or Path(tmp)
         try:
             up = import_upstream()
-            from vision_token_compression.standins import build_clip_standin
+            from vision_token_compression.testing import build_clip_standin
 
             dist = importlib.metadata.distribution("llava-torch")
             installed = Path(dist.locate_file("llava/__init__.py")).resolve()

@@ -31,7 +31,7 @@ def _quiet_transformers():
 @pytest.fixture(scope="session")
 def tiny_tower_336(tmp_path_factory) -> Path:
     """Tiny stand-in with openai/clip-vit-large-patch14-336's patch geometry (24×24 grid, hidden 32)."""
-    from vision_token_compression.standins import build_clip_standin
+    from vision_token_compression.testing import build_clip_standin
 
     out = tmp_path_factory.mktemp("tiny-clip-336")
     return build_clip_standin("openai/clip-vit-large-patch14-336", out, num_hidden_layers=2, **TINY_CLIP)
@@ -40,7 +40,7 @@ def tiny_tower_336(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tower_224(tmp_path_factory) -> Path:
     """Tiny stand-in with openai/clip-vit-large-patch14's patch geometry (16×16 grid, hidden 32)."""
-    from vision_token_compression.standins import build_clip_standin
+    from vision_token_compression.testing import build_clip_standin
 
     out = tmp_path_factory.mktemp("tiny-clip-224")
     return build_clip_standin("openai/clip-vit-large-patch14", out, num_hidden_layers=2, **TINY_CLIP)

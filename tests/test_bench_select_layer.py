@@ -17,7 +17,7 @@ NUM_LAYERS = 4
 @pytest.fixture(scope="module")
 def tower_path(tmp_path_factory):
     """Tiny ViT-L/14-336-shaped stand-in with 4 layers, so every select layer has something to skip."""
-    from vision_token_compression.standins import build_clip_standin
+    from vision_token_compression.testing import build_clip_standin
 
     out = tmp_path_factory.mktemp("select-layer-clip")
     return build_clip_standin(

@@ -41,7 +41,7 @@ from vision_token_compression import (
     save_compressor,
 )
 from vision_token_compression.losses import LossConfig
-from vision_token_compression.synthetic import make_structured_images
+from vision_token_compression.testing import make_structured_images
 from vision_token_compression.train import TrainConfig, list_checkpoints
 from vision_token_compression.train import main as train_main
 

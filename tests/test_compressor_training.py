@@ -26,7 +26,7 @@ from vision_token_compression.evaluate import main as evaluate_main
 from vision_token_compression.feature_cache import FeatureCache
 from vision_token_compression.features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
 from vision_token_compression.losses import LossConfig, compression_loss
-from vision_token_compression.synthetic import make_structured_images
+from vision_token_compression.testing import make_structured_images
 from vision_token_compression.train import list_checkpoints, read_trainer_state
 from vision_token_compression.train import main as train_main
 

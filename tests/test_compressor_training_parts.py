@@ -22,7 +22,7 @@ from vision_token_compression.losses import (
 )
 from vision_token_compression.plotting import plot_curves
 from vision_token_compression.projector import build_projector, load_projector
-from vision_token_compression.synthetic import make_structured_images
+from vision_token_compression.testing import make_structured_images
 from vision_token_compression.train import RunLog, TrainConfig, warmup_cosine
 
 

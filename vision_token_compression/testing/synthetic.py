@@ -2,7 +2,7 @@
 
 Random noise gives a CLIP tower nothing to say; these images have edges, flat regions, smooth
 gradients and glyphs, so neighbouring patch tokens differ the way they do on photos and
-documents. Run ``python -m vision_token_compression.synthetic OUT_DIR --num 48`` to write a folder.
+documents. Run ``python -m vision_token_compression.testing.synthetic OUT_DIR --num 48`` to write a folder.
 """
 
 from __future__ import annotations
