@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import vision_token_compression.checkpoint as checkpoint_module
-import vision_token_compression.train as train_module
+import vision_token_compression.training.trainer as train_module
 from llava.model.builder import load_pretrained_model
 from llava.standins import VisionModelArgs, build_tokenizer, create_tiny_llava, tiny_language_config
 from vision_token_compression import (
@@ -40,10 +40,10 @@ from vision_token_compression import (
     read_metadata,
     save_compressor,
 )
-from vision_token_compression.losses import LossConfig
 from vision_token_compression.testing import make_structured_images
-from vision_token_compression.train import TrainConfig, list_checkpoints
-from vision_token_compression.train import main as train_main
+from vision_token_compression.training.losses import LossConfig
+from vision_token_compression.training.trainer import TrainConfig, list_checkpoints
+from vision_token_compression.training.trainer import main as train_main
 
 COMPRESSOR = "model.vision_tower.token_compressor."
 WARNINGS = logging.WARNING

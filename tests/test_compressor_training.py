@@ -21,14 +21,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vision_token_compression import TokenCompressor, load_compressor, read_metadata
-from vision_token_compression.data import ImageFolderDataset
-from vision_token_compression.evaluate import main as evaluate_main
-from vision_token_compression.feature_cache import FeatureCache
-from vision_token_compression.features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
-from vision_token_compression.losses import LossConfig, compression_loss
 from vision_token_compression.testing import make_structured_images
-from vision_token_compression.train import list_checkpoints, read_trainer_state
-from vision_token_compression.train import main as train_main
+from vision_token_compression.training.data import ImageFolderDataset
+from vision_token_compression.training.evaluate import main as evaluate_main
+from vision_token_compression.training.feature_cache import FeatureCache
+from vision_token_compression.training.features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
+from vision_token_compression.training.losses import LossConfig, compression_loss
+from vision_token_compression.training.trainer import list_checkpoints, read_trainer_state
+from vision_token_compression.training.trainer import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_short_run_lowers_the_loss_and_beats_random_init(trained_run, tiny_tower
 
 _CRASH_DURING_SECOND_SAVE = textwrap.dedent("""
     import os, sys
-    import vision_token_compression.train as train
+    import vision_token_compression.training.trainer as train
     write, calls = train._write_trainer_state, []
     def crash_on_second_save(state, path):
         calls.append(path)
@@ -272,8 +272,7 @@ def test_checkpoint_loads_through_load_pretrained_model_and_the_llava_projector_
     """The eval scripts' --token-compressor-path route, and --projector reading a LLaVA checkpoint folder."""
     from llava.model.builder import load_pretrained_model
     from llava.standins import build_tiny_llava
-
-    from vision_token_compression.projector import load_projector
+    from vision_token_compression.training.projector import load_projector
 
     llava_dir = build_tiny_llava(tmp_path / "llava", tiny_tower_336)  # trained without compression
     checkpoint = trained_run / "compressor_24to12.safetensors"
@@ -299,7 +298,7 @@ def test_checkpoint_loads_through_load_pretrained_model_and_the_llava_projector_
 def test_evaluate_says_which_settings_it_assumes_for_a_checkpoint_without_them(
         tiny_tower_336, held_out_images, tmp_path, caplog):
     from vision_token_compression import save_compressor
-    from vision_token_compression.evaluate import evaluate
+    from vision_token_compression.training.evaluate import evaluate
 
     checkpoint = save_compressor(TokenCompressor(24, 12, 32), tmp_path / "bare.safetensors")  # no provenance
     report = evaluate([checkpoint], [held_out_images], vision_tower=str(tiny_tower_336), max_images=2, num_workers=0)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vision_token_compression import TokenCompressor, choose_geometry
-from vision_token_compression.data import ImageFolderDataset, ShardedShuffleSampler, find_images
-from vision_token_compression.features import expand_to_square
-from vision_token_compression.losses import (
+from vision_token_compression.testing import make_structured_images
+from vision_token_compression.training.data import ImageFolderDataset, ShardedShuffleSampler, find_images
+from vision_token_compression.training.features import expand_to_square
+from vision_token_compression.training.losses import (
     LossConfig,
     compression_loss,
     entropic_ot,
@@ -20,10 +21,9 @@ from vision_token_compression.losses import (
     sliced_wasserstein,
     window_cosine,
 )
-from vision_token_compression.plotting import plot_curves
-from vision_token_compression.projector import build_projector, load_projector
-from vision_token_compression.testing import make_structured_images
-from vision_token_compression.train import RunLog, TrainConfig, warmup_cosine
+from vision_token_compression.training.plotting import plot_curves
+from vision_token_compression.training.projector import build_projector, load_projector
+from vision_token_compression.training.trainer import RunLog, TrainConfig, warmup_cosine
 
 
 @pytest.mark.parametrize("grids", [(24, 12), (24, 8), (16, 12), (24, 10)])

@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .models.geometry import ConvGeometry
+from vision_token_compression import ConvGeometry
+
 from .validation import check_choice, check_int, check_number, flag
 
 DistributionLoss = Literal["sliced_wasserstein", "sinkhorn", "none"]
