@@ -7,6 +7,11 @@ import math
 
 import pytest
 
+from benchmarks import bench_compression
+from benchmarks.memory import expected_cache_bytes
+from benchmarks.presets import PRESETS
+from benchmarks.reducers import REDUCER_KINDS, build_reducer
+
 STAT_MEASURES = (
     "vision_tower_ms", "compressor_ms", "projector_ms", "prefill_ms", "first_token_sampling_ms", "ttft_ms",
     "decode_ms_per_token",
@@ -16,17 +21,10 @@ VARIANTS_24 = ["none", "toconv-24to12", "avgpool-24to12", "conv-24to12", "toconv
 
 
 @pytest.fixture(scope="module")
-def bench():
-    from benchmarks import bench_compression
-
-    return bench_compression
-
-
-@pytest.fixture(scope="module")
-def micro_report(bench, tmp_path_factory):
+def micro_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--preset", "micro", "--json", str(out / "micro.json"), "--cache-dir", str(out / "cache")]
-    bench.main(argv)
+    bench_compression.main(argv)
     return json.loads((out / "micro.json").read_text()), out
 
 
@@ -92,33 +90,33 @@ def test_environment_microbenchmark_and_outputs(micro_report):
     assert all(f"| {name} |" in table for name in VARIANTS_24)
 
 
-def test_reducers_keep_the_compressor_geometry(bench):
+def test_reducers_keep_the_compressor_geometry():
     import torch
     import torch.nn.functional as F
 
     x = torch.randn(2, 576, 8)
-    pool = bench.build_reducer("avgpool", 24, 12, 8)
+    pool = build_reducer("avgpool", 24, 12, 8)
     grid = x.unflatten(1, (24, 24)).permute(0, 3, 1, 2)
     expected = F.avg_pool2d(grid, 3, 2, 1, count_include_pad=False).flatten(2).transpose(1, 2)
     assert torch.equal(pool(x), expected)
     # The average-initialised ToConv compressor is exactly this average pooling (partial-conv renormalisation).
-    torch.testing.assert_close(bench.build_reducer("toconv", 24, 12, 8)(x), expected)
-    conv = bench.build_reducer("conv", 16, 12, 8)
+    torch.testing.assert_close(build_reducer("toconv", 24, 12, 8)(x), expected)
+    conv = build_reducer("conv", 16, 12, 8)
     assert (conv.conv.kernel_size, conv.conv.stride, conv.conv.padding) == ((5, 5), (1, 1), (0, 0))
     assert conv(torch.randn(1, 256, 8)).shape == (1, 144, 8)
 
 
-def test_plain_conv_baseline_matches_toconv_layout(bench):
+def test_plain_conv_baseline_matches_toconv_layout():
     """The Conv2d baseline reads the same tokens the same way as ToConv: only the renormalisation differs."""
     import torch
 
     x = torch.randn(2, 576, 8)
-    toconv, conv = bench.build_reducer("toconv", 24, 8, 8), bench.build_reducer("conv", 24, 8, 8)
+    toconv, conv = build_reducer("toconv", 24, 8, 8), build_reducer("conv", 24, 8, 8)
     # Both hold channels-last weights, matching the channels-last grid view both convolve (no per-call conversion).
     for reducer in (toconv, conv, conv.to(torch.float64)):
         assert reducer.conv.weight.is_contiguous(memory_format=torch.channels_last)
     conv = conv.float()
-    assert all(bench.build_reducer(kind, 24, 12, 8)(x).shape == (2, 144, 8) for kind in bench.REDUCER_KINDS)
+    assert all(build_reducer(kind, 24, 12, 8)(x).shape == (2, 144, 8) for kind in REDUCER_KINDS)
     # 24→8 (k3 s3 p0) has no padding, so no window is renormalised: with ToConv's weights the plain conv
     # gives ToConv's output exactly.
     with torch.no_grad():
@@ -128,46 +126,46 @@ def test_plain_conv_baseline_matches_toconv_layout(bench):
     torch.testing.assert_close(conv(x), toconv(x), rtol=0, atol=0)
 
 
-def test_presets_are_complete_and_the_7b_preset_has_the_vicuna_shape(bench):
-    preset = bench.PRESETS["llava-1.5-7b"]
+def test_presets_are_complete_and_the_7b_preset_has_the_vicuna_shape():
+    preset = PRESETS["llava-1.5-7b"]
     assert preset.llm["hidden_size"] == 4096 and preset.llm["num_hidden_layers"] == 32
     assert preset.llm["num_attention_heads"] == 32 and preset.llm["intermediate_size"] == 11008
     assert preset.llm["vocab_size"] == 32000 and preset.clip_overrides == {} and preset.micro_clip_overrides == {}
     assert 8 in preset.batch_sizes
-    assert set(bench.PRESETS) >= {"micro", "tiny", "small", "llava-1.5-7b"}
+    assert set(PRESETS) >= {"micro", "tiny", "small", "llava-1.5-7b"}
 
 
-def test_7b_shapes_without_weights(bench):
+def test_7b_shapes_without_weights():
     """The 7B preset's KV cache and model sizes, from configs on the meta device (no memory, no GPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    preset = bench.PRESETS["llava-1.5-7b"]
+    preset = PRESETS["llava-1.5-7b"]
     config = LlamaConfig(**preset.llm)
     with torch.device("meta"):
         llm = LlamaForCausalLM(config)
     params = sum(p.numel() for p in llm.parameters())
     assert 6.6e9 < params < 6.9e9  # Vicuna-7B: 6.74 B
     # LLaVA-1.5 at batch 8 with a 64-token prompt: 640 vs 208 tokens of KV cache in float16.
-    full = bench.expected_cache_bytes(config, 8, 64 + 576, torch.float16)
+    full = expected_cache_bytes(config, 8, 64 + 576, torch.float16)
     assert full == 2 * 32 * 8 * 32 * 640 * 128 * 2
-    assert full / bench.expected_cache_bytes(config, 8, 64 + 144, torch.float16) == pytest.approx(640 / 208)
+    assert full / expected_cache_bytes(config, 8, 64 + 144, torch.float16) == pytest.approx(640 / 208)
 
 
-def test_cuda_is_refused_cleanly_without_a_gpu(bench):
+def test_cuda_is_refused_cleanly_without_a_gpu():
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="no CUDA device"):
-        bench.main(["--preset", "micro", "--device", "cuda", "--no-microbenchmark"])
+        bench_compression.main(["--preset", "micro", "--device", "cuda", "--no-microbenchmark"])
 
 
-def test_224_tower_runs_16_to_12_and_16_to_8(bench, tmp_path):
+def test_224_tower_runs_16_to_12_and_16_to_8(tmp_path):
     import torch
 
     threads = torch.get_num_threads()
-    report = bench.main([
+    report = bench_compression.main([
         "--preset", "micro", "--vision-tower", "openai/clip-vit-large-patch14", "--no-microbenchmark",
         "--repeats", "1", "--warmup", "0", "--variants", "toconv-16to12", "avgpool-16to8",
         "--cache-dir", str(tmp_path / "cache"),
@@ -178,9 +176,9 @@ def test_224_tower_runs_16_to_12_and_16_to_8(bench, tmp_path):
     assert report["environment"]["threads"] == 1 and torch.get_num_threads() == threads  # the preset's, then restored
 
 
-def test_half_precision_plumbing(bench, tmp_path):
+def test_half_precision_plumbing(tmp_path):
     """The GPU presets run in float16: every piece casts alike and the KV cache is counted at 2 bytes."""
-    report = bench.main([
+    report = bench_compression.main([
         "--preset", "micro", "--dtype", "bfloat16", "--no-microbenchmark", "--repeats", "1", "--warmup", "0",
         "--variants", "toconv-24to12", "--cache-dir", str(tmp_path / "cache"),
     ])

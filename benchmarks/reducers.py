@@ -1,0 +1,98 @@
+"""The token reducers compared (ToConv and two baselines of its geometry) and the variants built from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.presets import OUTPUT_GRIDS
+from vision_token_compression.models.geometry import ConvGeometry, choose_geometry
+from vision_token_compression.models.token_compressor import TokenCompressor
+
+REDUCER_KINDS = ("toconv", "avgpool", "conv")
+
+
+class GridReducer(nn.Module):
+    """Baseline token reducer: (B, in², C) → (B, out², C) by ``avg_pool2d`` or a plain ``nn.Conv2d``.
+
+    Uses the compressor's own geometry (kernel, stride, padding), its token-to-grid layout (a
+    channels-last view of the (B, N, C) tokens, no copy) and, for ``"conv"``, its weight layout
+    (channels-last), so it differs from ``TokenCompressor`` only in the operation on the grid: the
+    plain convolution is the best a user of an ``nn.Conv2d`` of that shape gets on these tokens,
+    and ToConv / Conv2d measures the partial-convolution renormalisation alone.
+
+    Args:
+        kind: ``"avgpool"`` (``count_include_pad=False``) or ``"conv"`` (C→C, random init).
+        geometry: Grid sizes, kernel, stride and padding.
+        channels: Channels per token.
+    """
+
+    def __init__(self, kind: str, geometry: ConvGeometry, channels: int) -> None:
+        super().__init__()
+        if kind not in ("avgpool", "conv"):
+            raise ValueError(f"GridReducer kind must be 'avgpool' or 'conv', got {kind!r}.")
+        self.kind = kind
+        self.geometry = geometry
+        g = geometry
+        self.conv = nn.Conv2d(channels, channels, g.kernel_size, g.stride, g.padding) if kind == "conv" else None
+        if self.conv is not None:
+            # Fair baseline: forward hands the conv a channels-last grid view, and TokenCompressor stores
+            # its weight channels-last to match; a contiguous weight here would make oneDNN (CPU) convert
+            # the whole (C, C, k, k) weight on every call, a cost of layout, not of the operation.
+            self.conv.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.geometry.input_size
+        grid = x.unflatten(1, (side, side)).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+        if self.conv is not None:
+            out = self.conv(grid)  # (B, C, h, w)
+        else:
+            g = self.geometry
+            out = F.avg_pool2d(grid, g.kernel_size, g.stride, g.padding, count_include_pad=False)  # (B, C, h, w)
+        return out.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+
+def build_reducer(kind: str, input_grid: int, output_grid: int, channels: int) -> nn.Module:
+    """ToConv's ``TokenCompressor`` or a baseline of the same geometry."""
+    if kind == "toconv":
+        return TokenCompressor(input_grid, output_grid, channels)
+    return GridReducer(kind, choose_geometry(input_grid, output_grid), channels)
+
+
+@dataclasses.dataclass
+class Variant:
+    """One way of handing image tokens to the LLM."""
+
+    name: str
+    kind: str  # "none" or one of REDUCER_KINDS
+    output_grid: int
+    reducer: nn.Module | None
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"kind": self.kind, "output_grid": self.output_grid, "image_tokens": self.output_grid**2}
+        if self.reducer is not None:
+            g = self.reducer.geometry
+            info.update(kernel=g.kernel_size, stride=g.stride, padding=g.padding)
+        return info
+
+
+def build_variants(input_grid: int, channels: int, device: torch.device, dtype: torch.dtype,
+                   names: list[str] | None = None) -> list[Variant]:
+    """No compression, then ToConv / average pooling / plain conv at 12×12 and 8×8."""
+    variants = [Variant("none", "none", input_grid, None)]
+    for out in OUTPUT_GRIDS:
+        for kind in REDUCER_KINDS:
+            variants.append(Variant(f"{kind}-{input_grid}to{out}", kind, out, None))
+    if names:
+        unknown = sorted(set(names) - {v.name for v in variants})
+        if unknown:
+            raise SystemExit(f"Unknown variants {unknown}; choose from {[v.name for v in variants]}.")
+        variants = [v for v in variants if v.name in names or v.name == "none"]  # "none" is the reference
+    for v in variants:
+        if v.kind != "none":
+            v.reducer = build_reducer(v.kind, input_grid, v.output_grid, channels).to(device=device, dtype=dtype).eval()
+    return variants
