@@ -4,19 +4,21 @@ Builds the pipeline from the project's own pieces, with random weights at real s
 ``CLIPVisionTower`` (a CLIP stand-in from ``build_clip_standin``, ``mm_vision_select_layer=-2``), a
 token reducer, ``build_vision_projector`` (``mlp2x_gelu``) and transformers' ``LlamaForCausalLM``
 fed ``inputs_embeds = [text prefix, image tokens, text suffix]``. For every variant (no
-compression; ToConv 24→12 and 24→8, or 16→12 and 16→8 for the 224 tower; average pooling and a
-plain ``nn.Conv2d`` at the same token counts) it measures the vision tower, the reducer, the
-projector, the LLM prefill, time to first token (TTFT), decode ms/token, KV-cache bytes and peak
-memory, as medians (with quartiles) after warm-up, the device synchronised around every timed
-region. A microbenchmark times the compressor against a plain convolution of the same shape and
-against the vision tower at the ViT-L/14-336 shape, and the tower's early stop at the selected
-layer against the full 24-layer run.
+compression; ToConv 24→12 and 24→8, or 16→12 and 16→8 for the 224 tower; the window mean, i.e.
+average pooling over the compressor's own windows, and a plain ``nn.Conv2d`` at the same token
+counts) it measures the vision tower, the reducer, the projector, the LLM prefill, time to first
+token (TTFT), decode ms/token, KV-cache bytes and peak memory, as medians (with quartiles) after
+warm-up, the device synchronised around every timed region. A microbenchmark times the compressor
+against a plain convolution of the same shape and against the vision tower at the ViT-L/14-336
+shape, and the tower's early stop at the selected layer against the full 24-layer run.
 
     python benchmarks/bench_compression.py --preset tiny --json out.json         # CPU, < 2 min
     python benchmarks/bench_compression.py --preset llava-1.5-7b --json 7b.json  # one GPU
+    python -m benchmarks.bench_compression --preset micro                        # the same, as a module
 
 Writes JSON (every sample, the environment and the resolved settings), a markdown table and,
-where matplotlib is installed (``pip install 'toconv-llava[bench]'``), a PNG chart.
+where matplotlib is installed (``pip install 'toconv-llava[bench]'``), a PNG chart. This file is
+the command line; the steps live beside it in ``benchmarks/`` (``run.py`` runs them in order).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ PIPELINE_HEADER = (
     "| TTFT ms | TTFT speed-up (ideal) | decode ms/token | KV cache MiB | peak MiB |"
 )
 MICRO_HEADER = (
-    "| compression | geometry | ToConv ms | plain Conv2d ms | avg pool ms | ToConv / Conv2d "
+    "| compression | geometry | ToConv ms | plain Conv2d ms | window mean ms | ToConv / Conv2d "
     "| ToConv % of tower time | ToConv % of tower FLOPs |"
 )
 
@@ -85,7 +85,7 @@ def microbenchmark_lines(micro: dict[str, Any]) -> list[str]:
     for name, c in micro["compressors"].items():
         lines.append(
             f"| {name} | k{c['kernel']} s{c['stride']} p{c['padding']} | {_fmt(c['toconv_ms'])} | "
-            f"{_fmt(c['conv_ms'])} | {_fmt(c['avgpool_ms'])} | {c['toconv_over_conv']:.3f}× | "
+            f"{_fmt(c['conv_ms'])} | {_fmt(c['window_mean_ms'])} | {c['toconv_over_conv']:.3f}× | "
             f"{c['toconv_pct_of_vision_tower']:.2f}% | {c['toconv_flops_pct_of_vision_tower']:.2f}% |"
         )
     sl = micro["select_layer"]

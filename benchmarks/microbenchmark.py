@@ -28,7 +28,7 @@ def microbenchmark(
     tower: CLIPVisionTower, tower_name: str, overrides: dict, batch: int, device: torch.device,
     dtype: torch.dtype, repeats: int, tower_repeats: int,
 ) -> dict[str, Any]:
-    """ToConv vs plain convolution (and average pooling), and vs the vision tower, at ``tower``'s shape.
+    """ToConv vs plain convolution (and the window mean), and vs the vision tower, at ``tower``'s shape.
 
     Also times the tower stopping at the selected layer (``CLIPVisionTower``) against the full run
     (``output_hidden_states`` over every layer, as upstream LLaVA does), checks they agree, and counts
@@ -91,7 +91,7 @@ def time_reducers(
     features: torch.Tensor, grid: int, out: int, device: torch.device, dtype: torch.dtype, repeats: int,
     tower_ms: dict[str, Any],
 ) -> dict[str, Any]:
-    """ToConv, the plain convolution and average pooling at ``grid``→``out``, timed on the same tokens."""
+    """ToConv, the plain convolution and the window mean at ``grid``→``out``, timed on the same tokens."""
     channels = features.shape[-1]
     # All three read the same (B, N, C) tokens through the same channels-last grid view, and ToConv
     # and the plain conv both hold channels-last weights (see GridReducer): the ratio is the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +13,14 @@ from benchmarks.presets import OUTPUT_GRIDS
 from vision_token_compression.models.geometry import ConvGeometry, choose_geometry
 from vision_token_compression.models.token_compressor import TokenCompressor
 
-REDUCER_KINDS = ("toconv", "avgpool", "conv")
+ReducerKind = Literal["toconv", "window_mean", "conv"]
+REDUCER_KINDS: tuple[ReducerKind, ...] = ("toconv", "window_mean", "conv")
+# Variant names before the window mean was named for what it is (results of JSON schema 1).
+RENAMED_VARIANT_KINDS = {"avgpool": "window_mean"}
 
 
 class GridReducer(nn.Module):
-    """Baseline token reducer: (B, in², C) → (B, out², C) by ``avg_pool2d`` or a plain ``nn.Conv2d``.
+    """Baseline token reducer: (B, in², C) → (B, out², C) by the window mean or a plain ``nn.Conv2d``.
 
     Uses the compressor's own geometry (kernel, stride, padding), its token-to-grid layout (a
     channels-last view of the (B, N, C) tokens, no copy) and, for ``"conv"``, its weight layout
@@ -26,15 +29,18 @@ class GridReducer(nn.Module):
     and ToConv / Conv2d measures the partial-convolution renormalisation alone.
 
     Args:
-        kind: ``"avgpool"`` (``count_include_pad=False``) or ``"conv"`` (C→C, random init).
+        kind: ``"window_mean"``: the mean of each of the compressor's windows (``avg_pool2d`` with its
+            kernel, stride and padding, ``count_include_pad=False``: k3 s2 p1 for 24→12, k3 s3 p0 for
+            24→8, k5 s1 p0 for 16→12), what an average-initialised ToConv computes; ``"conv"``: a plain
+            C→C ``nn.Conv2d``, random init.
         geometry: Grid sizes, kernel, stride and padding.
         channels: Channels per token.
     """
 
-    def __init__(self, kind: str, geometry: ConvGeometry, channels: int) -> None:
+    def __init__(self, kind: Literal["window_mean", "conv"], geometry: ConvGeometry, channels: int) -> None:
         super().__init__()
-        if kind not in ("avgpool", "conv"):
-            raise ValueError(f"GridReducer kind must be 'avgpool' or 'conv', got {kind!r}.")
+        if kind not in ("window_mean", "conv"):
+            raise ValueError(f"GridReducer kind must be 'window_mean' or 'conv', got {kind!r}.")
         self.kind = kind
         self.geometry = geometry
         g = geometry
@@ -56,7 +62,7 @@ class GridReducer(nn.Module):
         return out.flatten(2).transpose(1, 2)  # (B, h*w, C)
 
 
-def build_reducer(kind: str, input_grid: int, output_grid: int, channels: int) -> nn.Module:
+def build_reducer(kind: ReducerKind, input_grid: int, output_grid: int, channels: int) -> nn.Module:
     """ToConv's ``TokenCompressor`` or a baseline of the same geometry."""
     if kind == "toconv":
         return TokenCompressor(input_grid, output_grid, channels)
@@ -82,7 +88,7 @@ class Variant:
 
 def build_variants(input_grid: int, channels: int, device: torch.device, dtype: torch.dtype,
                    names: list[str] | None = None) -> list[Variant]:
-    """No compression, then ToConv / average pooling / plain conv at 12×12 and 8×8."""
+    """No compression, then ToConv / window mean / plain conv at 12×12 and 8×8."""
     variants = [Variant("none", "none", input_grid, None)]
     for out in OUTPUT_GRIDS:
         for kind in REDUCER_KINDS:
@@ -90,9 +96,21 @@ def build_variants(input_grid: int, channels: int, device: torch.device, dtype: 
     if names:
         unknown = sorted(set(names) - {v.name for v in variants})
         if unknown:
-            raise SystemExit(f"Unknown variants {unknown}; choose from {[v.name for v in variants]}.")
+            raise SystemExit(f"Unknown variants {unknown}; choose from {[v.name for v in variants]}."
+                             + renamed_hint(unknown))
         variants = [v for v in variants if v.name in names or v.name == "none"]  # "none" is the reference
     for v in variants:
         if v.kind != "none":
             v.reducer = build_reducer(v.kind, input_grid, v.output_grid, channels).to(device=device, dtype=dtype).eval()
     return variants
+
+
+def renamed_hint(names: list[str]) -> str:
+    """" (avgpool-24to12 is now window_mean-24to12)" for names of a renamed kind, else ""."""
+    renamed = [
+        f"{name} is now {RENAMED_VARIANT_KINDS[kind]}-{grids}"
+        for name in names
+        for kind, _, grids in [name.partition("-")]
+        if kind in RENAMED_VARIANT_KINDS
+    ]
+    return f" ({'; '.join(renamed)})" if renamed else ""

@@ -16,7 +16,8 @@ from benchmarks.models import real_clip_config
 from benchmarks.pipeline_measures import ttft_method
 from benchmarks.presets import SELECT_LAYER, Preset, RunSettings
 
-SCHEMA = 1
+# 2: the window-mean baseline is named window_mean (variants window_mean-*, key window_mean_ms); 1 called it avgpool.
+SCHEMA = 2
 
 
 def build_report(
@@ -66,8 +67,8 @@ def notes(clip_overrides: dict, vision_tower: str, device: torch.device) -> list
         f"Peak memory: {peak_memory_measure(device)}.",
         (
             "Baselines use the compressor's kernel/stride/padding and read the same tokens through the same "
-            "channels-last grid view: avg pool with count_include_pad=False; plain nn.Conv2d (C→C) with a "
-            "channels-last weight like ToConv's, without partial-conv renormalisation."
+            "channels-last grid view: window mean = the mean of each window (avg_pool2d, count_include_pad=False); "
+            "plain nn.Conv2d (C→C) with a channels-last weight like ToConv's, without partial-conv renormalisation."
         ),
     ]
     if clip_overrides:

@@ -10,14 +10,16 @@ import pytest
 from benchmarks import bench_compression
 from benchmarks.memory import expected_cache_bytes
 from benchmarks.presets import PRESETS
-from benchmarks.reducers import REDUCER_KINDS, build_reducer
+from benchmarks.reducers import REDUCER_KINDS, build_reducer, build_variants
 
 STAT_MEASURES = (
     "vision_tower_ms", "compressor_ms", "projector_ms", "prefill_ms", "first_token_sampling_ms", "ttft_ms",
     "decode_ms_per_token",
 )
 BYTE_MEASURES = ("kv_cache_bytes", "peak_memory_bytes")
-VARIANTS_24 = ["none", "toconv-24to12", "avgpool-24to12", "conv-24to12", "toconv-24to8", "avgpool-24to8", "conv-24to8"]
+VARIANTS_24 = [
+    "none", "toconv-24to12", "window_mean-24to12", "conv-24to12", "toconv-24to8", "window_mean-24to8", "conv-24to8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_environment_microbenchmark_and_outputs(micro_report):
     micro = report["microbenchmark"]
     assert set(micro["compressors"]) == {"24to12", "24to8"}
     for c in micro["compressors"].values():
-        assert all(_finite_positive(c[k]["median"]) for k in ("toconv_ms", "conv_ms", "avgpool_ms"))
+        assert all(_finite_positive(c[k]["median"]) for k in ("toconv_ms", "conv_ms", "window_mean_ms"))
         assert not any(k.startswith("toconv_cl_weight") for k in c)  # TokenCompressor is channels-last itself now
         assert _finite_positive(c["toconv_over_conv"]) and _finite_positive(c["toconv_pct_of_vision_tower"])
         assert c["toconv_flops"] > 0 and 0 < c["toconv_flops_pct_of_vision_tower"] < 100
@@ -95,15 +97,22 @@ def test_reducers_keep_the_compressor_geometry():
     import torch.nn.functional as F
 
     x = torch.randn(2, 576, 8)
-    pool = build_reducer("avgpool", 24, 12, 8)
+    window_mean = build_reducer("window_mean", 24, 12, 8)
     grid = x.unflatten(1, (24, 24)).permute(0, 3, 1, 2)
     expected = F.avg_pool2d(grid, 3, 2, 1, count_include_pad=False).flatten(2).transpose(1, 2)
-    assert torch.equal(pool(x), expected)
-    # The average-initialised ToConv compressor is exactly this average pooling (partial-conv renormalisation).
+    assert torch.equal(window_mean(x), expected)
+    # The average-initialised ToConv compressor is exactly this window mean (partial-conv renormalisation).
     torch.testing.assert_close(build_reducer("toconv", 24, 12, 8)(x), expected)
     conv = build_reducer("conv", 16, 12, 8)
     assert (conv.conv.kernel_size, conv.conv.stride, conv.conv.padding) == ((5, 5), (1, 1), (0, 0))
     assert conv(torch.randn(1, 256, 8)).shape == (1, 144, 8)
+
+
+def test_variant_names_of_the_old_avgpool_kind_are_refused_naming_the_new_one():
+    import torch
+
+    with pytest.raises(SystemExit, match=r"avgpool-24to12 is now window_mean-24to12"):
+        build_variants(24, 8, torch.device("cpu"), torch.float32, ["avgpool-24to12"])
 
 
 def test_plain_conv_baseline_matches_toconv_layout():
@@ -167,11 +176,11 @@ def test_224_tower_runs_16_to_12_and_16_to_8(tmp_path):
     threads = torch.get_num_threads()
     report = bench_compression.main([
         "--preset", "micro", "--vision-tower", "openai/clip-vit-large-patch14", "--no-microbenchmark",
-        "--repeats", "1", "--warmup", "0", "--variants", "toconv-16to12", "avgpool-16to8",
+        "--repeats", "1", "--warmup", "0", "--variants", "toconv-16to12", "window_mean-16to8",
         "--cache-dir", str(tmp_path / "cache"),
     ])
     variants = report["runs"][0]["variants"]
-    assert list(variants) == ["none", "toconv-16to12", "avgpool-16to8"]
+    assert list(variants) == ["none", "toconv-16to12", "window_mean-16to8"]
     assert [v["image_tokens"] for v in variants.values()] == [256, 144, 64]
     assert report["environment"]["threads"] == 1 and torch.get_num_threads() == threads  # the preset's, then restored
 
