@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from vision_token_compression.training.features import expand_to_square
+from vision_token_compression import expand_to_square
 
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vision_token_compression import TokenCompressor, choose_geometry
+from vision_token_compression import TokenCompressor, choose_geometry, expand_to_square
 from vision_token_compression.testing import make_structured_images
 from vision_token_compression.training.data import ImageFolderDataset, ShardedShuffleSampler, find_images
-from vision_token_compression.training.features import expand_to_square
 from vision_token_compression.training.losses import (
     LossConfig,
     compression_loss,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .models.geometry import choose_geometry
 from .models.token_compressor import GRID_SIZES_KEY, TokenCompressor
 
@@ -133,23 +133,12 @@ def save_compressor(
     select_feature: str | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``compressor`` to ``path`` as safetensors with metadata, atomically (temp file + rename)."""
+    """Write ``compressor`` to ``path`` as safetensors with metadata, atomically (``atomic_write``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata_of(compressor, vision_tower, select_layer, select_feature, extra)
     tensors = {k: v.detach().to("cpu") for k, v in compressor.state_dict().items()}  # contiguous already
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta.to_strings())
-        # mkstemp's file is 0600; give the checkpoint the permissions of any new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta.to_strings())
     logger.info("Saved token compressor [%s] to %s", compressor.name, path)
     return path
 

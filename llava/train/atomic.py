@@ -1,82 +1,41 @@
-"""Files and folders that appear complete or not at all: write under a temporary name, then rename.
+"""LLaVA training's files and folders that appear complete or not at all.
+
+The primitives (write a file beside its target, flush, rename; publish a folder) are the compressor
+library's, ``vision_token_compression.atomic_write`` and friends: one implementation for compressor
+checkpoints, the compressor trainer and LLaVA. This module keeps the names LLaVA's training code
+calls (``atomic_file``, ``write_text``, ...) and adds what only LLaVA's outputs need: ``torch.save``
+files, ``save_pretrained`` output staged in a hidden folder, checkpoint folders deleted at once, and
+clearing what a killed run left.
 
 A training process killed while it writes (SIGKILL, out of memory, preemption) leaves only a hidden
 temporary beside the target, never a truncated target. Temporaries are named ``.<name>.<random>.tmp``
 (files) and ``.<name>.partial`` (folders), so nothing that looks for ``checkpoint-*``,
 ``mm_projector.bin`` or ``*.safetensors`` sees them; ``remove_stale(folder)`` clears what a killed
-run left. Written data is flushed to disk (fsync) before the rename, so the rename never
-publishes a file whose bytes are still only in the page cache.
+run left.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from vision_token_compression import atomic_write, atomic_write_text, publish_file, publish_folder
 
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # what atomic_write names its temporaries with
 PARTIAL_SUFFIX = ".partial"
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file, or a folder's entries) to disk; folders that cannot be synced are skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not path.is_dir():  # some file systems refuse fsync on a folder
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if not path.is_symlink():
-            _fsync(path)
-    _fsync(folder)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends without error, it becomes ``path``.
-
-    On an error the temporary is removed and ``path`` keeps what it held before (or stays absent).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is 0600; give it a new file's permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
+atomic_file = atomic_write
+write_text = atomic_write_text
+__all__ = [
+    "PARTIAL_SUFFIX", "TMP_SUFFIX", "atomic_file", "publish_files", "publish_folder", "remove_stale", "remove_tree",
+    "staged_files", "staging_folder", "torch_save", "write_text",
+]
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -85,35 +44,10 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """``Path(path).write_text(text)``, atomically."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
-
-
 def staging_folder(final: str | os.PathLike) -> Path:
     """The hidden folder ``final`` is assembled in before ``publish_folder`` renames it."""
     final = Path(final)
     return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
-
-
-def publish_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Rename the complete folder ``staged`` to ``final``, replacing a folder already there.
-
-    A folder already at ``final`` is first renamed aside (hidden), so at every moment ``final`` is
-    either the old complete folder, absent, or the new complete folder.
-    """
-    staged, final = Path(staged), Path(final)
-    _fsync_tree(staged)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old{PARTIAL_SUFFIX}")
-        remove_tree(old)
-        os.replace(final, old)
-    os.replace(staged, final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_files(staged: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
@@ -125,12 +59,10 @@ def publish_files(staged: str | os.PathLike, dest: str | os.PathLike) -> list[Pa
     staged, dest = Path(staged), Path(dest)
     moved = []
     for path in sorted(p for p in staged.rglob("*") if p.is_file()):
-        _fsync(path)
         target = dest / path.relative_to(staged)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+        publish_file(path, target)
         moved.append(target)
-    _fsync(dest)
     shutil.rmtree(staged, ignore_errors=True)
     return moved
 

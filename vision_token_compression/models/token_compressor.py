@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..grid import grid_to_tokens, tokens_to_grid
 from .geometry import ConvGeometry, choose_geometry
 from .partial_conv import PartialConv2d
 
@@ -254,11 +255,9 @@ class TokenCompressor(nn.Module):
         """(B, in², C) tokens → (B, out², C) tokens."""
         self._check_record_once()
         self._check_input(x)
-        side = self.input_grid_size
-        # A view, not a copy: (B, H, W, C) permuted is a channels-last (B, C, H, W) grid.
-        grid = x.unflatten(1, (side, side)).permute(0, 3, 1, 2)  # (B, C, H, W)
+        grid = tokens_to_grid(x, self.input_grid_size)  # (B, C, H, W), a channels-last view, no copy
         out = self.conv(grid)  # (B, C, h, w)
-        return out.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        return grid_to_tokens(out)  # (B, h*w, C)
 
     def extra_repr(self) -> str:
         return f"{self.name}, hidden_dim={self.hidden_dim}, init={self.init!r}"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,13 +43,16 @@ from vision_token_compression import (
     CompressorMetadata,
     ConvGeometry,
     TokenCompressor,
+    grid_to_tokens,
     load_compressor,
     read_metadata,
+    tokens_to_grid,
+    window_mean,
 )
 
 from .data import ImageFolderDataset
 from .features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
-from .losses import random_directions, sliced_wasserstein, window_cosine, window_mean
+from .losses import random_directions, sliced_wasserstein, window_cosine
 from .projector import load_projector
 
 logger = logging.getLogger(__name__)
@@ -64,9 +66,7 @@ def average_pool(output_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """(B, N, C) → (B, out², C) by ``adaptive_avg_pool2d`` of the token grid."""
 
     def pool(tokens: torch.Tensor) -> torch.Tensor:
-        side = math.isqrt(tokens.shape[1])
-        grid = tokens.transpose(1, 2).unflatten(2, (side, side))  # (B, C, side, side)
-        return F.adaptive_avg_pool2d(grid, output_size).flatten(2).transpose(1, 2)
+        return grid_to_tokens(F.adaptive_avg_pool2d(tokens_to_grid(tokens), output_size))  # (B, out², C)
 
     return pool
 

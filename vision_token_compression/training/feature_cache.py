@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from vision_token_compression import atomic_write_text, publish_file
+
 logger = logging.getLogger(__name__)
 
 CACHE_DTYPE = np.float16
@@ -123,10 +125,8 @@ def build_feature_cache(
     del array
     barrier()
     if rank == 0:
-        os.replace(partial, array_path)
+        publish_file(partial, array_path)
         index = {"fingerprint": fingerprint, "shape": list(shape), "dtype": "float16"}
-        tmp = array_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-        os.replace(tmp, array_path.with_suffix(".json"))
+        atomic_write_text(array_path.with_suffix(".json"), json.dumps(index, indent=1, sort_keys=True))
     barrier()
     return FeatureCache(array_path)

@@ -22,6 +22,8 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModel
 
+from vision_token_compression import expand_to_square
+
 logger = logging.getLogger(__name__)
 
 SelectFeature = Literal["patch", "cls_patch"]
@@ -34,17 +36,6 @@ CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or tra
 def load_image_processor(tower: str):
     """The CLIP image processor saved with ``tower`` (hub name or local path)."""
     return CLIPImageProcessor.from_pretrained(tower)
-
-
-def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pad ``image`` to a centred square with ``background`` (LLaVA-1.5's ``image_aspect_ratio='pad'``)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
 
 
 class ImagePreprocessor:

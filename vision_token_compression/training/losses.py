@@ -24,27 +24,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from vision_token_compression import ConvGeometry
+from vision_token_compression import ConvGeometry, window_mean
 
 from .validation import check_choice, check_int, check_number, flag
 
 DistributionLoss = Literal["sliced_wasserstein", "sinkhorn", "none"]
-
-
-def _grid(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, side², C) tokens → (B, C, side, side) grid."""
-    side = math.isqrt(tokens.shape[1])
-    if side * side != tokens.shape[1]:
-        raise ValueError(f"Expected a square number of tokens, got {tokens.shape[1]}; drop the CLS token first.")
-    return tokens.transpose(1, 2).unflatten(2, (side, side))
-
-
-def window_mean(tokens: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
-    """Mean of the valid tokens under each convolution window: (B, N, C) → (B, M, C)."""
-    pooled = F.avg_pool2d(
-        _grid(tokens), geometry.kernel_size, geometry.stride, geometry.padding, count_include_pad=False,
-    )  # (B, C, out, out)
-    return pooled.flatten(2).transpose(1, 2)
 
 
 def window_cosine(original: torch.Tensor, compressed: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:

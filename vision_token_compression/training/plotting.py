@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vision_token_compression import atomic_write
+
 _COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127)]
 
@@ -71,7 +73,6 @@ def plot_curves(
     draw.text((width // 2, 12), title, fill="black", font=font, anchor="mt")
     draw.text(((left + width - right) // 2, height - 18), x_label, fill="black", font=font, anchor="mt")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

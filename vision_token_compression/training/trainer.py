@@ -43,7 +43,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vision_token_compression import TokenCompressor, load_compressor_into, non_finite_tensors, save_compressor
+from vision_token_compression import (
+    TokenCompressor,
+    atomic_write_text,
+    load_compressor_into,
+    non_finite_tensors,
+    publish_folder,
+    save_compressor,
+)
 
 from .data import ImageFolderDataset, ShardedShuffleSampler
 from .feature_cache import build_feature_cache, files_digest
@@ -347,9 +354,7 @@ class RunLog:
         if resume_step is not None and self.path.is_file():
             # Keep what happened up to the checkpoint; later records were not saved with it.
             self.records = [r for r in self._read_records() if r.get("step", 0) <= resume_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _read_records(self) -> list[dict]:
         """The log's records; a run killed mid-append may leave a torn last line, which is dropped."""
@@ -553,9 +558,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }, partial / TRAINER_STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)  # the folder appears complete or not at all
+        publish_folder(partial, final)  # the folder appears complete or not at all
         self._save_compressors(self.output_dir, extra)  # each file is written atomically
         for old in list_checkpoints(self.output_dir)[:-self.config.keep_checkpoints]:
             shutil.rmtree(old)
@@ -724,9 +727,7 @@ def _plain(value):
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
