@@ -12,7 +12,7 @@ from benchmarks.presets import OUTPUT_GRIDS, SELECT_LAYER
 from benchmarks.reducers import REDUCER_KINDS, build_reducer
 from benchmarks.timing import summarize, time_interleaved
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
-from vision_token_compression.models.token_compressor import TokenCompressor
+from vision_token_compression import TokenCompressor
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

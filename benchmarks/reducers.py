@@ -6,12 +6,17 @@ import dataclasses
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.presets import OUTPUT_GRIDS
-from vision_token_compression.models.geometry import ConvGeometry, choose_geometry
-from vision_token_compression.models.token_compressor import TokenCompressor
+from vision_token_compression import (
+    ConvGeometry,
+    TokenCompressor,
+    choose_geometry,
+    grid_to_tokens,
+    tokens_to_grid,
+    window_mean,
+)
 
 ReducerKind = Literal["toconv", "window_mean", "conv"]
 REDUCER_KINDS: tuple[ReducerKind, ...] = ("toconv", "window_mean", "conv")
@@ -20,7 +25,7 @@ RENAMED_VARIANT_KINDS = {"avgpool": "window_mean"}
 
 
 class GridReducer(nn.Module):
-    """Baseline token reducer: (B, in², C) → (B, out², C) by the window mean or a plain ``nn.Conv2d``.
+    """Baseline token reducer: (B, in², C) → (B, out², C) by the library's ``window_mean`` or a plain ``nn.Conv2d``.
 
     Uses the compressor's own geometry (kernel, stride, padding), its token-to-grid layout (a
     channels-last view of the (B, N, C) tokens, no copy) and, for ``"conv"``, its weight layout
@@ -52,14 +57,10 @@ class GridReducer(nn.Module):
             self.conv.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = self.geometry.input_size
-        grid = x.unflatten(1, (side, side)).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
-        if self.conv is not None:
-            out = self.conv(grid)  # (B, C, h, w)
-        else:
-            g = self.geometry
-            out = F.avg_pool2d(grid, g.kernel_size, g.stride, g.padding, count_include_pad=False)  # (B, C, h, w)
-        return out.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if self.conv is None:
+            return window_mean(x, self.geometry)  # (B, h*w, C)
+        grid = tokens_to_grid(x, self.geometry.input_size)  # (B, C, H, W), channels-last view, as ToConv reads it
+        return grid_to_tokens(self.conv(grid))  # (B, h*w, C)
 
 
 def build_reducer(kind: ReducerKind, input_grid: int, output_grid: int, channels: int) -> nn.Module:
