@@ -41,9 +41,10 @@ from vision_token_compression import (
     save_compressor,
 )
 from vision_token_compression.testing import make_structured_images
+from vision_token_compression.training.cli import main as train_main
+from vision_token_compression.training.config import TrainConfig
 from vision_token_compression.training.losses import LossConfig
-from vision_token_compression.training.trainer import TrainConfig, list_checkpoints
-from vision_token_compression.training.trainer import main as train_main
+from vision_token_compression.training.run_state import list_checkpoints
 
 COMPRESSOR = "model.vision_tower.token_compressor."
 WARNINGS = logging.WARNING

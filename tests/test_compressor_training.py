@@ -22,13 +22,13 @@ from safetensors.torch import load_file
 
 from vision_token_compression import TokenCompressor, load_compressor, read_metadata
 from vision_token_compression.testing import make_structured_images
+from vision_token_compression.training.cli import main as train_main
 from vision_token_compression.training.data import ImageFolderDataset
 from vision_token_compression.training.evaluate import main as evaluate_main
 from vision_token_compression.training.feature_cache import FeatureCache
 from vision_token_compression.training.features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
 from vision_token_compression.training.losses import LossConfig, compression_loss
-from vision_token_compression.training.trainer import list_checkpoints, read_trainer_state
-from vision_token_compression.training.trainer import main as train_main
+from vision_token_compression.training.run_state import list_checkpoints, read_trainer_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,16 +125,17 @@ def test_short_run_lowers_the_loss_and_beats_random_init(trained_run, tiny_tower
 
 _CRASH_DURING_SECOND_SAVE = textwrap.dedent("""
     import os, sys
-    import vision_token_compression.training.trainer as train
-    write, calls = train._write_trainer_state, []
+    import vision_token_compression.training.run_state as run_state
+    from vision_token_compression.training.cli import main
+    write, calls = run_state.write_trainer_state, []
     def crash_on_second_save(state, path):
         calls.append(path)
         if len(calls) == 2:
             path.write_bytes(b"half a file")  # killed mid-write
             os._exit(17)
         write(state, path)
-    train._write_trainer_state = crash_on_second_save
-    train.main(sys.argv[1:])
+    run_state.write_trainer_state = crash_on_second_save
+    main(sys.argv[1:])
 """)
 
 

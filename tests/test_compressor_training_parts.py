@@ -11,6 +11,7 @@ from PIL import Image
 
 from vision_token_compression import TokenCompressor, choose_geometry, expand_to_square
 from vision_token_compression.testing import make_structured_images
+from vision_token_compression.training.config import TrainConfig
 from vision_token_compression.training.data import ImageFolderDataset, ShardedShuffleSampler, find_images
 from vision_token_compression.training.losses import (
     LossConfig,
@@ -20,9 +21,10 @@ from vision_token_compression.training.losses import (
     sliced_wasserstein,
     window_cosine,
 )
+from vision_token_compression.training.optim import warmup_cosine
 from vision_token_compression.training.plotting import plot_curves
 from vision_token_compression.training.projector import build_projector, load_projector
-from vision_token_compression.training.trainer import RunLog, TrainConfig, warmup_cosine
+from vision_token_compression.training.run_log import RunLog
 
 
 @pytest.mark.parametrize("grids", [(24, 12), (24, 8), (16, 12), (24, 10)])

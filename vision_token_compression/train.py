@@ -4,7 +4,7 @@ The trainer lives in ``vision_token_compression.training``; this module is its c
 that ``import vision_token_compression`` never loads it.
 """
 
-from vision_token_compression.training.trainer import main
+from vision_token_compression.training.cli import main
 
 if __name__ == "__main__":
     main()

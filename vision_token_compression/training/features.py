@@ -51,7 +51,7 @@ class ImagePreprocessor:
             raise ValueError(f"aspect must be 'pad' or 'crop', got {aspect!r}.")
         self.image_processor = image_processor
         self.aspect = aspect
-        self.background = tuple(int(round(m * 255)) for m in image_processor.image_mean)
+        self.background = tuple(round(m * 255) for m in image_processor.image_mean)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
