@@ -109,18 +109,19 @@ def test_short_run_lowers_the_loss_and_beats_random_init(trained_run, tiny_tower
     ]) is None
     table = capsys.readouterr().out
     assert "window_cos" in table and "random_init" in table and "proj_sliced_w2" in table
+    assert "adaptive_avg_pool" in table and "avg_pool " not in table.replace("adaptive_avg_pool", "")
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_images"] == 12
     for name in ("24to12", "24to8"):
         methods = report["results"][name]["methods"]
-        assert set(methods) == {"trained", "average_init", "random_init", "avg_pool"}
+        assert set(methods) == {"trained", "average_init", "random_init", "adaptive_avg_pool"}
         trained, random_init = methods["trained"], methods["random_init"]
         assert trained["window_cos"] > random_init["window_cos"], name
         assert trained["sliced_w2"] < random_init["sliced_w2"], name
         assert trained["proj_sliced_w2"] < random_init["proj_sliced_w2"], name
     # At 24→8 the average init's windows (3×3, stride 3) are exactly average pooling's.
     assert report["results"]["24to8"]["methods"]["average_init"] == pytest.approx(
-        report["results"]["24to8"]["methods"]["avg_pool"])
+        report["results"]["24to8"]["methods"]["adaptive_avg_pool"])
 
 
 _CRASH_DURING_SECOND_SAVE = textwrap.dedent("""

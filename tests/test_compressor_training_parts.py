@@ -13,6 +13,7 @@ from vision_token_compression import TokenCompressor, choose_geometry, expand_to
 from vision_token_compression.testing import make_structured_images
 from vision_token_compression.training.config import TrainConfig
 from vision_token_compression.training.data import ImageFolderDataset, ShardedShuffleSampler, find_images
+from vision_token_compression.training.evaluate import adaptive_avg_pool
 from vision_token_compression.training.losses import (
     LossConfig,
     compression_loss,
@@ -159,6 +160,13 @@ def test_projector_loader_matches_llava_projector(tmp_path):
     with pytest.raises(ValueError, match="No mm_projector weights"):
         torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.bin")
         load_projector(tmp_path / "other.bin")
+
+
+def test_adaptive_avg_pool_baseline_averages_2x2_blocks_at_24_to_12():
+    tokens = torch.randn(2, 576, 4)
+    pooled = adaptive_avg_pool(12)(tokens)  # (2, 144, 4)
+    blocks = tokens.view(2, 12, 2, 12, 2, 4).mean(dim=(2, 4)).reshape(2, 144, 4)
+    torch.testing.assert_close(pooled, blocks)
 
 
 def test_plot_curves_writes_a_png(tmp_path):

@@ -5,7 +5,8 @@ For each checkpoint, at its token count, four ways to compress the frozen CLIP t
 - ``trained``: the checkpoint;
 - ``average_init``: the same convolution with the average init (each token = mean of its window);
 - ``random_init``: the same convolution with PyTorch's random init (seeded);
-- ``avg_pool``: plain ``adaptive_avg_pool2d`` to the output grid.
+- ``adaptive_avg_pool``: ``adaptive_avg_pool2d`` of the token grid to the output grid (2×2 blocks
+  at 24→12, unlike the compressor's 3×3 windows; 3×3 blocks at 24→8).
 
 Metrics, per image then averaged:
 
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,13 +59,21 @@ from .projector import load_projector
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("trained", "average_init", "random_init", "avg_pool")
+METHODS = ("trained", "average_init", "random_init", "adaptive_avg_pool")
+# A way to compress (B, N, C) tokens to (B, M, C).
+Compress = Callable[[torch.Tensor], torch.Tensor]
 # name, higher is better
+_NAME_WIDTH = max(len(m) for m in METHODS) + 1  # the table's method column
 METRICS = (("window_cos", True), ("sliced_w2", False), ("proj_rel_l2", False), ("proj_sliced_w2", False))
 
 
-def average_pool(output_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, N, C) → (B, out², C) by ``adaptive_avg_pool2d`` of the token grid."""
+def adaptive_avg_pool(output_size: int) -> Compress:
+    """(B, N, C) → (B, out², C) by ``adaptive_avg_pool2d`` of the token grid to ``output_size``.
+
+    Not the compressor's windows: at 24→12 each output token is the mean of a 2×2 block (windows
+    that tile the grid without overlap), where the compressor's average init takes the mean of a 3×3
+    window; at 24→8 both are the 3×3 blocks.
+    """
 
     def pool(tokens: torch.Tensor) -> torch.Tensor:
         return grid_to_tokens(F.adaptive_avg_pool2d(tokens_to_grid(tokens), output_size))  # (B, out², C)
@@ -109,6 +119,101 @@ def _check_same_source(metas: list[CompressorMetadata], paths: Sequence[Path]) -
                 )
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What the checkpoints were fitted to, as given or as their metadata records it."""
+
+    tower: str
+    select_layer: int
+    image_aspect_ratio: str
+
+
+def _resolve_source(
+    paths: Sequence[Path], metas: Sequence[CompressorMetadata], vision_tower: str | None, select_layer: int | None,
+    image_aspect_ratio: str | None,
+) -> _Source:
+    """Tower, select layer and preprocessing: the given ones, else the first checkpoint's, else LLaVA-1.5's (warned)."""
+    tower = vision_tower or metas[0].vision_tower
+    if tower is None:
+        raise ValueError(f"{paths[0]} does not record its vision tower; pass --vision-tower.")
+    layer = select_layer if select_layer is not None else metas[0].select_layer
+    if layer is None:
+        layer = -2  # LLaVA-1.5's
+        logger.warning("%s does not record its select layer; assuming %d (pass --select-layer).", paths[0], layer)
+    aspect = image_aspect_ratio or metas[0].extra.get("image_aspect_ratio")
+    if aspect is None:
+        aspect = "pad"  # LLaVA-1.5's
+        logger.warning("%s does not record its preprocessing; assuming %r (pass --image-aspect-ratio).",
+                       paths[0], aspect)
+    return _Source(tower, layer, aspect)
+
+
+def _load_extractor(source: _Source, device: torch.device) -> FrozenCLIPFeatures:
+    """The frozen tower (float16 on a GPU); a random-weight stand-in is named in a warning."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    extractor = FrozenCLIPFeatures(source.tower, source.select_layer, "patch", dtype=dtype).to(device)
+    if getattr(extractor.config, "standin_of", None):
+        logger.warning("%s is a random-weight stand-in of %s: these numbers test the pipeline, not a model.",
+                       source.tower, extractor.config.standin_of)
+    return extractor
+
+
+def _build_methods(
+    paths: Sequence[Path], metas: Sequence[CompressorMetadata], seed: int, device: torch.device,
+) -> tuple[dict[str, dict[str, Compress]], dict[str, ConvGeometry]]:
+    """For each checkpoint (by compressor name): the four methods of ``METHODS``, and its geometry."""
+    methods: dict[str, dict[str, Compress]] = {}
+    geometries: dict[str, ConvGeometry] = {}
+    for path, meta in zip(paths, metas):
+        trained = load_compressor(path, device)
+        name = trained.name if trained.name not in methods else f"{trained.name}:{path.name}"
+        sizes = (meta.input_grid_size, meta.output_grid_size, meta.hidden_dim)
+        torch.manual_seed(seed)
+        random_init = TokenCompressor(*sizes, init="random")
+        average_init = TokenCompressor(*sizes)
+        methods[name] = {
+            "trained": trained.eval(), "average_init": average_init.to(device).eval(),
+            "random_init": random_init.to(device).eval(), "adaptive_avg_pool": adaptive_avg_pool(meta.output_grid_size),
+        }
+        geometries[name] = trained.geometry
+    return methods, geometries
+
+
+def _directions(
+    hidden: int, projector: nn.Module | None, num_projections: int, seed: int, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fixed random directions of the sliced distance, in CLIP's space and (with a projector) in the LLM's."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = random_directions(hidden, num_projections, generator).to(device)
+    if projector is None:
+        return directions, None
+    out_dim = projector(torch.zeros(1, 1, hidden, device=device)).shape[-1]
+    return directions, random_directions(out_dim, num_projections, generator).to(device)
+
+
+def _metric_sums(
+    loader: DataLoader, extractor: FrozenCLIPFeatures, methods: dict[str, dict[str, Compress]],
+    geometries: dict[str, ConvGeometry], directions: tuple[torch.Tensor, torch.Tensor | None],
+    projector: nn.Module | None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], int]:
+    """Per-image metrics summed over the images, by checkpoint, method and metric; and the number of images."""
+    sums: dict[str, dict[str, dict[str, float]]] = {name: {method: {} for method in METHODS} for name in methods}
+    count = 0
+    for pixels, _ in tqdm(loader, desc="evaluate"):
+        tokens = extractor(pixels).float()  # (B, N, C)
+        projected_original = projector(tokens) if projector is not None else None
+        count += len(tokens)
+        for name, compressors in methods.items():
+            for method, compress in compressors.items():
+                values = compression_metrics(
+                    tokens, compress(tokens), geometries[name], directions[0], projector, directions[1],
+                    projected_original,
+                )
+                for key, value in values.items():
+                    sums[name][method][key] = sums[name][method].get(key, 0.0) + value.sum().item()
+    return sums, count
+
+
 @torch.no_grad()
 def evaluate(
     checkpoints: Sequence[str | os.PathLike],
@@ -125,75 +230,24 @@ def evaluate(
     seed: int = 0,
     device: str | None = None,
 ) -> dict:
-    """Compare each checkpoint with the average init, random init and average pooling; return results.
+    """Compare each checkpoint with the average init, random init and adaptive average pooling; return results.
 
     Tower, select layer and preprocessing default to what the checkpoints' metadata records.
     """
     paths = [Path(p) for p in checkpoints]
     metas = [read_metadata(p) for p in paths]
     _check_same_source(metas, paths)
-    tower = vision_tower or metas[0].vision_tower
-    if tower is None:
-        raise ValueError(f"{paths[0]} does not record its vision tower; pass --vision-tower.")
-    layer = select_layer if select_layer is not None else metas[0].select_layer
-    if layer is None:
-        layer = -2  # LLaVA-1.5's
-        logger.warning("%s does not record its select layer; assuming %d (pass --select-layer).", paths[0], layer)
-    aspect = image_aspect_ratio or metas[0].extra.get("image_aspect_ratio")
-    if aspect is None:
-        aspect = "pad"  # LLaVA-1.5's
-        logger.warning("%s does not record its preprocessing; assuming %r (pass --image-aspect-ratio).",
-                       paths[0], aspect)
+    source = _resolve_source(paths, metas, vision_tower, select_layer, image_aspect_ratio)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-
-    extractor = FrozenCLIPFeatures(tower, layer, "patch", dtype=dtype).to(device)
-    if getattr(extractor.config, "standin_of", None):
-        logger.warning("%s is a random-weight stand-in of %s: these numbers test the pipeline, not a model.",
-                       tower, extractor.config.standin_of)
-    images = ImageFolderDataset(data, ImagePreprocessor(load_image_processor(tower), aspect))
+    extractor = _load_extractor(source, device)
+    images = ImageFolderDataset(data, ImagePreprocessor(load_image_processor(source.tower), source.image_aspect_ratio))
     if max_images is not None and max_images < len(images):
         images = Subset(images, range(max_images))
     proj = load_projector(projector).to(device) if projector else None
-
-    generator = torch.Generator().manual_seed(seed)
-    hidden = extractor.hidden_size
-    directions = random_directions(hidden, num_projections, generator).to(device)
-    projected_directions = None
-    if proj is not None:
-        out_dim = proj(torch.zeros(1, 1, hidden, device=device)).shape[-1]
-        projected_directions = random_directions(out_dim, num_projections, generator).to(device)
-
-    methods: dict[str, dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
-    geometries: dict[str, ConvGeometry] = {}
-    for path, meta in zip(paths, metas):
-        trained = load_compressor(path, device)
-        name = trained.name if trained.name not in methods else f"{trained.name}:{path.name}"
-        torch.manual_seed(seed)
-        random_init = TokenCompressor(meta.input_grid_size, meta.output_grid_size, meta.hidden_dim, init="random")
-        average_init = TokenCompressor(meta.input_grid_size, meta.output_grid_size, meta.hidden_dim)
-        methods[name] = {
-            "trained": trained.eval(), "average_init": average_init.to(device).eval(),
-            "random_init": random_init.to(device).eval(), "avg_pool": average_pool(meta.output_grid_size),
-        }
-        geometries[name] = trained.geometry
-
-    sums = {name: {method: {} for method in METHODS} for name in methods}
-    count = 0
+    directions = _directions(extractor.hidden_size, proj, num_projections, seed, device)
+    methods, geometries = _build_methods(paths, metas, seed, device)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    for pixels, _ in tqdm(loader, desc="evaluate"):
-        tokens = extractor(pixels).float()  # (B, N, C)
-        projected_original = proj(tokens) if proj is not None else None
-        count += len(tokens)
-        for name, compressors in methods.items():
-            for method, compress in compressors.items():
-                values = compression_metrics(
-                    tokens, compress(tokens), geometries[name], directions, proj, projected_directions,
-                    projected_original,
-                )
-                for key, value in values.items():
-                    sums[name][method][key] = sums[name][method].get(key, 0.0) + value.sum().item()
-
+    sums, count = _metric_sums(loader, extractor, methods, geometries, directions, proj)
     results = {
         name: {
             "checkpoint": str(path), "tokens": geometries[name].output_size**2,
@@ -202,9 +256,9 @@ def evaluate(
         for (name, by_method), path in zip(sums.items(), paths)
     }
     return {
-        "num_images": count, "vision_tower": tower, "select_layer": layer, "image_aspect_ratio": aspect,
-        "projector": str(projector) if projector else None, "num_projections": num_projections, "seed": seed,
-        "results": results,
+        "num_images": count, "vision_tower": source.tower, "select_layer": source.select_layer,
+        "image_aspect_ratio": source.image_aspect_ratio, "projector": str(projector) if projector else None,
+        "num_projections": num_projections, "seed": seed, "results": results,
     }
 
 
@@ -214,10 +268,10 @@ def format_table(report: dict) -> str:
     for name, result in report["results"].items():
         metrics = [(m, up) for m, up in METRICS if m in result["methods"]["trained"]]
         lines.append(f"{name} ({result['tokens']} tokens, {report['num_images']} images): {result['checkpoint']}")
-        header = f"  {'method':<14}" + "".join(f"{m + (' ↑' if up else ' ↓'):>17}" for m, up in metrics)
+        header = f"  {'method':<{_NAME_WIDTH}}" + "".join(f"{m + (' ↑' if up else ' ↓'):>17}" for m, up in metrics)
         lines += [header, "  " + "-" * (len(header) - 2)]
         for method, values in result["methods"].items():
-            lines.append(f"  {method:<14}" + "".join(f"{values[m]:>17.4f}" for m, _ in metrics))
+            lines.append(f"  {method:<{_NAME_WIDTH}}" + "".join(f"{values[m]:>17.4f}" for m, _ in metrics))
         lines.append("")
     if report["projector"] is None:
         lines.append("(no --projector given: projector metrics skipped)")
