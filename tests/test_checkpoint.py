@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import vision_token_compression.checkpoint as checkpoint_module
 from vision_token_compression import (
     TokenCompressor,
+    build_compressor,
     load_compressor,
     load_compressor_into,
     read_metadata,
@@ -171,3 +172,21 @@ def test_saved_checkpoint_has_the_permissions_of_a_new_file(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_build_compressor_is_the_average_init_without_a_checkpoint():
+    built = build_compressor(24, 8, 8)
+    _assert_same_weights(built, TokenCompressor(24, 8, 8))
+
+
+def test_build_compressor_loads_and_checks_a_checkpoint(tmp_path, caplog):
+    trained = _trained()
+    path = save_compressor(trained, tmp_path / "c.safetensors", vision_tower="openai/clip-vit-large-patch14-336",
+                           select_layer=-2, select_feature="patch")
+    with caplog.at_level(logging.WARNING, logger="vision_token_compression"):
+        built = build_compressor(24, 12, 8, path, vision_tower="openai/clip-vit-large-patch14-336", select_layer=-1,
+                                 select_feature="patch")
+    _assert_same_weights(built, trained)
+    assert "select_layer: checkpoint -2 vs -1" in caplog.text  # provenance: a warning
+    with pytest.raises(ValueError, match="output_grid_size: checkpoint 12 vs expected 8"):
+        build_compressor(24, 8, 8, path)  # shape-defining: an error

@@ -266,3 +266,57 @@ def test_state_dict_is_contiguous_for_safetensors():
     restored.load_state_dict(state)
     assert torch.equal(restored.conv.weight, compressor.conv.weight)
     assert restored.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_restore_weight_layout_after_a_loader_that_replaced_the_weight():
+    # transformers' from_pretrained materialises a new, contiguous Parameter: the host calls
+    # restore_weight_layout once after it; the outputs are the same in either layout.
+    compressor = TokenCompressor(24, 12, 16, init="random")
+    x = torch.randn(2, 576, 16)
+    expected = compressor(x)
+    compressor.conv.weight = torch.nn.Parameter(compressor.conv.weight.detach().contiguous())
+    assert not compressor.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compressor(x), expected)
+    compressor.restore_weight_layout()
+    assert compressor.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compressor(x), expected)
+
+
+def test_keep_weight_contiguous_sticks_through_restore_weight_layout():
+    compressor = TokenCompressor(24, 12, 16)
+    compressor.keep_weight_contiguous()  # what a DeepSpeed host asks for
+    assert compressor.conv.weight.is_contiguous()
+    compressor.restore_weight_layout()
+    assert compressor.conv.weight.is_contiguous()
+    torch.testing.assert_close(compressor(torch.ones(1, 576, 16)), torch.ones(1, 144, 16))
+
+
+@pytest.mark.parametrize("init", ["average", "random"])
+def test_reset_parameters_writes_through_the_given_copy(init):
+    # A host's loader passes a copy that skips what it loaded (transformers' initialization.copy_).
+    compressor = TokenCompressor(24, 12, 8, init=init)
+    expected = {k: v.clone() for k, v in compressor.state_dict().items()}
+    loaded = torch.randn_like(compressor.conv.weight)
+    with torch.no_grad():
+        compressor.conv.weight.copy_(loaded)
+        compressor.conv.bias.fill_(5.0)
+        compressor.grid_sizes.fill_(0)
+    compressor.conv.weight.loaded = True
+
+    def copy_unless_loaded(tensor, value):
+        if not getattr(tensor, "loaded", False):
+            tensor.copy_(value)
+
+    torch.manual_seed(0)
+    compressor.reset_parameters(copy=copy_unless_loaded)
+    assert torch.equal(compressor.conv.weight, loaded)  # skipped
+    assert compressor.grid_sizes.tolist() == [24, 12]
+    if init == "average":
+        assert torch.equal(compressor.conv.bias, expected["conv.bias"])  # zeros
+    else:
+        assert not torch.equal(compressor.conv.bias, torch.full_like(compressor.conv.bias, 5.0))
+    compressor.reset_parameters()  # the default copy overwrites everything
+    if init == "average":
+        for key, value in compressor.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+    assert compressor.conv.weight.is_contiguous(memory_format=torch.channels_last)

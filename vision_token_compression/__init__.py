@@ -1,8 +1,29 @@
-"""ToConv token compression for CLIP vision towers. Independent of LLaVA."""
+"""ToConv token compression for CLIP vision towers: the library. Independent of LLaVA (never imports it).
+
+Needs torch and safetensors only (``expand_to_square`` imports Pillow when called). A host such as
+LLaVA's vision tower uses these names and nothing below them:
+
+- the compressor: ``TokenCompressor`` (its ``reset_parameters``, ``check_grid_sizes``,
+  ``accept_unrecorded_grid_sizes``, ``restore_weight_layout``, ``keep_weight_contiguous``),
+  ``PartialConv2d``, ``choose_geometry`` / ``ConvGeometry`` / ``validate_grid_sizes``, and the
+  grid-size record (``GRID_SIZES_KEY``, ``GridSizeMismatchError``);
+- building and loading: ``build_compressor`` (for a tower's geometry, optionally from a checked
+  checkpoint), ``load_compressor_into`` (a checked checkpoint into an existing compressor),
+  ``load_compressor`` (from a checkpoint's own metadata), ``save_compressor``, ``read_metadata``,
+  ``check_metadata``, ``CompressorMetadata``, ``non_finite_tensors`` / ``warn_non_finite``;
+- helpers shared with the trainer: ``tokens_to_grid`` / ``grid_to_tokens`` / ``window_mean``,
+  ``expand_to_square``, and the atomic writes ``atomic_write`` / ``atomic_write_text`` /
+  ``publish_file`` / ``publish_folder``.
+
+The trainer and evaluator (``vision_token_compression.training``, commands ``toconv-train-compressor``
+and ``toconv-eval-compressor``) and the test fixtures (``vision_token_compression.testing``) are
+separate packages that this one never imports.
+"""
 
 from .atomic import atomic_write, atomic_write_text, publish_file, publish_folder
 from .checkpoint import (
     CompressorMetadata,
+    build_compressor,
     check_metadata,
     load_compressor,
     load_compressor_into,
@@ -32,6 +53,7 @@ __all__ = [
     "TokenCompressor",
     "atomic_write",
     "atomic_write_text",
+    "build_compressor",
     "check_metadata",
     "choose_geometry",
     "expand_to_square",

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write
 from .models.geometry import choose_geometry
-from .models.token_compressor import GRID_SIZES_KEY, TokenCompressor
+from .models.token_compressor import GRID_SIZES_KEY, InitMode, TokenCompressor
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _read_header(path: Path) -> tuple[CompressorMetadata, dict[str, _TensorInfo]
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
             infos = {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                 view = f.get_slice(key)
                 infos[key] = _TensorInfo(tuple(view.get_shape()), view.get_dtype())
     except (SafetensorError, OSError, ValueError) as err:
@@ -212,7 +212,7 @@ def _read_tensors(path: Path, meta: CompressorMetadata) -> dict[str, torch.Tenso
     """The checkpoint's tensors (read after ``_check_header``), with its grid-size record checked or added."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"Could not read the tensors of token compressor checkpoint {path}: {err}.") from err
     claimed = [meta.input_grid_size, meta.output_grid_size]
@@ -315,3 +315,39 @@ def load_compressor(path: str | os.PathLike, device: torch.device | str = "cpu")
     compressor = TokenCompressor(meta.input_grid_size, meta.output_grid_size, meta.hidden_dim)
     load_compressor_into(compressor, path)
     return compressor.to(device)
+
+
+def build_compressor(
+    input_grid_size: int,
+    output_grid_size: int,
+    hidden_dim: int,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    vision_tower: str | None = None,
+    select_layer: int | None = None,
+    select_feature: str | None = None,
+    init: InitMode = "average",
+) -> TokenCompressor:
+    """The compressor for a vision tower's geometry, with a checkpoint's weights when one is given.
+
+    What a host (a vision tower, a checkpoint converter) calls to get its compressor. Without a
+    checkpoint the weights are ``init``'s (the window average by default). With one, its metadata
+    is checked against the tower first (``load_compressor_into``): other grid sizes or hidden size
+    are a ``ValueError`` naming what differs, another tower or select layer/feature a warning.
+
+    Args:
+        input_grid_size: Side of the tower's patch grid (24 for CLIP ViT-L/14-336).
+        output_grid_size: Side of the compressed grid.
+        hidden_dim: The tower's hidden size (1024 for ViT-L).
+        checkpoint: A compressor checkpoint (safetensors, from ``save_compressor`` or the trainer).
+        vision_tower: The tower's name or path, compared with the checkpoint's.
+        select_layer: The tower's selected hidden state (LLaVA's ``mm_vision_select_layer``).
+        select_feature: ``"patch"`` or ``"cls_patch"`` (LLaVA's ``mm_vision_select_feature``).
+        init: Weights without a checkpoint: ``"average"`` or ``"random"``.
+    """
+    compressor = TokenCompressor(input_grid_size, output_grid_size, hidden_dim, init=init)
+    if checkpoint:
+        load_compressor_into(
+            compressor, checkpoint, vision_tower=vision_tower, select_layer=select_layer, select_feature=select_feature,
+        )
+    return compressor

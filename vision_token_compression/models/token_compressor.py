@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,9 +88,8 @@ class TokenCompressor(nn.Module):
         self.init = init
         g = self.geometry
         self.conv = PartialConv2d(hidden_dim, hidden_dim, g.kernel_size, g.stride, g.padding, bias=bias)
-        # Tokens arrive as a channels-last grid view (see forward); a weight in the same layout
-        # spares the convolution a conversion of the whole C×C×k×k weight on every call.
-        self.conv.to(memory_format=torch.channels_last)
+        self._channels_last_weight = True
+        self.restore_weight_layout()
         # The grid sizes travel with the weights (state dict, checkpoints, LLaVA's weight files), so
         # weights trained for another geometry are refused at load even when the kernels have the
         # same shape. Integer: dtype casts (.half(), from_pretrained(dtype=...)) leave it alone.
@@ -137,18 +137,61 @@ class TokenCompressor(nn.Module):
         return self.conv.weight.dtype
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Re-apply the constructor's init (``average`` or ``random``) in place."""
-        self.reset_grid_sizes()
-        if self.init == "random":
-            self.conv.reset_parameters()
-            return
-        weight = self.conv.weight  # (C, C, k, k)
-        weight.zero_()
-        channels = torch.arange(self.hidden_dim, device=weight.device)
-        weight[channels, channels] = 1.0 / (self.kernel_size**2)
-        if self.conv.bias is not None:
-            self.conv.bias.zero_()
+    def reset_parameters(self, copy: Callable[[torch.Tensor, torch.Tensor], Any] = torch.Tensor.copy_) -> None:
+        """Re-apply the constructor's init (``average`` or ``random``) and the grid-size record, in place.
+
+        Args:
+            copy: Writes each initial value into its tensor as ``copy(tensor, value)``; the default
+                overwrites every tensor. A host's loader can pass one that skips the tensors it has
+                loaded (transformers' ``initialization.copy_``), so that only what a checkpoint
+                lacked is initialised.
+        """
+        for tensor, value in self._initial_values():
+            copy(tensor, value)
+
+    def _initial_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(tensor, initial value)`` for the grid-size record, the conv weight and its bias."""
+        weight, bias = self.conv.weight, self.conv.bias
+        record = torch.tensor([self.input_grid_size, self.output_grid_size], device=self.grid_sizes.device)
+        weight_value = torch.zeros_like(weight, memory_format=torch.contiguous_format)  # (C, C, k, k)
+        if self.init == "random":  # what nn.Conv2d.reset_parameters draws, in the same order
+            nn.init.kaiming_uniform_(weight_value, a=math.sqrt(5))
+        else:  # each output channel the mean of its own input channel over the window
+            channels = torch.arange(self.hidden_dim, device=weight.device)
+            weight_value[channels, channels] = 1.0 / (self.kernel_size**2)
+        values = [(self.grid_sizes, record), (weight, weight_value)]
+        if bias is not None:
+            bias_value = torch.zeros_like(bias)
+            if self.init == "random":
+                bound = 1 / math.sqrt(self.hidden_dim * self.kernel_size**2)  # 1 / sqrt(fan_in)
+                nn.init.uniform_(bias_value, -bound, bound)
+            values.append((bias, bias_value))
+        return values
+
+    # -- the weight layout: a speed-up only ---------------------------------------------------
+    # forward hands the conv a channels-last view of the tokens (no copy). A weight in the same
+    # layout spares oneDNN converting the whole C×C×k×k weight on every call: 35 vs 54 ms per
+    # forward at CLIP ViT-L/14-336's shape, 24→12, one CPU thread (docs/benchmarks.md). The outputs
+    # are the same in either layout, and state dicts are always contiguous (PartialConv2d).
+
+    def restore_weight_layout(self) -> None:
+        """Lay the conv weight out as forward reads it (channels-last), unless ``keep_weight_contiguous`` was called.
+
+        Construction, ``load_state_dict``, ``.to()`` and dtype casts keep the layout; a loader that
+        materialises the weights itself (transformers' ``from_pretrained``) does not: a host calls
+        this once after such a loader.
+        """
+        if self._channels_last_weight:
+            self.conv.to(memory_format=torch.channels_last)
+
+    def keep_weight_contiguous(self) -> None:
+        """Hold the conv weight contiguous from now on, for a host that needs that layout.
+
+        DeepSpeed views parameters as bytes (its broadcast under ZeRO-2, its partitioning under
+        ZeRO-3), which fails on a channels-last weight. Costs the per-call conversion above.
+        """
+        self._channels_last_weight = False
+        self.conv.to(memory_format=torch.contiguous_format)
 
     # -- the grid-size record ------------------------------------------------------------------
 
