@@ -22,6 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
+from vision_token_compression import GRID_SIZES_KEY, load_compressor_into, warn_non_finite
+
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
     DEFAULT_IM_START_TOKEN,
@@ -219,9 +221,6 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
         return
     config.compression_input_size = tower.compression_input_size
     config.compression_output_size = tower.compression_output_size
-    from vision_token_compression.checkpoint import load_compressor_into, warn_non_finite
-    from vision_token_compression.models.token_compressor import GRID_SIZES_KEY
-
     record_missing = any(k.endswith("token_compressor." + GRID_SIZES_KEY) for k in missing)
     loaded = len(missing) == int(record_missing)  # every weight came from a file (the record may not have)
     if token_compressor_path:
@@ -247,9 +246,7 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
             )
         compressor.reset_parameters()
         source = "average init (window mean)"
-    # from_pretrained materialises weights in the default layout; the compressor reads a
-    # channels-last grid, and a weight in that layout spares a conversion on every forward.
-    compressor.conv.to(memory_format=torch.channels_last)
+    compressor.restore_weight_layout()  # from_pretrained materialised its weights in the default layout
     logger.info(
         "Token compression%s: %d×%d → %d×%d, compressor from %s",
         " switched on at load time" if switched_on else "", compressor.input_grid_size, compressor.input_grid_size,

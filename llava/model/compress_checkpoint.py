@@ -223,21 +223,18 @@ def _check_provenance(meta, path: Path, tower: TowerInfo) -> None:
 
 def build_compressor(tower: TowerInfo, output_size: int, token_compressor_path: str | os.PathLike | None = None):
     """The compressor to write: the average init, or ``token_compressor_path`` checked against the tower."""
-    from vision_token_compression.checkpoint import check_metadata, load_compressor_into, read_metadata
-    from vision_token_compression.models.token_compressor import TokenCompressor
+    from vision_token_compression import build_compressor, check_metadata, read_metadata
 
-    compressor = TokenCompressor(tower.grid, output_size, tower.hidden_size)
     if token_compressor_path:
         # Shape-defining fields first (their error says which differ and what fits), then provenance.
         meta = read_metadata(token_compressor_path)
         check_metadata(meta, token_compressor_path, input_grid_size=tower.grid, output_grid_size=output_size,
                        hidden_dim=tower.hidden_size)
         _check_provenance(meta, Path(token_compressor_path), tower)
-        load_compressor_into(
-            compressor, token_compressor_path, vision_tower=tower.name,
-            select_layer=tower.select_layer, select_feature=tower.select_feature,
-        )
-    return compressor
+    return build_compressor(
+        tower.grid, output_size, tower.hidden_size, token_compressor_path, vision_tower=tower.name,
+        select_layer=tower.select_layer, select_feature=tower.select_feature,
+    )
 
 
 def _compressor_tensors(compressor, prefix: str) -> dict[str, torch.Tensor]:
@@ -419,7 +416,7 @@ def _is_shard_of(name: str, weight_names: set[str]) -> bool:
 
 def _write_portable(compressor, tower: TowerInfo) -> Callable[[Path], None]:
     def write(path: Path) -> None:
-        from vision_token_compression.checkpoint import save_compressor
+        from vision_token_compression import save_compressor
 
         save_compressor(compressor, path, vision_tower=tower.name, select_layer=tower.select_layer,
                         select_feature=tower.select_feature)
@@ -517,7 +514,7 @@ def compress_checkpoint(
     tower = resolve_tower(config, vision_tower, cache_dir=cache_dir, download=download)
     if compression_output_size is None:
         if token_compressor_path:
-            from vision_token_compression.checkpoint import read_metadata
+            from vision_token_compression import read_metadata
 
             compression_output_size = read_metadata(token_compressor_path).output_grid_size
         else:

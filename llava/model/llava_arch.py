@@ -23,9 +23,13 @@ import torch
 from torch import nn
 from transformers import initialization as hf_init
 
-from vision_token_compression.checkpoint import read_metadata, warn_non_finite
-from vision_token_compression.models.partial_conv import PartialConv2d
-from vision_token_compression.models.token_compressor import GRID_SIZES_KEY, TokenCompressor
+from vision_token_compression import (
+    GRID_SIZES_KEY,
+    TokenCompressor,
+    load_compressor_into,
+    read_metadata,
+    warn_non_finite,
+)
 
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
@@ -124,21 +128,16 @@ class LlavaMetaModel:
         return vision_tower
 
     def _init_weights(self, module: nn.Module) -> None:
-        """HF init, plus: a token compressor's conv gets the average init, ``image_newline`` a small normal.
+        """HF init, plus: a token compressor gets its own init (the window average), ``image_newline`` a small normal.
 
-        ``from_pretrained`` calls this only for weights the checkpoint lacks, e.g. when compression is
-        switched on for a checkpoint trained without it.
+        ``from_pretrained`` calls this for each module holding weights the checkpoint lacks (the
+        compressor: its grid-size record), e.g. when compression is switched on for a checkpoint
+        trained without it, or for a checkpoint saved before the record existed.
         """
         super()._init_weights(module)
-        if isinstance(module, PartialConv2d):
-            for compressor in self.modules():
-                if isinstance(compressor, TokenCompressor) and compressor.conv is module:
-                    compressor.reset_parameters()
         if isinstance(module, TokenCompressor):
-            # Called for the compressor module itself when its grid_sizes record is missing (a
-            # checkpoint saved before it existed): fill in the record, and only the record; the
-            # conv's trained weights were loaded and are not this module's own parameters.
-            hf_init.copy_(module.grid_sizes, torch.tensor([module.input_grid_size, module.output_grid_size]))
+            # hf_init.copy_ skips the tensors from_pretrained loaded: only what the checkpoint lacked is set.
+            module.reset_parameters(copy=hf_init.copy_)
         if module is self and isinstance(getattr(self, "image_newline", None), nn.Parameter):
             hf_init.normal_(self.image_newline, mean=0.0, std=1.0 / math.sqrt(self.config.hidden_size))
 
@@ -178,8 +177,6 @@ class LlavaMetaModel:
             vision_tower.load_model()
             compressor_path = settings.checkpoint
             if compressor_path and vision_tower.token_compressor is not None:
-                from vision_token_compression.checkpoint import load_compressor_into
-
                 load_compressor_into(
                     vision_tower.token_compressor, compressor_path, vision_tower=vision_tower.vision_tower_name,
                     select_layer=vision_tower.select_layer, select_feature=vision_tower.select_feature,

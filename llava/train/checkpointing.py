@@ -31,10 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vision_token_compression.models.token_compressor import (
-    GRID_SIZES_KEY,
-    TokenCompressor,
-)
+from vision_token_compression import GRID_SIZES_KEY, TokenCompressor
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from ..model.weights_io import (
@@ -300,7 +297,7 @@ def save_mm_adapter(
 
 def _save_compressor_file(model: nn.Module, compressor_state: dict[str, torch.Tensor], path: Path) -> None:
     """The compressor as a safetensors checkpoint with metadata (weights from the gathered state)."""
-    from vision_token_compression.checkpoint import save_compressor
+    from vision_token_compression import save_compressor
 
     tower = model.get_vision_tower()
     compressor = tower.token_compressor

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import transformers
 
+from llava.constants import NON_LORA_FILE
 from llava.conversation import Conversation, SeparatorStyle, conv_templates
+from llava.train import atomic
 
 # Absolute imports: DeepSpeed's launcher runs this file as a script (deepspeed llava/train/train.py).
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
-from llava.constants import NON_LORA_FILE
-from llava.train import atomic
 from llava.train.checkpointing import (
     COMPRESSOR_KEYS,
     PROJECTOR_KEYS,
@@ -250,11 +250,10 @@ def setup_vision(
     if compressor is not None and model_args.freeze_token_compressor:
         compressor.requires_grad_(False)
     if compressor is not None and training_args.deepspeed:
-        # The compressor keeps its conv weight channels-last (a speed-up only). DeepSpeed broadcasts
-        # parameters through byte views (param.data.view(torch.uint8): the engine's initial
-        # broadcast under ZeRO-2, the partitioning under ZeRO-3), which fail on that layout with
-        # "self.stride(-1) must be 1 to view Float as Byte".
-        compressor.to(memory_format=torch.contiguous_format)
+        # DeepSpeed broadcasts parameters through byte views (param.data.view(torch.uint8): the
+        # engine's initial broadcast under ZeRO-2, the partitioning under ZeRO-3), which fail on the
+        # compressor's channels-last weight with "self.stride(-1) must be 1 to view Float as Byte".
+        compressor.keep_weight_contiguous()
     if model_args.unfreeze_mm_vision_tower:
         vision_tower.vision_tower.requires_grad_(True)
         # Recorded so that loading the checkpoint restores the trained CLIP weights, not mm_vision_tower's.

@@ -340,19 +340,16 @@ class CLIPVisionTower(nn.Module):
         grid = self.tower_grid_size  # compression_input_size, when given, was checked against it
         self.compression_input_size = grid
         try:
-            from vision_token_compression.checkpoint import load_compressor_into
-            from vision_token_compression.models.token_compressor import TokenCompressor
+            from vision_token_compression import build_compressor
         except ImportError as err:
             raise ImportError(
                 "use_token_compression=True needs the vision_token_compression package: install this project "
                 "(pip install -e .) or copy vision_token_compression/ beside llava/."
             ) from err
-        compressor = TokenCompressor(grid, self.compression_output_size, self.config.hidden_size)
-        if checkpoint:
-            load_compressor_into(
-                compressor, checkpoint, vision_tower=self.vision_tower_name,
-                select_layer=self.select_layer, select_feature=self.select_feature,
-            )
+        compressor = build_compressor(
+            grid, self.compression_output_size, self.config.hidden_size, checkpoint,
+            vision_tower=self.vision_tower_name, select_layer=self.select_layer, select_feature=self.select_feature,
+        )
         out = self.compression_output_size
         logger.info("ToConv Token Compression enabled: %dx%d → %dx%d", grid, grid, out, out)
         return compressor
