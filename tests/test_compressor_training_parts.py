@@ -23,7 +23,7 @@ from vision_token_compression.training.losses import (
     window_cosine,
 )
 from vision_token_compression.training.optim import warmup_cosine
-from vision_token_compression.training.plotting import plot_curves
+from vision_token_compression.training.plotting import COLOURS, Axes, plot_curves
 from vision_token_compression.training.projector import build_projector, load_projector
 from vision_token_compression.training.run_log import RunLog
 
@@ -169,10 +169,35 @@ def test_adaptive_avg_pool_baseline_averages_2x2_blocks_at_24_to_12():
     torch.testing.assert_close(pooled, blocks)
 
 
-def test_plot_curves_writes_a_png(tmp_path):
-    path = plot_curves({"loss": [(i, math.exp(-i / 5)) for i in range(20)], "flat": [(0, 0.5)]}, tmp_path / "c.png")
+def test_plot_curves_draws_the_losses(tmp_path):
+    losses = [(i, math.exp(-i / 5)) for i in range(20)]
+    series = {"loss": losses, "flat": [(0, 0.5)]}
+    path = plot_curves(series, tmp_path / "c.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (900, 540)
+        pixels = image.convert("RGB").load()
+    axes = Axes.fit(series, (900, 540))
+    left, top, right, bottom = (round(v) for v in axes.box)
+
+    # Read the curve back from the image: in each column of the plot area, the rows in the loss
+    # colour, mapped through the axes, are the losses (linearly interpolated between steps).
+    read_back = []
+    for px in range(left + 2, right - 1):
+        rows = [py for py in range(top + 1, bottom) if pixels[px, py] == COLOURS[0]]
+        assert rows, f"no curve in column {px}"
+        x, y = axes.from_px(px, sum(rows) / len(rows))
+        read_back.append((x, y))
+    for x, y in read_back:
+        i = min(int(x), len(losses) - 2)
+        expected = losses[i][1] + (x - i) * (losses[i + 1][1] - losses[i][1])
+        assert abs(y - expected) < 0.01, (x, y, expected)  # 0.01: under 5 of the 450 rows' worth of y
+    assert read_back[0][0] < 0.1 and read_back[-1][0] > 18.9  # from the first step to the last
+
+    # The one-point series is a dot in the second colour, and nothing else is drawn in the loss colour.
+    dot_x, dot_y = (round(v) for v in axes.to_px(0, 0.5))
+    assert pixels[dot_x + 1, dot_y] == COLOURS[1]
+    far_x, far_y = (round(v) for v in axes.to_px(10, 0.9))  # well above exp(-2) = 0.135
+    assert pixels[far_x, far_y] != COLOURS[0]
 
 
 def test_console_scripts_point_at_the_entry_points():
