@@ -39,10 +39,14 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 
 _CORPUS = [
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user's questions.",
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions.",
+    (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions."
+    ),
+    (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions."
+    ),
     "USER: ASSISTANT: Human: Assistant: [INST] [/INST] <<SYS>> <</SYS>> <|im_start|>system user assistant <|im_end|>",
     "What is in the image? Describe the image in detail. What color is the shape? How many shapes are there?",
     "Answer the question using a single word or phrase. Is there a circle? Yes. No.",

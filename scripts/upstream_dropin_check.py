@@ -91,7 +91,7 @@ def explain_llava_import_failure() -> str:
     spec = importlib.util.find_spec("llava")
     if spec is None or not spec.submodule_search_locations:
         return "the package 'llava' is not installed in this environment"
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     for name in list(sys.modules):
         if name == "llava" or name.startswith("llava."):
             del sys.modules[name]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 TINY_HIDDEN = 32
-TINY_CLIP = dict(hidden_size=TINY_HIDDEN, intermediate_size=64, num_attention_heads=4, projection_dim=16)
+TINY_CLIP = {"hidden_size": TINY_HIDDEN, "intermediate_size": 64, "num_attention_heads": 4, "projection_dim": 16}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,7 +51,7 @@ def make_args():
     """Factory for the args object LLaVA hands to a vision tower (patch features, layer -2)."""
 
     def make(**fields) -> SimpleNamespace:
-        defaults = dict(mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+        defaults = {"mm_vision_select_layer": -2, "mm_vision_select_feature": "patch"}
         return SimpleNamespace(**{**defaults, **fields})
 
     return make

@@ -141,14 +141,14 @@ def test_nonsense_settings_are_refused_before_clip_loads(flags, fragments, tiny_
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
-        (dict(epochs=1.5), "--epochs (epochs) must be an integer ≥ 1, got 1.5"),
-        (dict(batch_size=True), "--batch-size (batch_size) must be an integer ≥ 1, got True"),
-        (dict(lr="1e-4"), "--lr (lr) must be a finite number > 0, got '1e-4'"),
-        (dict(select_feature="cls"), "--select-feature (select_feature) must be one of 'patch', 'cls_patch'"),
-        (dict(precision="fp8"), "--precision (precision) must be one of"),
-        (dict(output_dir=""), "--output-dir (output_dir) must be a non-empty path"),
-        (dict(device="gpu0"), "--device (device) must be cpu, cuda or cuda:N, got 'gpu0'"),
-        (dict(loss=LossConfig(), seed=2**40), "--seed (seed) must be an integer in [0, 4294967295]"),
+        ({"epochs": 1.5}, "--epochs (epochs) must be an integer ≥ 1, got 1.5"),
+        ({"batch_size": True}, "--batch-size (batch_size) must be an integer ≥ 1, got True"),
+        ({"lr": "1e-4"}, "--lr (lr) must be a finite number > 0, got '1e-4'"),
+        ({"select_feature": "cls"}, "--select-feature (select_feature) must be one of 'patch', 'cls_patch'"),
+        ({"precision": "fp8"}, "--precision (precision) must be one of"),
+        ({"output_dir": ""}, "--output-dir (output_dir) must be a non-empty path"),
+        ({"device": "gpu0"}, "--device (device) must be cpu, cuda or cuda:N, got 'gpu0'"),
+        ({"loss": LossConfig(), "seed": 2**40}, "--seed (seed) must be an integer in [0, 4294967295]"),
     ],
 )
 def test_train_config_checks_types_for_python_callers(fields, fragment):

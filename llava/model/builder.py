@@ -171,8 +171,8 @@ def _load_non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
     # Saved from the PEFT-wrapped model: "base_model.model.model.mm_projector..." → "model.mm_projector...".
     out = {}
     for key, value in weights.items():
-        key = key[len("base_model."):] if key.startswith("base_model.") else key
-        if key.startswith("model.model.") or key.startswith("model.lm_head."):
+        key = key.removeprefix("base_model.")
+        if key.startswith(("model.model.", "model.lm_head.")):
             key = key[len("model."):]
         out[key] = value
     return out

@@ -20,14 +20,14 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Vision configs of the towers LLaVA uses (from their published config.json files).
 CLIP_VISION_CONFIGS: dict[str, dict] = {
-    "openai/clip-vit-large-patch14": dict(
-        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
-        image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    ),
-    "openai/clip-vit-large-patch14-336": dict(
-        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    ),
+    "openai/clip-vit-large-patch14": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+        "image_size": 224, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
+    "openai/clip-vit-large-patch14-336": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+        "image_size": 336, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
 }
 
 

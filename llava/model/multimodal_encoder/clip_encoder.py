@@ -192,8 +192,8 @@ def check_compression_settings(
 
 def check_select_layer(layer, num_layers: int, tower: str) -> int:
     """``mm_vision_select_layer`` as an index into CLIP's ``hidden_states`` (``num_layers`` + 1 entries)."""
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(
+    if isinstance(layer, bool) or not isinstance(layer, int):  # a ValueError like every other bad setting
+        raise ValueError(  # noqa: TRY004
             f"mm_vision_select_layer must be an int (e.g. -2, as LLaVA-1.5), got {layer!r} ({type(layer).__name__})."
         )
     if not -(num_layers + 1) <= layer <= num_layers:
