@@ -58,7 +58,7 @@ def microbenchmark(
         "vision_tower_flops": flops_selected,
         "select_layer": {
             "mm_vision_select_layer": SELECT_LAYER,
-            "layers_run": tower._layers_needed() or layers,
+            "layers_run": tower.early_stop.layers_needed(tower.select_layer, layers) or layers,
             "layers_total": layers,
             "full_run_ms": tower_ms["full"],
             "selected_run_ms": tower_ms["selected"],
