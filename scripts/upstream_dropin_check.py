@@ -296,9 +296,8 @@ def run_roundtrip(up, standin: Path, work_dir: Path, report: list[str]) -> None:
     )
     model = tiny_llava(up, args)
     # Upstream's initialize_vision_modules does not record our fields; a fork that wants reloadable
-    # checkpoints writes them into the config (this project's llava/ does).
-    for field in ("use_token_compression", "compression_input_size", "compression_output_size"):
-        setattr(model.config, field, getattr(args, field))
+    # checkpoints has the tower write them into the config (this project's llava/ does).
+    model.get_vision_tower().record_compression(model.config)
     with torch.no_grad():
         for p in compressor_of(model).parameters():
             p.add_(torch.randn_like(p) * 0.01)  # "trained" weights, unlike a fresh average init

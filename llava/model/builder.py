@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
-from vision_token_compression import GRID_SIZES_KEY, load_compressor_into, warn_non_finite
+from vision_token_compression import GRID_SIZES_KEY, warn_non_finite
 
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
@@ -215,19 +215,13 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
     """
     tower = model.get_vision_tower()
     compressor = tower.token_compressor
-    config = model.config
-    config.use_token_compression = compressor is not None
+    tower.record_compression(model.config)
     if compressor is None:
         return
-    config.compression_input_size = tower.compression_input_size
-    config.compression_output_size = tower.compression_output_size
     record_missing = any(k.endswith("token_compressor." + GRID_SIZES_KEY) for k in missing)
     loaded = len(missing) == int(record_missing)  # every weight came from a file (the record may not have)
     if token_compressor_path:
-        load_compressor_into(
-            compressor, token_compressor_path, vision_tower=tower.vision_tower_name,
-            select_layer=tower.select_layer, select_feature=tower.select_feature,
-        )
+        tower.load_token_compressor(token_compressor_path)
         source = token_compressor_path
     elif loaded and checked:
         source = "the checkpoint"

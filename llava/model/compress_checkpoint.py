@@ -61,7 +61,7 @@ from typing import Literal
 import torch
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
-from .multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
+from .multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE, compression_fields
 
 logger = logging.getLogger(__name__)
 
@@ -378,12 +378,7 @@ def plan_output(source: Path, config: dict, tower: TowerInfo, compressor) -> _Pl
             f"{BIN_INDEX}, {MM_PROJECTOR_FILE} (projector only) or {NON_LORA_FILE} (LoRA)."
         )
     _plan_other_files(source, handled, plan)
-    new_config = {
-        **config,
-        "use_token_compression": True,
-        "compression_input_size": tower.grid,
-        "compression_output_size": compressor.output_grid_size,
-    }
+    new_config = {**config, **compression_fields(compressor)}
     plan.writes[CONFIG_NAME] = _write_json(new_config)
     return plan
 

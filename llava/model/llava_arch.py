@@ -26,7 +26,6 @@ from transformers import initialization as hf_init
 from vision_token_compression import (
     GRID_SIZES_KEY,
     TokenCompressor,
-    load_compressor_into,
     read_metadata,
     warn_non_finite,
 )
@@ -175,17 +174,11 @@ class LlavaMetaModel:
             wanted_output_size = getattr(model_args, "compression_output_size", None)
             self._check_tower_matches(vision_tower, settings.enabled, wanted_output_size)
             vision_tower.load_model()
-            compressor_path = settings.checkpoint
-            if compressor_path and vision_tower.token_compressor is not None:
-                load_compressor_into(
-                    vision_tower.token_compressor, compressor_path, vision_tower=vision_tower.vision_tower_name,
-                    select_layer=vision_tower.select_layer, select_feature=vision_tower.select_feature,
-                )
+            if settings.checkpoint:  # given only with compression on, which the tower then has
+                vision_tower.load_token_compressor(settings.checkpoint)
         # The tower resolves the compression defaults; the config records what it built.
+        vision_tower.record_compression(config)
         compressed = vision_tower.token_compressor is not None
-        config.use_token_compression = compressed
-        config.compression_input_size = vision_tower.compression_input_size if compressed else None
-        config.compression_output_size = vision_tower.compression_output_size if compressed else None
 
         config.use_mm_proj = True
         config.mm_projector_type = getattr(model_args, "mm_projector_type", DEFAULT_MM_PROJECTOR_TYPE)

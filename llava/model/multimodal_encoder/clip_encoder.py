@@ -344,6 +344,33 @@ def load_tower_config(vision_tower: str) -> CLIPVisionConfig:
         raise not_found_error(vision_tower, "Vision tower", _TOWER_FIX, err) from err
 
 
+def _compression_library():
+    """The ``vision_token_compression`` package, imported only when compression is on."""
+    try:
+        import vision_token_compression
+    except ImportError as err:
+        raise ImportError(
+            "use_token_compression=True needs the vision_token_compression package: install this project "
+            "(pip install -e .) or copy vision_token_compression/ beside llava/."
+        ) from err
+    return vision_token_compression
+
+
+def compression_fields(compressor) -> dict:
+    """A model config's compression fields for a tower with ``compressor`` (None: compression off).
+
+    What LLaVA records in a config so that a saved checkpoint rebuilds the same tower
+    (``CLIPVisionTower.record_compression``, and the checkpoint converter's config.json).
+    """
+    if compressor is None:
+        return {"use_token_compression": False, "compression_input_size": None, "compression_output_size": None}
+    return {
+        "use_token_compression": True,
+        "compression_input_size": compressor.input_grid_size,
+        "compression_output_size": compressor.output_grid_size,
+    }
+
+
 class CLIPVisionTower(nn.Module):
     """CLIP vision encoder returning LLaVA's selected features, optionally compressed.
 
@@ -386,7 +413,7 @@ class CLIPVisionTower(nn.Module):
         if not delay_load or parse_bool_setting(getattr(args, "unfreeze_mm_vision_tower", False),
                                                 "unfreeze_mm_vision_tower"):
             self.load_model()
-        self.token_compressor = self._build_compressor(settings.checkpoint)
+        self._build_compressor(settings.checkpoint)
 
     def _configure(self, args) -> None:
         """Read subclass settings before anything loads (S2 needs its scales in ``load_model``)."""
@@ -413,25 +440,45 @@ class CLIPVisionTower(nn.Module):
         """Side of CLIP's own patch grid (24 for ViT-L/14-336)."""
         return self.config.image_size // self.config.patch_size
 
-    def _build_compressor(self, checkpoint: str | None) -> nn.Module | None:
+    def _build_compressor(self, checkpoint: str | None) -> None:
+        """Build ``token_compressor`` (None with compression off), loading ``checkpoint`` into it when given."""
+        self.token_compressor = None
         if not self.use_token_compression:
-            return None
+            return
         grid = self.tower_grid_size  # compression_input_size, when given, was checked against it
         self.compression_input_size = grid
-        try:
-            from vision_token_compression import build_compressor
-        except ImportError as err:
-            raise ImportError(
-                "use_token_compression=True needs the vision_token_compression package: install this project "
-                "(pip install -e .) or copy vision_token_compression/ beside llava/."
-            ) from err
-        compressor = build_compressor(
-            grid, self.compression_output_size, self.config.hidden_size, checkpoint,
-            vision_tower=self.vision_tower_name, select_layer=self.select_layer, select_feature=self.select_feature,
-        )
         out = self.compression_output_size
+        self.token_compressor = _compression_library().build_compressor(grid, out, self.config.hidden_size)
+        if checkpoint:
+            self.load_token_compressor(checkpoint)
         logger.info("ToConv Token Compression enabled: %dx%d → %dx%d", grid, grid, out, out)
-        return compressor
+
+    def load_token_compressor(self, checkpoint: str | os.PathLike) -> None:
+        """Load a compressor checkpoint (safetensors) into this tower's ``token_compressor``.
+
+        The one place a tower's compressor reads a checkpoint: ``pretrain_token_compressor`` at
+        construction, and LLaVA's loaders when given one. Its metadata is checked against the tower
+        first: other grid sizes or hidden size are a ``ValueError`` naming what differs, another tower
+        or select layer/feature a warning.
+        """
+        if self.token_compressor is None:
+            raise ValueError(
+                f"{os.fspath(checkpoint)!r} is a token compressor checkpoint, but {self.vision_tower_name} was built "
+                f"with use_token_compression off: set use_token_compression=True to use it."
+            )
+        _compression_library().load_compressor_into(
+            self.token_compressor, checkpoint, vision_tower=self.vision_tower_name,
+            select_layer=self.select_layer, select_feature=self.select_feature,
+        )
+
+    def record_compression(self, config) -> None:
+        """Write this tower's compression fields into a model config, so a saved checkpoint rebuilds the same tower.
+
+        ``use_token_compression``, ``compression_input_size`` and ``compression_output_size``, as
+        ``compression_fields`` gives them (sizes None with compression off).
+        """
+        for name, value in compression_fields(self.token_compressor).items():
+            setattr(config, name, value)
 
     def feature_select(self, image_forward_outs) -> torch.Tensor:
         image_features = image_forward_outs.hidden_states[self.select_layer]
@@ -533,14 +580,14 @@ class CLIPVisionTowerS2(CLIPVisionTower):
         self.s2_split_size = self.s2_scales[0]
         self.s2_image_size = self.s2_scales[-1]
 
-    def _build_compressor(self, checkpoint: str | None) -> nn.Module | None:
+    def _build_compressor(self, checkpoint: str | None) -> None:
         if self.s2_split_size != self.config.image_size:
             raise ValueError(
                 f"The smallest S2 scale ({self.s2_split_size}) must equal {self.vision_tower_name}'s image size "
                 f"({self.config.image_size}): each crop goes through the tower at that size. "
                 f"Got s2_scales={self.s2_scales}."
             )
-        return super()._build_compressor(checkpoint)
+        super()._build_compressor(checkpoint)
 
     def load_model(self, device_map=None) -> None:
         if self.is_loaded:
