@@ -21,7 +21,7 @@ from transformers import StoppingCriteria
 
 from vision_token_compression import expand_to_square
 
-from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, config_value
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg) ->
     ``pad`` and the default give one (3, S, S) image each; ``anyres`` gives (1 + crops, 3, S, S)
     per image. Returns a stacked tensor when all shapes agree, else a list.
     """
-    aspect_ratio = getattr(model_cfg, "image_aspect_ratio", None)
+    aspect_ratio = config_value(model_cfg, "image_aspect_ratio")
     if aspect_ratio == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)
         new_images = [_pixel_values(image_processor, expand2square(img, background))[0] for img in images]

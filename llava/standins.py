@@ -20,11 +20,13 @@ import logging
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image, ImageDraw
+
+from .constants import CONFIG_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +58,27 @@ _CORPUS = [
 ]
 
 
+def _tower_default(name: str):
+    """A default of the vision tower's fields, from clip_encoder (imported when used: it needs torch)."""
+    from .model.multimodal_encoder import clip_encoder
+
+    return getattr(clip_encoder, name)
+
+
 @dataclass
 class VisionModelArgs:
     """The model arguments ``initialize_vision_modules`` and ``initialize_vision_tokenizer`` read.
 
-    Field names and defaults follow LLaVA's ``ModelArguments`` (``llava.train``), plus compression.
+    Field names follow LLaVA's ``ModelArguments`` (``llava.train``), plus compression; the defaults are
+    LLaVA-1.5's recipe (select layer -2, ``mlp2x_gelu``, no ``<im_patch>`` token) where it differs from
+    the config defaults.
     """
 
     vision_tower: str
     mm_vision_select_layer: int = -2
-    mm_vision_select_feature: str = "patch"
+    mm_vision_select_feature: str = field(default_factory=lambda: _tower_default("DEFAULT_MM_VISION_SELECT_FEATURE"))
     mm_projector_type: str = "mlp2x_gelu"
-    mm_patch_merge_type: str = "flat"
+    mm_patch_merge_type: str = CONFIG_DEFAULTS["mm_patch_merge_type"]
     pretrain_mm_mlp_adapter: str | None = None
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
@@ -151,7 +162,7 @@ def create_tiny_llava(
     compression_input_size: int | None = None,
     mm_projector_type: str = "mlp2x_gelu",
     image_aspect_ratio: str = "pad",
-    mm_patch_merge_type: str = "flat",
+    mm_patch_merge_type: str = CONFIG_DEFAULTS["mm_patch_merge_type"],
     image_grid_pinpoints: Sequence[Sequence[int]] | None = None,
     language_model: Literal["llama", "mistral"] = "llama",
     hidden_size: int = 64,

@@ -42,7 +42,7 @@ def compression_kwargs(args) -> dict:
     objects without these attributes load the checkpoint as it is.
     """
     return {
-        "use_token_compression": True if getattr(args, "use_token_compression", False) else None,
+        "use_token_compression": True if getattr(args, "use_token_compression", None) else None,
         "compression_input_size": getattr(args, "compression_input_size", None),
         "compression_output_size": getattr(args, "compression_output_size", None),
         "token_compressor_path": getattr(args, "token_compressor_path", None),
@@ -100,11 +100,15 @@ def check_compression_flags(args) -> None:
     Sizes or ``--token-compressor-path`` without ``--use-token-compression`` are refused: they would
     be ignored, or (for a checkpoint trained without compression) refused only once loading began.
     """
-    from .model.multimodal_encoder.clip_encoder import SettingNames, check_compression_settings
+    from .model.multimodal_encoder.clip_encoder import (
+        DEFAULT_USE_TOKEN_COMPRESSION,
+        SettingNames,
+        check_compression_settings,
+    )
 
     try:
         check_compression_settings(
-            getattr(args, "use_token_compression", False), getattr(args, "compression_input_size", None),
+            getattr(args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION), getattr(args, "compression_input_size", None),
             getattr(args, "compression_output_size", None), getattr(args, "token_compressor_path", None),
             names=SettingNames("--use-token-compression", "--compression-input-size", "--compression-output-size",
                                "--token-compressor-path", switch_on="add --use-token-compression"),

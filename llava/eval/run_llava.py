@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llava.constants import IMAGE_TOKEN_INDEX
+from llava.constants import IMAGE_TOKEN_INDEX, config_value
 from llava.conversation import conv_templates
 from llava.eval.vqa_common import parse_args
 from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
@@ -56,7 +56,7 @@ def check_args(args) -> None:
     """Refuse flag values that would fail only after the model has loaded (the eval scripts' checks)."""
     check_generation_args(args)
     check_compression_flags(args)
-    check_image_files(args.image_file.split(getattr(args, "sep", ",")))
+    check_image_files(args.image_file.split(args.sep))
 
 
 def eval_model(args) -> str:
@@ -73,7 +73,7 @@ def eval_model(args) -> str:
         args.model_path, args.model_base, model_name, device=device, **compression_kwargs(args)
     )
 
-    query = image_prompt(args.query, getattr(model.config, "mm_use_im_start_end", False))
+    query = image_prompt(args.query, config_value(model.config, "mm_use_im_start_end"))
     conv_mode = infer_conv_mode(model_name)
     if args.conv_mode is not None and args.conv_mode != conv_mode:
         logger.warning("The inferred conversation mode is %s, while --conv-mode is %s; using %s.",

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import shortuuid
 import torch
@@ -29,7 +29,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    config_value,
+)
 from llava.conversation import conv_templates
 from llava.eval import benchmark_io
 from llava.mm_utils import (
@@ -49,6 +55,9 @@ from llava.utils import (
     images_to,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +256,7 @@ class PromptDataset(Dataset):
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.mm_use_im_start_end = getattr(model_config, "mm_use_im_start_end", False)
+        self.mm_use_im_start_end = config_value(model_config, "mm_use_im_start_end")
         self.model_config = model_config
         self.conv_mode = conv_mode
 
@@ -354,7 +363,7 @@ class AnswerWriter:
         self.model_name = model_name
         self._file = None
 
-    def __enter__(self) -> AnswerWriter:
+    def __enter__(self) -> Self:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._file = open(self.path, "w")
         return self

@@ -30,12 +30,14 @@ from ..constants import (
     DEFAULT_IMAGE_PATCH_TOKEN,
     MM_PROJECTOR_FILE,
     NON_LORA_FILE,
+    config_value,
 )
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import check_compressor_weights, load_adapter_weights
 from .multimodal_encoder.clip_encoder import (
     DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    DEFAULT_USE_TOKEN_COMPRESSION,
     MODEL_ARG_NAMES,
     SettingNames,
     check_compression_settings,
@@ -46,10 +48,6 @@ from .multimodal_encoder.clip_encoder import (
 from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CONTEXT_LEN = 2048
-# Upstream's default for configs that predate the field.
-DEFAULT_MM_USE_IM_PATCH_TOKEN = True
 
 
 # load_pretrained_model's compression arguments, as its messages name them.
@@ -117,7 +115,7 @@ def apply_compression_settings(
     ``source`` names the config in messages (e.g. its config.json).
     """
     trained = check_compression_settings(
-        getattr(config, "use_token_compression", False), getattr(config, "compression_input_size", None),
+        getattr(config, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION), getattr(config, "compression_input_size", None),
         getattr(config, "compression_output_size", None), names=MODEL_ARG_NAMES, where=f"{source}: ",
         unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
     )
@@ -400,9 +398,9 @@ def load_pretrained_model(
     _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
                        checked=any("token_compressor." in k for k in extra))
 
-    if getattr(model.config, "mm_use_im_patch_token", DEFAULT_MM_USE_IM_PATCH_TOKEN):
+    if config_value(model.config, "mm_use_im_patch_token"):
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
-    if getattr(model.config, "mm_use_im_start_end", False):
+    if config_value(model.config, "mm_use_im_start_end"):
         tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -411,7 +409,7 @@ def load_pretrained_model(
     if not vision_tower.is_loaded:
         vision_tower.load_model(device_map=kwargs["device_map"])
     vision_tower.to(device=model.device, dtype=model.dtype)
-    context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
+    context_len = config_value(model.config, "max_sequence_length")
     return tokenizer, model, vision_tower.image_processor, context_len
 
 
@@ -428,5 +426,5 @@ def _load_language_model(model_path: str, model_base: str | None, lora: bool, kw
             logger.warning("model_base=%s is ignored: %s is a full language model checkpoint.", model_base, model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
+    context_len = config_value(model.config, "max_sequence_length")
     return tokenizer, model, None, context_len

@@ -61,7 +61,11 @@ from typing import Literal
 import torch
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
-from .multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE, compression_fields
+from .multimodal_encoder.clip_encoder import (
+    DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    DEFAULT_MM_VISION_SELECT_FEATURE,
+    compression_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +177,7 @@ def resolve_tower(
         grid=clip.image_size // clip.patch_size,
         hidden_size=clip.hidden_size,
         select_layer=config.get("mm_vision_select_layer"),
-        select_feature=config.get("mm_vision_select_feature") or "patch",
+        select_feature=config.get("mm_vision_select_feature") or DEFAULT_MM_VISION_SELECT_FEATURE,
     )
 
 

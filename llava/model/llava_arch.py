@@ -37,11 +37,13 @@ from ..constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     TOKEN_COMPRESSOR_FILE,
+    config_value,
 )
 from ..mm_utils import get_anyres_image_grid_shape
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_encoder.clip_encoder import (
     DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    DEFAULT_MM_VISION_SELECT_FEATURE,
     DEFAULT_USE_TOKEN_COMPRESSION,
     check_compression_settings,
 )
@@ -49,13 +51,6 @@ from .multimodal_projector.builder import build_vision_projector
 from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
-
-# Defaults of LLaVA's config fields, kept here once.
-DEFAULT_MM_PROJECTOR_TYPE = "linear"
-DEFAULT_MM_VISION_SELECT_FEATURE = "patch"
-DEFAULT_MM_PATCH_MERGE_TYPE = "flat"
-DEFAULT_IMAGE_ASPECT_RATIO = "square"
-DEFAULT_PADDING_SIDE = "right"
 
 # Vision-tower fields that initialize_vision_modules copies into the model config, so that a saved
 # checkpoint rebuilds the same tower (S2 fields only when the model args have them).
@@ -116,7 +111,7 @@ class LlavaMetaModel:
         if getattr(config, "mm_vision_tower", None):
             self.vision_tower = build_vision_tower(config, delay_load=True)
             self.mm_projector = build_vision_projector(config)
-            if "unpad" in getattr(config, "mm_patch_merge_type", DEFAULT_MM_PATCH_MERGE_TYPE):
+            if "unpad" in config_value(config, "mm_patch_merge_type"):
                 self.image_newline = nn.Parameter(_new_image_newline(config.hidden_size, self.dtype))
 
     def get_vision_tower(self):
@@ -161,7 +156,7 @@ class LlavaMetaModel:
         config.mm_vision_tower = model_args.vision_tower
         config.mm_vision_select_layer = model_args.mm_vision_select_layer
         config.mm_vision_select_feature = getattr(model_args, "mm_vision_select_feature", DEFAULT_MM_VISION_SELECT_FEATURE)
-        config.mm_patch_merge_type = getattr(model_args, "mm_patch_merge_type", DEFAULT_MM_PATCH_MERGE_TYPE)
+        config.mm_patch_merge_type = config_value(model_args, "mm_patch_merge_type")
         for field in S2_CONFIG_FIELDS:
             if hasattr(model_args, field):
                 setattr(config, field, getattr(model_args, field))
@@ -181,7 +176,7 @@ class LlavaMetaModel:
         compressed = vision_tower.token_compressor is not None
 
         config.use_mm_proj = True
-        config.mm_projector_type = getattr(model_args, "mm_projector_type", DEFAULT_MM_PROJECTOR_TYPE)
+        config.mm_projector_type = config_value(model_args, "mm_projector_type")
         config.mm_hidden_size = vision_tower.hidden_size
 
         if getattr(self, "mm_projector", None) is None:
@@ -307,7 +302,7 @@ class LlavaMetaForCausalLM(ABC):
     def _merge_crops(self, features: torch.Tensor, image_size: tuple[int, int] | None) -> torch.Tensor:
         """(1 + crops, P, D) features of one anyres image → (tokens, D), per ``mm_patch_merge_type``."""
         config = self.config
-        merge_type = getattr(config, "mm_patch_merge_type", DEFAULT_MM_PATCH_MERGE_TYPE)
+        merge_type = config_value(config, "mm_patch_merge_type")
         newline = getattr(self.get_model(), "image_newline", None)
         if features.shape[0] == 1:
             single = features[0]
@@ -322,7 +317,7 @@ class LlavaMetaForCausalLM(ABC):
                 f"spatial merging needs {side}×{side}={side * side} tokens per crop, got {base.shape[0]} "
                 f"(mm_vision_select_feature must be 'patch')."
             )
-        if getattr(config, "image_aspect_ratio", DEFAULT_IMAGE_ASPECT_RATIO) != "anyres":
+        if config_value(config, "image_aspect_ratio") != "anyres":
             raise NotImplementedError(
                 f"{features.shape[0]} crops per image need image_aspect_ratio='anyres', "
                 f"got {config.image_aspect_ratio!r}."
@@ -357,7 +352,7 @@ class LlavaMetaForCausalLM(ABC):
         images = [image.unsqueeze(0) if image.ndim == 3 else image for image in images]
         features = self.encode_images(torch.cat(list(images), dim=0))
         per_image = torch.split(features, [image.shape[0] for image in images], dim=0)
-        merge_type = getattr(self.config, "mm_patch_merge_type", DEFAULT_MM_PATCH_MERGE_TYPE)
+        merge_type = config_value(self.config, "mm_patch_merge_type")
         if merge_type == "flat":
             return [f.flatten(0, 1) for f in per_image]
         if not merge_type.startswith("spatial"):
@@ -388,7 +383,7 @@ class LlavaMetaForCausalLM(ABC):
         vision_tower = self.get_vision_tower()
         if vision_tower is None or images is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        if getattr(self.config, "tune_mm_mlp_adapter", False) and getattr(self.config, "mm_use_im_start_end", False):
+        if config_value(self.config, "tune_mm_mlp_adapter") and config_value(self.config, "mm_use_im_start_end"):
             raise NotImplementedError("tune_mm_mlp_adapter with mm_use_im_start_end is not supported.")
 
         image_features = self.image_embeddings(images, image_sizes)
@@ -436,7 +431,7 @@ class LlavaMetaForCausalLM(ABC):
             new_embeds = [e[:max_length] for e in new_embeds]
             new_labels = [lab[:max_length] for lab in new_labels]
 
-        side = padding_side or getattr(self.config, "tokenizer_padding_side", DEFAULT_PADDING_SIDE)
+        side = padding_side or config_value(self.config, "tokenizer_padding_side")
         embeds, labels_out, attention_out, positions = _pad_rows(new_embeds, new_labels, side)
         padded = bool((~attention_out).any())
 

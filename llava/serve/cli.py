@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import TextStreamer
 
-from llava.constants import IMAGE_TOKEN_INDEX
+from llava.constants import IMAGE_TOKEN_INDEX, config_value
 from llava.conversation import SeparatorStyle, conv_templates
 from llava.eval.vqa_common import parse_args
 from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
             break
         print(f"{roles[1]}: ", end="", flush=True)
         if first_turn:
-            inp = image_prompt(inp, getattr(model.config, "mm_use_im_start_end", False))
+            inp = image_prompt(inp, config_value(model.config, "mm_use_im_start_end"))
             first_turn = False
         conv.append_message(conv.roles[0], inp)
         conv.append_message(conv.roles[1], None)

@@ -7,9 +7,11 @@ Three dataclasses, parsed together by ``transformers.HfArgumentParser``:
 - ``TrainingArguments``: Hugging Face ``TrainingArguments`` plus LLaVA's extras (LoRA, quantisation,
   projector learning rate, modality-grouped batches).
 
-Every default lives here, once. Flags that upstream LLaVA's scripts pass but transformers 5 renamed
-(``--evaluation_strategy``, ``--warmup_ratio``) are still accepted and mapped to the new names, so
-the published launch scripts run unchanged.
+Every default lives here, once; fields that a LLaVA config also holds take theirs from the config
+defaults (``llava.constants.CONFIG_DEFAULTS``, and ``clip_encoder``'s for the vision tower's fields).
+Flags that upstream LLaVA's scripts pass but transformers 5 renamed (``--evaluation_strategy``,
+``--warmup_ratio``) are still accepted and mapped to the new names, so the published launch scripts
+run unchanged.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from llava.constants import CONFIG_DEFAULTS
 from llava.model.multimodal_encoder.clip_encoder import (
     DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    DEFAULT_MM_VISION_SELECT_FEATURE,
+    DEFAULT_S2,
     DEFAULT_S2_SCALES,
+    DEFAULT_UNFREEZE_MM_VISION_TOWER,
     DEFAULT_USE_TOKEN_COMPRESSION,
 )
 
@@ -44,7 +50,7 @@ class ModelArguments:
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM's transformer."})
     tune_mm_mlp_adapter: bool = field(
-        default=False,
+        default=CONFIG_DEFAULTS["tune_mm_mlp_adapter"],
         metadata={"help": "Stage 1: train only the projector (and the token compressor) and save mm_projector.bin."},
     )
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP vision tower: hub name or local path."})
@@ -53,13 +59,25 @@ class ModelArguments:
         default=None,
         metadata={"help": "mm_projector.bin from stage 1; loads the projector and, if present, the token compressor."},
     )
-    mm_projector_type: str = field(default="linear", metadata={"help": "'linear', 'mlp2x_gelu' or 'identity'."})
-    mm_use_im_start_end: bool = field(default=False, metadata={"help": "Wrap image features in <im_start>/<im_end>."})
-    mm_use_im_patch_token: bool = field(default=True, metadata={"help": "Add the <im_patch> token to the tokenizer."})
-    mm_patch_merge_type: str = field(default="flat", metadata={"help": "'flat' or 'spatial_unpad' (LLaVA-1.6 anyres)."})
-    mm_vision_select_feature: str = field(default="patch", metadata={"help": "'patch' or 'cls_patch'."})
-    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Train CLIP itself too."})
-    s2: bool = field(default=False, metadata={"help": "Use the multi-scale (S2) CLIP tower."})
+    mm_projector_type: str = field(
+        default=CONFIG_DEFAULTS["mm_projector_type"], metadata={"help": "'linear', 'mlp2x_gelu' or 'identity'."}
+    )
+    mm_use_im_start_end: bool = field(
+        default=CONFIG_DEFAULTS["mm_use_im_start_end"], metadata={"help": "Wrap image features in <im_start>/<im_end>."}
+    )
+    mm_use_im_patch_token: bool = field(
+        default=CONFIG_DEFAULTS["mm_use_im_patch_token"], metadata={"help": "Add the <im_patch> token to the tokenizer."}
+    )
+    mm_patch_merge_type: str = field(
+        default=CONFIG_DEFAULTS["mm_patch_merge_type"], metadata={"help": "'flat' or 'spatial_unpad' (LLaVA-1.6 anyres)."}
+    )
+    mm_vision_select_feature: str = field(
+        default=DEFAULT_MM_VISION_SELECT_FEATURE, metadata={"help": "'patch' or 'cls_patch'."}
+    )
+    unfreeze_mm_vision_tower: bool = field(
+        default=DEFAULT_UNFREEZE_MM_VISION_TOWER, metadata={"help": "Train CLIP itself too."}
+    )
+    s2: bool = field(default=DEFAULT_S2, metadata={"help": "Use the multi-scale (S2) CLIP tower."})
     s2_scales: str = field(default=DEFAULT_S2_SCALES, metadata={"help": "S2 image sizes, comma-separated."})
     # ToConv token compression.
     use_token_compression: bool = field(
@@ -103,7 +121,7 @@ class DataArguments:
     is_multimodal: bool = field(default=False, metadata={"help": "Set by training when a vision tower is used."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder that sample 'image' paths are relative to."})
     image_aspect_ratio: str = field(
-        default="square", metadata={"help": "'square' (processor's crop), 'pad' (pad to square first) or 'anyres'."}
+        default=CONFIG_DEFAULTS["image_aspect_ratio"], metadata={"help": "'square' (processor's crop), 'pad' (pad to square first) or 'anyres'."}
     )
     image_grid_pinpoints: str | None = field(default=None, metadata={"help": "anyres resolutions, e.g. '[[336,672],...]'."})
     data_error_policy: str = field(
@@ -158,7 +176,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "Learning rate of CLIP when unfreeze_mm_vision_tower (default: learning_rate)."}
     )
     group_by_modality_length: bool = field(
-        default=False, metadata={"help": "Batch image and text-only samples separately, grouped by length."}
+        default=CONFIG_DEFAULTS["group_by_modality_length"], metadata={"help": "Batch image and text-only samples separately, grouped by length."}
     )
     # Names transformers 5 dropped; upstream LLaVA scripts still pass them.
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of eval_strategy."})

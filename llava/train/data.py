@@ -43,6 +43,7 @@ from llava.constants import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
+    config_value,
 )
 from llava.conversation import Conversation, SeparatorStyle
 from llava.mm_utils import process_images, tokenizer_image_token
@@ -440,7 +441,7 @@ class LazySupervisedDataset(Dataset):
             if self.is_multimodal:
                 turns = _place_image_token(
                     turns, has_image=has_image,
-                    mm_use_im_start_end=getattr(self.data_args, "mm_use_im_start_end", False),
+                    mm_use_im_start_end=config_value(self.data_args, "mm_use_im_start_end"),
                     mmtag="mmtag" in (self.template.version or ""),
                 )
             item: dict[str, Any] = {}

@@ -41,7 +41,7 @@ from transformers import Trainer
 from transformers.trainer import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 
-from ..constants import NON_LORA_FILE
+from ..constants import NON_LORA_FILE, config_value
 from . import atomic
 from .checkpointing import (
     COMPRESSOR_KEYS,
@@ -166,9 +166,9 @@ class LLaVATrainer(Trainer):
         self._staging_run_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
         super().__init__(*args, **kwargs)
         if tune_mm_mlp_adapter is None:
-            tune_mm_mlp_adapter = bool(getattr(self.args, "tune_mm_mlp_adapter", False))
+            tune_mm_mlp_adapter = bool(config_value(self.args, "tune_mm_mlp_adapter"))
         if use_im_start_end is None:
-            use_im_start_end = bool(getattr(self.args, "use_im_start_end", False))
+            use_im_start_end = bool(config_value(self.args, "use_im_start_end"))
         self.tune_mm_mlp_adapter = tune_mm_mlp_adapter
         self.use_im_start_end = use_im_start_end
         self.data_skipped = 0
@@ -177,7 +177,7 @@ class LLaVATrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if dataset is None or not getattr(self.args, "group_by_modality_length", False):
+        if dataset is None or not config_value(self.args, "group_by_modality_length"):
             return super()._get_train_sampler(train_dataset)
         lengths = getattr(dataset, "modality_lengths", None)
         if lengths is None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import transformers
 
-from llava.constants import NON_LORA_FILE
+from llava.constants import CONFIG_DEFAULTS, NON_LORA_FILE
 from llava.conversation import Conversation, SeparatorStyle, conv_templates
 from llava.train import atomic
 
@@ -141,7 +141,7 @@ def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments)
         model_args.model_name_or_path,
         cache_dir=training_args.cache_dir,
         model_max_length=training_args.model_max_length,
-        padding_side="right",
+        padding_side=CONFIG_DEFAULTS["tokenizer_padding_side"],  # the side a config without the field means
     )
     if tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token

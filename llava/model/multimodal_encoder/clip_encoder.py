@@ -29,10 +29,15 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 logger = logging.getLogger(__name__)
 
-# Defaults of the compression fields, kept here once: LLaVA's args/config objects may lack them.
+# Defaults of the fields the tower reads, kept here once: LLaVA's args/config objects may lack them.
+# This file travels alone into forks, so llava/ imports these from here; llava/constants.py keeps the
+# defaults of LLaVA's other config fields. compression_input_size defaults to the tower's own grid.
+DEFAULT_MM_VISION_SELECT_FEATURE = "patch"
+DEFAULT_UNFREEZE_MM_VISION_TOWER = False
+DEFAULT_S2 = False
+DEFAULT_S2_SCALES = "336,672,1008"
 DEFAULT_USE_TOKEN_COMPRESSION = False
 DEFAULT_COMPRESSION_OUTPUT_SIZE = 12
-DEFAULT_S2_SCALES = "336,672,1008"
 
 # transformers 5 makes CLIPImageProcessor depend on torchvision; its PIL twin is what 4.x called
 # CLIPImageProcessor and preprocesses exactly as upstream LLaVA was trained.
@@ -387,7 +392,7 @@ class CLIPVisionTower(nn.Module):
         self.is_loaded = False
         self.vision_tower_name = vision_tower
         self.early_stop = CLIPEarlyStop(vision_tower)
-        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        self.select_feature = getattr(args, "mm_vision_select_feature", DEFAULT_MM_VISION_SELECT_FEATURE)
         if self.select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"Unexpected mm_vision_select_feature: {self.select_feature!r}; use 'patch' or 'cls_patch'.")
         self._configure(args)
@@ -410,8 +415,9 @@ class CLIPVisionTower(nn.Module):
         self.compression_input_size = settings.input_size
         self.compression_output_size = settings.output_size
 
-        if not delay_load or parse_bool_setting(getattr(args, "unfreeze_mm_vision_tower", False),
-                                                "unfreeze_mm_vision_tower"):
+        if not delay_load or parse_bool_setting(
+            getattr(args, "unfreeze_mm_vision_tower", DEFAULT_UNFREEZE_MM_VISION_TOWER), "unfreeze_mm_vision_tower"
+        ):
             self.load_model()
         self._build_compressor(settings.checkpoint)
 

@@ -6,6 +6,8 @@ import re
 
 from torch import nn
 
+from ...constants import config_value
+
 
 class IdentityMap(nn.Module):
     """Pass features through unchanged (``mm_projector_type='identity'``)."""
@@ -25,7 +27,7 @@ def build_vision_projector(config, delay_load: bool = False, **kwargs) -> nn.Mod
     the linears sit at indices 0, 2, 4, ... and upstream ``mm_projector.bin`` files load);
     ``identity``.
     """
-    projector_type = getattr(config, "mm_projector_type", "linear")
+    projector_type = config_value(config, "mm_projector_type")
     if projector_type == "linear":
         return nn.Linear(config.mm_hidden_size, config.hidden_size)
     match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
