@@ -1,0 +1,278 @@
+"""``toconv-convert-to-hf``: a LLaVA-1.5 checkpoint → a Hugging Face-format LLaVA with the ToConv compressor.
+
+::
+
+    toconv-convert-to-hf SOURCE OUTPUT [--compression-output-size N] [--token-compressor-path P]
+
+SOURCE is either
+
+- a checkpoint in this fork's format (upstream LLaVA's: ``LlavaLlamaForCausalLM``, ``mm_projector``,
+  CLIP from ``mm_vision_tower``). Trained with compression, its own compressor is used; trained
+  without, the compressor is the window average or ``--token-compressor-path`` (24→12 unless
+  ``--compression-output-size`` says otherwise). ``<image>`` is added to its tokenizer, as llava-hf
+  does; or
+- a ``llava-hf/*``-format checkpoint (model_type ``llava``): the compressor is added the same way.
+
+OUTPUT is a new folder (``model_type: toconv_llava``) that ``import llava.hf`` lets
+``AutoModelForImageTextToText`` / ``AutoProcessor`` load and the vLLM plugin serve. Every setting is
+checked before anything is written; the folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from vision_token_compression import (
+    TokenCompressor,
+    build_compressor,
+    check_metadata,
+    read_metadata,
+    warn_non_finite,
+)
+
+from ..model.multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
+from .chat_template import DEFAULT_CONV_MODE
+from .configuration import ToConvLlavaConfig
+from .processing import ToConvLlavaProcessor
+from .source import SourceParts, read_config, resolve_source, source_kind
+from .vocab import add_image_token, grow_rows, vocab_rows
+from .writer import DEFAULT_MAX_SHARD_BYTES, ConvertedCheckpoint, check_output, write_checkpoint
+
+logger = logging.getLogger(__name__)
+
+COMPRESSOR_MODULE = "model.multi_modal_projector.token_compressor."
+_EMBEDDINGS = ("lm_head.weight", "model.language_model.embed_tokens.weight")
+
+
+# ---- the compressor ------------------------------------------------------------------------------
+
+
+def _check_output_size(size, grid: int, where: str = "--compression-output-size") -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size < grid:
+        raise ValueError(
+            f"{where} {size!r} is out of range for the vision tower's {grid}×{grid} patch grid: use 1..{grid - 1} "
+            f"(12 gives 144 image tokens, 8 gives 64)."
+        )
+
+
+def _trained_compressor(parts: SourceParts, output_size: int | None, token_compressor_path) -> TokenCompressor:
+    """The compressor ``parts`` was trained with, checked against its config and its tower."""
+    trained_in, trained_out = parts.compressor_sizes
+    if token_compressor_path:
+        raise ValueError(
+            f"{parts.folder} was trained with its own token compressor ({trained_in}→{trained_out}); "
+            f"--token-compressor-path would replace the weights it was trained with. Drop --token-compressor-path."
+        )
+    if output_size is not None and output_size != trained_out:
+        raise ValueError(
+            f"{parts.folder} was trained with compression_output_size={trained_out}: its compressor only fits "
+            f"{trained_out}. Drop --compression-output-size (or pass {trained_out})."
+        )
+    if trained_in is not None and trained_in != parts.grid:
+        raise ValueError(
+            f"{parts.folder} was trained with compression_input_size={trained_in}, but the vision tower "
+            f"{parts.tower_name} has a {parts.grid}×{parts.grid} patch grid: it is not the tower the checkpoint was "
+            f"trained with. Pass the right one as --vision-tower."
+        )
+    _check_output_size(trained_out, parts.grid, where=f"{parts.folder}'s compression_output_size")
+    compressor = build_compressor(parts.grid, trained_out, parts.vision_config.hidden_size)
+    warn_non_finite(parts.compressor_weights, parts.folder)
+    try:
+        compressor.load_state_dict(parts.compressor_weights)  # refuses a grid-size record of other sizes
+    except RuntimeError as err:  # shapes: another hidden size
+        raise ValueError(
+            f"{parts.folder}'s token compressor does not fit the vision tower {parts.tower_name} "
+            f"(hidden size {parts.vision_config.hidden_size}): {str(err).strip().splitlines()[-1].strip()} Pass the "
+            f"tower the checkpoint was trained with as --vision-tower."
+        ) from err
+    return compressor
+
+
+def _check_provenance(path, parts: SourceParts) -> None:
+    """Refuse a compressor checkpoint that does not fit the tower, or was fitted to other features."""
+    meta = read_metadata(path)
+    check_metadata(meta, path, input_grid_size=parts.grid, output_grid_size=meta.output_grid_size,
+                   hidden_dim=parts.vision_config.hidden_size)
+    diffs = []
+    if parts.tower_name and meta.vision_tower and Path(meta.vision_tower).name != Path(parts.tower_name).name:
+        diffs.append(f"vision_tower: {meta.vision_tower!r} vs {parts.tower_name!r}")
+    if meta.select_layer is not None and meta.select_layer != parts.select_layer:
+        diffs.append(f"select_layer: {meta.select_layer} vs {parts.select_layer}")
+    if meta.select_feature and meta.select_feature != "patch":
+        diffs.append(f"select_feature: {meta.select_feature!r} vs 'patch'")
+    if diffs:
+        raise ValueError(
+            f"Token compressor checkpoint {path} was fitted to other features than {parts.folder}'s "
+            f"({'; '.join(diffs)}). Use a compressor trained on the same tower at the same select layer/feature."
+        )
+
+
+def resolve_compressor(
+    parts: SourceParts, output_size: int | None = None, token_compressor_path: str | os.PathLike | None = None,
+) -> tuple[TokenCompressor, str]:
+    """The compressor to write and where it comes from: the source's own, a checked checkpoint, or the average."""
+    if parts.compressor_weights is not None:
+        compressor = _trained_compressor(parts, output_size, token_compressor_path)
+        origin = "trained with the source"
+    else:
+        if token_compressor_path:
+            _check_provenance(token_compressor_path, parts)
+            if output_size is None:
+                output_size = read_metadata(token_compressor_path).output_grid_size
+        output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
+        _check_output_size(output_size, parts.grid)
+        compressor = build_compressor(
+            parts.grid, output_size, parts.vision_config.hidden_size, token_compressor_path,
+            vision_tower=parts.tower_name, select_layer=parts.select_layer, select_feature="patch",
+        )
+        origin = f"from {token_compressor_path}" if token_compressor_path else "average init (window means)"
+    return compressor.to(parts.dtype), origin
+
+
+# ---- assembling the converted checkpoint ---------------------------------------------------------
+
+
+def _vocabulary(parts: SourceParts) -> tuple[int, dict[str, torch.Tensor]]:
+    """The image token's id, and the embeddings grown for the tokens added (upstream LLaVA has no ``<image>``)."""
+    image_token_id = parts.image_token_id
+    if image_token_id is None:
+        image_token_id = add_image_token(parts.tokenizer)
+    rows = vocab_rows(len(parts.tokenizer), parts.weights["lm_head.weight"].shape[0])
+    grown = {key: grow_rows(parts.weights[key], rows) for key in _EMBEDDINGS if key in parts.weights}
+    parts.text_config.vocab_size = rows
+    if getattr(parts.text_config, "pad_token_id", None) is None:
+        parts.text_config.pad_token_id = parts.tokenizer.pad_token_id
+    return image_token_id, grown
+
+
+def assemble(
+    parts: SourceParts, compressor: TokenCompressor, *, pad_to_square: bool | None = None,
+) -> ConvertedCheckpoint:
+    """The converted checkpoint: config, weights (the compressor's included), processor, generation config."""
+    from transformers import GenerationConfig
+
+    image_token_id, grown = _vocabulary(parts)
+    weights = {**parts.weights, **grown}
+    weights.update({COMPRESSOR_MODULE + key: value for key, value in compressor.state_dict().items()})
+    config = ToConvLlavaConfig(
+        text_config=parts.text_config, vision_config=parts.vision_config, image_token_index=image_token_id,
+        vision_feature_select_strategy="default", vision_feature_layer=parts.select_layer,
+        compression_input_size=compressor.input_grid_size, compression_output_size=compressor.output_grid_size,
+        architectures=["ToConvLlavaForConditionalGeneration"], **parts.projector,
+    )
+    config.dtype = parts.dtype
+    processor = ToConvLlavaProcessor(
+        image_processor=parts.image_processor, tokenizer=parts.tokenizer, patch_size=parts.vision_config.patch_size,
+        vision_feature_select_strategy="default", chat_template=parts.chat_template, image_token="<image>",
+        num_additional_image_tokens=parts.num_additional_image_tokens,
+        compression_output_size=compressor.output_grid_size,
+        pad_to_square=parts.pad_to_square if pad_to_square is None else pad_to_square,
+    )
+    text = parts.text_config
+    generation_config = parts.generation_config or GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+    )
+    return ConvertedCheckpoint(config, weights, processor, generation_config)
+
+
+def read_source(folder: Path, *, vision_tower: str | None = None, conv_mode: str | None = DEFAULT_CONV_MODE):
+    """``SourceParts`` of the checkpoint in ``folder``, whichever of the two formats it is."""
+    config = read_config(folder)
+    if source_kind(config, folder) == "llava-hf":
+        if vision_tower:
+            raise ValueError("--vision-tower is for checkpoints in upstream LLaVA's format; llava-hf holds its tower.")
+        from .source_llava_hf import read_llava_hf_checkpoint
+
+        return read_llava_hf_checkpoint(folder)
+    from .source_llava import read_llava_checkpoint
+
+    return read_llava_checkpoint(folder, config, vision_tower=vision_tower, conv_mode=conv_mode)
+
+
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    compression_output_size: int | None = None,
+    token_compressor_path: str | os.PathLike | None = None,
+    vision_tower: str | None = None,
+    image_aspect_ratio: str | None = None,
+    conv_mode: str | None = DEFAULT_CONV_MODE,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Convert ``source`` into the new folder ``output``; see the module docstring. Returns ``output``.
+
+    Args:
+        source: A checkpoint folder (or a Hub id in the local cache) in upstream LLaVA's or llava-hf's format.
+        output: The folder to create (or an empty one).
+        compression_output_size: Compressed grid side for a source trained without compression
+            (default 12, or the compressor checkpoint's); must match a trained source's.
+        token_compressor_path: A compressor checkpoint (``save_compressor`` / the trainer), checked
+            against the tower; default: the average init.
+        vision_tower: A local copy of the source's ``mm_vision_tower`` (upstream format only).
+        image_aspect_ratio: ``"pad"`` or ``"square"``: whether the processor pads images to
+            squares; default: the source's (its ``image_aspect_ratio``; llava-hf: square).
+        conv_mode: The conversation template the chat template reproduces (upstream format;
+            None: none); a llava-hf source keeps its own.
+        max_shard_bytes: Largest safetensors file before the weights are sharded.
+    """
+    if image_aspect_ratio not in (None, "pad", "square"):
+        raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}.")
+    output = check_output(Path(output))
+    folder = resolve_source(source)
+    parts = read_source(folder, vision_tower=vision_tower, conv_mode=conv_mode)
+    compressor, origin = resolve_compressor(parts, compression_output_size, token_compressor_path)
+    checkpoint = assemble(parts, compressor, pad_to_square=None if image_aspect_ratio is None
+                          else image_aspect_ratio == "pad")
+    write_checkpoint(checkpoint, output, max_shard_bytes=max_shard_bytes)
+    for note in parts.notes:
+        logger.info("%s", note)
+    logger.info(
+        "Converted %s (%s format) to %s: %d→%d compression (%d image tokens), compressor %s; images %s.",
+        folder, parts.kind, output, compressor.input_grid_size, compressor.output_grid_size,
+        compressor.num_output_tokens, origin, "padded to squares" if checkpoint.processor.pad_to_square else "as given",
+    )
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="toconv-convert-to-hf",
+        description="Convert a LLaVA-1.5 checkpoint (this fork's / upstream LLaVA's format, or llava-hf's) to a "
+        "Hugging Face-format LLaVA with the ToConv token compressor (model_type toconv_llava).",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="checkpoint folder, or a Hub id in the local cache")
+    parser.add_argument("output", metavar="OUTPUT", help="new folder to write")
+    parser.add_argument("--compression-output-size", type=int, default=None, metavar="N",
+                        help="compressed grid side: 12 → 144 image tokens (default), 8 → 64; a source trained with "
+                        "compression keeps its own")
+    parser.add_argument("--token-compressor-path", default=None, metavar="P",
+                        help="compressor checkpoint (.safetensors) for a source without one; default: average init")
+    parser.add_argument("--vision-tower", default=None, help="local copy of the source's mm_vision_tower")
+    parser.add_argument("--image-aspect-ratio", choices=("pad", "square"), default=None,
+                        help="pad images to squares first (LLaVA-1.5 training) or not (llava-hf); default: the "
+                        "source's")
+    parser.add_argument("--conv-mode", default=DEFAULT_CONV_MODE,
+                        help=f"conversation template the chat template reproduces (default {DEFAULT_CONV_MODE}; "
+                        "'none' for none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    output = convert(
+        args.source, args.output, compression_output_size=args.compression_output_size,
+        token_compressor_path=args.token_compressor_path, vision_tower=args.vision_tower,
+        image_aspect_ratio=args.image_aspect_ratio, conv_mode=None if args.conv_mode == "none" else args.conv_mode,
+    )
+    print(output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Reading a Hugging Face-format LLaVA checkpoint (``llava-hf/*``, model_type ``llava``) for conversion.
+
+transformers loads it (any of its weight layouts); the converter adds the compressor. Its processor,
+tokenizer (which has ``<image>`` already) and chat template are kept; llava-hf's processor does not
+pad images to squares, and neither does the converted one unless ``--image-aspect-ratio pad``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .source import SourceParts
+
+
+def _check_config(config, folder: Path) -> None:
+    if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        raise ValueError(
+            f"{folder}: vision_feature_select_strategy={config.vision_feature_select_strategy!r} with "
+            f"vision_feature_layer={config.vision_feature_layer!r} cannot be converted: the compressor takes the "
+            f"patch tokens of one layer ('default' strategy, an int layer)."
+        )
+    vision = config.vision_config
+    if vision.image_size % vision.patch_size:
+        raise ValueError(
+            f"{folder}: the vision tower's image_size {vision.image_size} is not a multiple of its patch_size "
+            f"{vision.patch_size}, so its patches form no square grid to compress."
+        )
+
+
+def read_llava_hf_checkpoint(folder: Path) -> SourceParts:
+    """The parts of a llava-hf checkpoint, its weights under transformers 5's module names."""
+    from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig.from_pretrained(folder)
+    _check_config(config, folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    processor = AutoProcessor.from_pretrained(folder)
+    generation_file = folder / "generation_config.json"
+    return SourceParts(
+        folder=folder, kind="llava-hf", text_config=config.text_config, vision_config=config.vision_config,
+        select_layer=config.vision_feature_layer, tower_name=None, weights=dict(model.state_dict()),
+        tokenizer=processor.tokenizer, image_processor=processor.image_processor, pad_to_square=False,
+        image_token_id=config.image_token_id, chat_template=getattr(processor, "chat_template", None),
+        generation_config=GenerationConfig.from_pretrained(folder) if generation_file.is_file() else None,
+        projector={"projector_hidden_act": config.projector_hidden_act,
+                   "multimodal_projector_bias": config.multimodal_projector_bias},
+        num_additional_image_tokens=getattr(processor, "num_additional_image_tokens", 0),
+        notes=["vision tower, projector, language model, tokenizer and chat template: the source's"],
+    )

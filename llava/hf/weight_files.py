@@ -1,0 +1,64 @@
+"""Reading every tensor of a checkpoint folder, whichever of transformers' weight file layouts it uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# In transformers' order of lookup: a single file wins over an index beside it.
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files of LLaVA checkpoints that hold only part of a model.
+PARTIAL_FILES = {
+    "mm_projector.bin": "a projector-only checkpoint (from pretraining)",
+    "adapter_config.json": "a LoRA checkpoint",
+}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files holding ``folder``'s weights; a ``FileNotFoundError`` naming what it has instead."""
+    for name in SINGLE_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    for name in INDEX_FILES:
+        index = folder / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}.")
+            return [folder / shard for shard in shards]
+    partial = [what for name, what in PARTIAL_FILES.items() if (folder / name).exists()]
+    if partial:
+        raise FileNotFoundError(
+            f"{folder} is {partial[0]}, not a full model: it holds no {' or '.join(SINGLE_FILES)}. Merge it into its "
+            f"base model first (load it with llava.model.builder.load_pretrained_model(path, model_base, ...) and "
+            f"save_pretrained the result), then convert the merged folder."
+        )
+    raise FileNotFoundError(
+        f"{folder} holds no model weights ({', '.join(SINGLE_FILES + INDEX_FILES)})."
+    )
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``folder``, under its names in the files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        tensors.update(_load_file(path))
+    return tensors
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # SafetensorError, EOFError, UnpicklingError, a zip reader's RuntimeError, ...
+        raise ValueError(
+            f"{path} ({path.stat().st_size} bytes) cannot be read ({type(err).__name__}: {err}): it is truncated or "
+            f"not a weights file. Re-download or re-save the checkpoint."
+        ) from err

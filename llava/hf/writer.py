@@ -1,0 +1,124 @@
+"""Writing a converted checkpoint folder: complete or not at all.
+
+Everything is written into a hidden folder beside the output and renamed into place at the end
+(``vision_token_compression.publish_folder``), so a killed conversion leaves no half checkpoint.
+Weights go to safetensors in the Hub's llava-hf layout (``layout.hub_state_dict``), sharded as the
+Hub does above ``max_shard_bytes`` (with ``model.safetensors.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vision_token_compression import publish_folder
+
+from .layout import hub_state_dict
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PROCESSOR_CONFIG = "processor_config.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# The loader stub (llava/hf/loader_stub.py) under the name auto_map gives it in the checkpoint.
+LOADER_MODULE = "toconv_llava_loader"
+AUTO_MAP = {
+    "AutoConfig": f"{LOADER_MODULE}.ToConvLlavaConfig",
+    "AutoModel": f"{LOADER_MODULE}.ToConvLlavaModel",
+    "AutoModelForImageTextToText": f"{LOADER_MODULE}.ToConvLlavaForConditionalGeneration",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": f"{LOADER_MODULE}.ToConvLlavaProcessor"}
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """What a converted folder holds: weights under transformers 5's module names, config, processor, generation."""
+
+    config: object  # ToConvLlavaConfig
+    weights: dict[str, torch.Tensor]
+    processor: object  # ToConvLlavaProcessor
+    generation_config: object  # GenerationConfig
+
+
+def check_output(output: Path) -> Path:
+    """Refuse an output that exists, unless it is an empty folder; before anything is read or written."""
+    output = Path(output).absolute()
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise FileExistsError(f"OUTPUT {output} exists and is not an empty folder: pass a new folder, or remove it.")
+    return output
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensors[key]
+        size += nbytes
+    return [*shards, current]
+
+
+def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    """``tensors`` as ``model.safetensors``, or as shards plus an index when larger than ``max_shard_bytes``."""
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _default_permissions(folder: Path) -> None:
+    """What a new folder and new files get under the umask (``mkdtemp`` and safetensors make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+def _add_processor_auto_map(folder: Path) -> None:
+    path = folder / PROCESSOR_CONFIG
+    data = json.loads(path.read_text()) if path.is_file() else {"processor_class": "ToConvLlavaProcessor"}
+    data["auto_map"] = PROCESSOR_AUTO_MAP
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_checkpoint(
+    checkpoint: ConvertedCheckpoint, output: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``checkpoint`` to the folder ``output`` (new or empty), atomically; returns it."""
+    output = check_output(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        checkpoint.config.auto_map = dict(AUTO_MAP)
+        checkpoint.config.save_pretrained(staging)
+        write_weights(hub_state_dict(checkpoint.weights), staging, max_shard_bytes)
+        checkpoint.generation_config.save_pretrained(staging)
+        checkpoint.processor.save_pretrained(staging)
+        # transformers 5 keeps the image processor in processor_config.json; preprocessor_config.json is what
+        # llava-hf checkpoints (and readers of the image processor alone) have.
+        checkpoint.processor.image_processor.save_pretrained(staging)
+        _add_processor_auto_map(staging)
+        shutil.copyfile(Path(__file__).with_name("loader_stub.py"), staging / f"{LOADER_MODULE}.py")
+        _default_permissions(staging)
+        publish_folder(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
