@@ -344,14 +344,7 @@ def load_pretrained_model(
     kwargs = _from_pretrained_kwargs(device_map, device, load_8bit, load_4bit, use_flash_attn, kwargs)
 
     config_dict = _read_config_dict(model_path)
-    if model_base is not None:
-        require_pretrained(model_base, "Model base", _MODEL_BASE_FIX)
-    lora = _find_file(model_path, "adapter_config.json") is not None
-    if lora and model_base is None:
-        raise ValueError(
-            f"{model_path} is a LoRA checkpoint (it has adapter_config.json): pass model_base, the LLM it was "
-            f"trained on (--model-base, e.g. lmsys/vicuna-7b-v1.5)."
-        )
+    lora = _is_lora_checkpoint(model_path, model_base)
     if not _is_llava(config_dict):
         return _load_language_model(model_path, model_base, lora, kwargs)
 
@@ -361,20 +354,52 @@ def load_pretrained_model(
         config, use_token_compression, compression_input_size, compression_output_size, token_compressor_path,
         source=f"{model_path}/config.json",
     )
-    extra: dict[str, torch.Tensor] = {}
+    tokenizer, model, info, extra = _load_llava(model_cls, config, model_path, model_base, model_name, lora, kwargs)
+    compressor_missing = _check_missing_weights(info["missing_keys"], extra, model_path)
+    _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
+                       checked=any("token_compressor." in k for k in extra))
+    _add_image_tokens(tokenizer, model)
+    image_processor = _load_vision_tower(model, kwargs["device_map"])
+    return tokenizer, model, image_processor, config_value(model.config, "max_sequence_length")
+
+
+def _is_lora_checkpoint(model_path: str, model_base: str | None) -> bool:
+    """Whether ``model_path`` is a LoRA checkpoint (``adapter_config.json``), which needs ``model_base``."""
+    if model_base is not None:
+        require_pretrained(model_base, "Model base", _MODEL_BASE_FIX)
+    lora = _find_file(model_path, "adapter_config.json") is not None
+    if lora and model_base is None:
+        raise ValueError(
+            f"{model_path} is a LoRA checkpoint (it has adapter_config.json): pass model_base, the LLM it was "
+            f"trained on (--model-base, e.g. lmsys/vicuna-7b-v1.5)."
+        )
+    return lora
+
+
+def _load_llava(model_cls, config, model_path: str, model_base: str | None, model_name: str, lora: bool,
+                kwargs: dict):
+    """``(tokenizer, model, loading info, weights loaded from an extra file)`` for each kind of checkpoint.
+
+    LoRA: the LLM from ``model_base``, ``non_lora_trainables.bin``, then the merged adapter;
+    projector only: the LLM from ``model_base``, then ``mm_projector.bin``; full: ``model_path`` alone.
+    """
     if lora:
         logger.info("Loading LLaVA %s: LoRA weights from %s on %s", model_name, model_path, model_base)
-        tokenizer = AutoTokenizer.from_pretrained(model_base)
-        model, info = model_cls.from_pretrained(model_base, config=config, output_loading_info=True, **kwargs)
+    elif model_base is not None:
+        logger.info("Loading LLaVA %s: projector from %s on %s", model_name, model_path, model_base)
+    else:
+        logger.info("Loading LLaVA %s from %s", model_name, model_path)
+    weights_from = model_path if model_base is None else model_base
+    tokenizer = AutoTokenizer.from_pretrained(weights_from)
+    model, info = model_cls.from_pretrained(weights_from, config=config, output_loading_info=True, **kwargs)
+    extra: dict[str, torch.Tensor] = {}
+    if lora:
         extra = _load_non_lora_trainables(model_path)
         extra = _load_extra_weights(model, extra, f"{model_path}/non_lora_trainables.bin")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
     elif model_base is not None:
-        logger.info("Loading LLaVA %s: projector from %s on %s", model_name, model_path, model_base)
-        tokenizer = AutoTokenizer.from_pretrained(model_base)
-        model, info = model_cls.from_pretrained(model_base, config=config, output_loading_info=True, **kwargs)
         projector_file = _find_file(model_path, MM_PROJECTOR_FILE)
         if projector_file is None:
             raise FileNotFoundError(
@@ -382,22 +407,23 @@ def load_pretrained_model(
                 f"or LoRA checkpoint; for a full checkpoint, leave model_base unset."
             )
         extra = _load_extra_weights(model, load_adapter_weights(projector_file), projector_file)
-    else:
-        logger.info("Loading LLaVA %s from %s", model_name, model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model, info = model_cls.from_pretrained(model_path, config=config, output_loading_info=True, **kwargs)
+    return tokenizer, model, info, extra
 
-    projector_missing = [k for k in info["missing_keys"] if "mm_projector." in k and k not in extra]
+
+def _check_missing_weights(missing_keys: list[str], extra: dict[str, torch.Tensor], model_path: str) -> list[str]:
+    """Refuse a projector that no file held (it would be random); returns the compressor's missing keys."""
+    projector_missing = [k for k in missing_keys if "mm_projector." in k and k not in extra]
     if projector_missing:
         raise ValueError(
             f"No weights for the projector ({projector_missing[:4]}) in {model_path}: it would be random. A "
             f"projector-only checkpoint needs mm_projector.bin, a LoRA one non_lora_trainables.bin with the "
             f"projector in it (re-save it with this fork's training, which keeps a frozen projector there)."
         )
-    compressor_missing = [k for k in info["missing_keys"] if "token_compressor." in k and k not in extra]
-    _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
-                       checked=any("token_compressor." in k for k in extra))
+    return [k for k in missing_keys if "token_compressor." in k and k not in extra]
 
+
+def _add_image_tokens(tokenizer, model) -> None:
+    """Add the ``<im_patch>`` / ``<im_start>``, ``<im_end>`` tokens the config asks for, resizing embeddings."""
     if config_value(model.config, "mm_use_im_patch_token"):
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
     if config_value(model.config, "mm_use_im_start_end"):
@@ -405,12 +431,14 @@ def load_pretrained_model(
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
 
+
+def _load_vision_tower(model, device_map):
+    """Load CLIP's weights unless the checkpoint held them, on the model's device and dtype; its image processor."""
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
-        vision_tower.load_model(device_map=kwargs["device_map"])
+        vision_tower.load_model(device_map=device_map)
     vision_tower.to(device=model.device, dtype=model.dtype)
-    context_len = config_value(model.config, "max_sequence_length")
-    return tokenizer, model, vision_tower.image_processor, context_len
+    return vision_tower.image_processor
 
 
 def _load_language_model(model_path: str, model_base: str | None, lora: bool, kwargs: dict):
