@@ -387,45 +387,11 @@ class LlavaMetaForCausalLM(ABC):
             raise NotImplementedError("tune_mm_mlp_adapter with mm_use_im_start_end is not supported.")
 
         image_features = self.image_embeddings(images, image_sizes)
-        given_labels, given_position_ids, given_attention_mask = labels, position_ids, attention_mask
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if labels is None:
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-        rows_ids = [ids[m] for ids, m in zip(input_ids, mask)]
-        rows_labels = [lab[m] for lab, m in zip(labels, mask)]
-
-        tokens_per_row = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in rows_ids]
-        dummy_per_textonly = self._images_for_text_only_rows(tokens_per_row, len(image_features))
-
-        embed_tokens = self.get_model().embed_tokens
-        new_embeds, new_labels = [], []
-        next_image = 0
-        for ids, lab, n_images in zip(rows_ids, rows_labels, tokens_per_row):
-            if n_images == 0:
-                embeds = embed_tokens(ids)
-                if dummy_per_textonly:
-                    # Keep the unused image in the graph (zero tokens), as ZeRO-3 expects every parameter used.
-                    embeds = torch.cat([embeds, image_features[next_image][0:0].to(embeds)], dim=0)
-                    next_image += 1
-                new_embeds.append(embeds)
-                new_labels.append(lab)
-                continue
-            cuts = [-1, *torch.where(ids == IMAGE_TOKEN_INDEX)[0].tolist(), ids.shape[0]]
-            text_ids = [ids[cuts[i] + 1:cuts[i + 1]] for i in range(len(cuts) - 1)]
-            text_labels = [lab[cuts[i] + 1:cuts[i + 1]] for i in range(len(cuts) - 1)]
-            text_embeds = torch.split(embed_tokens(torch.cat(text_ids)), [len(t) for t in text_ids], dim=0)
-            pieces, piece_labels = [], []
-            for i, (emb, tl) in enumerate(zip(text_embeds, text_labels)):
-                pieces.append(emb)
-                piece_labels.append(tl)
-                if i < n_images:
-                    feature = image_features[next_image].to(emb)
-                    next_image += 1
-                    pieces.append(feature)
-                    piece_labels.append(torch.full((feature.shape[0],), IGNORE_INDEX, device=lab.device, dtype=lab.dtype))
-            new_embeds.append(torch.cat(pieces))
-            new_labels.append(torch.cat(piece_labels))
-
+        row_labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
+        new_embeds, new_labels = self._splice_images(
+            [ids[m] for ids, m in zip(input_ids, mask)], [lab[m] for lab, m in zip(row_labels, mask)], image_features
+        )
         max_length = getattr(self.config, "tokenizer_model_max_length", None)
         if max_length is not None:
             new_embeds = [e[:max_length] for e in new_embeds]
@@ -433,19 +399,36 @@ class LlavaMetaForCausalLM(ABC):
 
         side = padding_side or config_value(self.config, "tokenizer_padding_side")
         embeds, labels_out, attention_out, positions = _pad_rows(new_embeds, new_labels, side)
-        padded = bool((~attention_out).any())
-
-        labels_out = None if given_labels is None else labels_out
-        if given_attention_mask is not None:
-            attention_out = attention_out.to(given_attention_mask.dtype)
-        elif padded:
-            attention_out = attention_out.long()
-        else:
-            attention_out = None
-        # Positions count real tokens only; right padding (or none) gives the default 0..L-1.
-        if given_position_ids is None and not (padded and side == "left"):
-            positions = None
+        attention_out, positions = _mask_and_positions(attention_out, positions, side, attention_mask, position_ids)
+        labels_out = None if labels is None else labels_out
         return None, positions, attention_out, past_key_values, embeds, labels_out
+
+    def _splice_images(
+        self, rows_ids: list[torch.Tensor], rows_labels: list[torch.Tensor], image_features: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each row's embeddings with its images' embeddings in place of its image tokens, and its labels.
+
+        Images are taken in order, one per image token; a row without an image token takes one (with
+        no tokens) when every such row came with a dummy image (``_images_for_text_only_rows``).
+        """
+        tokens_per_row = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in rows_ids]
+        dummy_per_textonly = self._images_for_text_only_rows(tokens_per_row, len(image_features))
+        embed_tokens = self.get_model().embed_tokens
+        images = iter(image_features)
+        new_embeds, new_labels = [], []
+        for ids, lab, n_images in zip(rows_ids, rows_labels, tokens_per_row):
+            if n_images == 0:
+                embeds = embed_tokens(ids)
+                if dummy_per_textonly:
+                    # Keep the unused image in the graph (zero tokens), as ZeRO-3 expects every parameter used.
+                    embeds = torch.cat([embeds, next(images)[0:0].to(embeds)], dim=0)
+                new_embeds.append(embeds)
+                new_labels.append(lab)
+                continue
+            embeds, lab = _splice_row(ids, lab, [next(images) for _ in range(n_images)], embed_tokens)
+            new_embeds.append(embeds)
+            new_labels.append(lab)
+        return new_embeds, new_labels
 
     @staticmethod
     def _images_for_text_only_rows(tokens_per_row: list[int], num_images: int) -> bool:
@@ -502,6 +485,25 @@ class LlavaMetaForCausalLM(ABC):
             self.get_output_embeddings().requires_grad_(False)
 
 
+def _splice_row(
+    ids: torch.Tensor, labels: torch.Tensor, features: list[torch.Tensor], embed_tokens: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row: text embeddings with ``features[i]`` in place of its i-th image token; image labels ignored."""
+    cuts = [-1, *torch.where(ids == IMAGE_TOKEN_INDEX)[0].tolist(), ids.shape[0]]
+    text_ids = [ids[cuts[i] + 1:cuts[i + 1]] for i in range(len(cuts) - 1)]
+    text_labels = [labels[cuts[i] + 1:cuts[i + 1]] for i in range(len(cuts) - 1)]
+    text_embeds = torch.split(embed_tokens(torch.cat(text_ids)), [len(t) for t in text_ids], dim=0)
+    pieces, piece_labels = [], []
+    for i, (emb, tl) in enumerate(zip(text_embeds, text_labels)):
+        pieces.append(emb)
+        piece_labels.append(tl)
+        if i < len(features):
+            feature = features[i].to(emb)
+            pieces.append(feature)
+            piece_labels.append(torch.full((feature.shape[0],), IGNORE_INDEX, device=labels.device, dtype=labels.dtype))
+    return torch.cat(pieces), torch.cat(piece_labels)
+
+
 def _pad_rows(
     embeds: list[torch.Tensor], labels: list[torch.Tensor], side: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -522,6 +524,28 @@ def _pad_rows(
         mask[i, span] = True
         positions[i, span] = torch.arange(n, device=first.device)
     return out_embeds, out_labels, mask, positions
+
+
+def _mask_and_positions(
+    mask: torch.Tensor, positions: torch.Tensor, side: str, given_mask: torch.Tensor | None,
+    given_positions: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The attention mask and position ids to hand the LLM for padded rows (``_pad_rows``' bool mask and positions).
+
+    The mask keeps the given mask's dtype; without one it is needed (as int64) only where rows were
+    padded. Positions count real tokens only; right padding (or none) gives the default 0..L-1, so
+    they are needed only when given or for left-padded rows.
+    """
+    padded = bool((~mask).any())
+    if given_mask is not None:
+        mask = mask.to(given_mask.dtype)
+    elif padded:
+        mask = mask.long()
+    else:
+        mask = None
+    if given_positions is None and not (padded and side == "left"):
+        positions = None
+    return mask, positions
 
 
 class LlavaCausalLMMixin:
