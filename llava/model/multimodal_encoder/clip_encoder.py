@@ -213,6 +213,35 @@ def _check_grid_side(value, name: str) -> None:
         )
 
 
+def _ignored_while_off(given: list[str], use_token_compression, names: SettingNames, where: str) -> ValueError:
+    """The error for settings (``given``, as ``name=value``) that compression, being off, would ignore."""
+    one = len(given) == 1
+    return ValueError(
+        f"{where}{', '.join(given)} {'needs' if one else 'need'} token compression, but "
+        f"{names.use_token_compression} is off ({use_token_compression!r}), so "
+        f"{'it' if one else 'they'} would be ignored: {names.switch_on} to compress, or "
+        f"remove {'it' if one else 'them'}."
+    )
+
+
+def _check_grid_sizes(input_size, output_size: int, grid: int | None, tower: str, names: SettingNames,
+                      where: str) -> None:
+    """With compression on: ``input_size`` is the tower's ``grid`` (when both are known), ``1 <= output_size < input``."""
+    if grid is not None and input_size is not None and input_size != grid:
+        raise ValueError(
+            f"{where}{names.input_size}={input_size} but {tower} produces a {grid}×{grid} patch grid. "
+            f"Set {names.input_size}={grid} or leave it unset."
+        )
+    side = grid if grid is not None else input_size
+    if output_size < 1 or (side is not None and output_size >= side):
+        allowed = f"1..{side - 1}" if side is not None else "at least 1"
+        raise ValueError(
+            f"{where}{names.output_size}={output_size} is out of range"
+            f"{f' for a {side}×{side} input grid' if side is not None else ''}: use {allowed} "
+            f"(12 gives 144 tokens, 8 gives 64)."
+        )
+
+
 def check_compression_settings(
     use_token_compression,
     input_size=None,
@@ -257,28 +286,11 @@ def check_compression_settings(
             ) if value not in unset
         ]
         if given:
-            raise ValueError(
-                f"{where}{', '.join(given)} {'needs' if len(given) == 1 else 'need'} token compression, but "
-                f"{names.use_token_compression} is off ({use_token_compression!r}), so "
-                f"{'it' if len(given) == 1 else 'they'} would be ignored: {names.switch_on} to compress, or "
-                f"remove {'it' if len(given) == 1 else 'them'}."
-            )
+            raise _ignored_while_off(given, use_token_compression, names, where)
         return CompressionSettings(False, None, DEFAULT_COMPRESSION_OUTPUT_SIZE, None)
 
     output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
-    if grid is not None and input_size is not None and input_size != grid:
-        raise ValueError(
-            f"{where}{names.input_size}={input_size} but {tower} produces a {grid}×{grid} patch grid. "
-            f"Set {names.input_size}={grid} or leave it unset."
-        )
-    side = grid if grid is not None else input_size
-    if output_size < 1 or (side is not None and output_size >= side):
-        allowed = f"1..{side - 1}" if side is not None else "at least 1"
-        raise ValueError(
-            f"{where}{names.output_size}={output_size} is out of range"
-            f"{f' for a {side}×{side} input grid' if side is not None else ''}: use {allowed} "
-            f"(12 gives 144 tokens, 8 gives 64)."
-        )
+    _check_grid_sizes(input_size, output_size, grid, tower, names, where)
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(
             f"{where}{names.checkpoint}={checkpoint!r} not found (no such file). Pass a token compressor "
