@@ -151,6 +151,16 @@ def infer_conv_mode(model_name: str) -> str:
     return "llava_v0"
 
 
+def choose_conv_mode(model_name: str, conv_mode: str | None) -> str:
+    """The template inferred from the model name, unless ``--conv-mode`` names another: then that one, with a warning."""
+    inferred = infer_conv_mode(model_name)
+    if conv_mode is not None and conv_mode != inferred:
+        logger.warning("The inferred conversation mode is %s, while --conv-mode is %s; using %s.",
+                       inferred, conv_mode, conv_mode)
+        return conv_mode
+    return inferred
+
+
 def load_image(image_file: str):
     """An RGB PIL image from a path or an http(s) URL."""
     from io import BytesIO

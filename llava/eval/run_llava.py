@@ -23,16 +23,14 @@ from llava.utils import (
     check_compression_flags,
     check_generation_args,
     check_image_files,
+    choose_conv_mode,
     compression_kwargs,
     disable_torch_init,
     image_prompt,
     images_to,
-    infer_conv_mode,
     load_image,
     resolve_device,
 )
-
-logger = logging.getLogger("llava.eval.run_llava")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,12 +72,7 @@ def eval_model(args) -> str:
     )
 
     query = image_prompt(args.query, config_value(model.config, "mm_use_im_start_end"))
-    conv_mode = infer_conv_mode(model_name)
-    if args.conv_mode is not None and args.conv_mode != conv_mode:
-        logger.warning("The inferred conversation mode is %s, while --conv-mode is %s; using %s.",
-                       conv_mode, args.conv_mode, args.conv_mode)
-        conv_mode = args.conv_mode
-    conv = conv_templates[conv_mode].copy()
+    conv = conv_templates[choose_conv_mode(model_name, args.conv_mode)].copy()
     conv.append_message(conv.roles[0], query)
     conv.append_message(conv.roles[1], None)
     prompt = conv.get_prompt()

@@ -24,16 +24,14 @@ from llava.utils import (
     check_compression_flags,
     check_generation_args,
     check_image_files,
+    choose_conv_mode,
     compression_kwargs,
     disable_torch_init,
     image_prompt,
     images_to,
-    infer_conv_mode,
     load_image,
     resolve_device,
 )
-
-logger = logging.getLogger("llava.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,62 +67,63 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit,
         device=resolve_device(args.device), **compression_kwargs(args),
     )
-
-    conv_mode = infer_conv_mode(model_name)
-    if args.conv_mode is not None and args.conv_mode != conv_mode:
-        logger.warning("The inferred conversation mode is %s, while --conv-mode is %s; using %s.",
-                       conv_mode, args.conv_mode, args.conv_mode)
-        conv_mode = args.conv_mode
-    conv = conv_templates[conv_mode].copy()
+    conv = conv_templates[choose_conv_mode(model_name, args.conv_mode)].copy()
     roles = ("user", "assistant") if "mpt" in model_name.lower() else conv.roles
 
     image = load_image(args.image_file)
-    image_size = image.size
     image_tensor = images_to(process_images([image], image_processor, model.config), model)
-    first_turn = True
     answers = []
     while True:
-        try:
-            inp = input(f"{roles[0]}: ")
-        except EOFError:
-            inp = ""
+        inp = read_turn(roles[0])
         if not inp:
             print("exit...")
             break
         print(f"{roles[1]}: ", end="", flush=True)
-        if first_turn:
+        if not answers:  # the first turn carries the image
             inp = image_prompt(inp, config_value(model.config, "mm_use_im_start_end"))
-            first_turn = False
         conv.append_message(conv.roles[0], inp)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
-
-        input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
-        input_ids = input_ids.to(model.device)
-        stop_str = conv.sep2 if conv.sep_style == SeparatorStyle.TWO else conv.sep
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sample = args.temperature > 0
-        with torch.inference_mode():
-            output_ids = model.generate(
-                input_ids,
-                images=image_tensor,
-                image_sizes=[image_size],
-                do_sample=sample,
-                max_new_tokens=args.max_new_tokens,
-                streamer=streamer,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=[KeywordsStoppingCriteria([stop_str], tokenizer, input_ids)],
-                **({"temperature": args.temperature} if sample else {}),
-            )
-        outputs = tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()
-        if stop_str and outputs.endswith(stop_str):
-            outputs = outputs[: -len(stop_str)].strip()
+        outputs = answer(model, tokenizer, conv, prompt, image_tensor, image.size, args)
         conv.messages[-1][-1] = outputs
         answers.append(outputs)
         if args.debug:
             print("\n", {"prompt": prompt, "outputs": outputs}, "\n")
     return answers
+
+
+def read_turn(role: str) -> str:
+    """The user's next message; empty at the end of input."""
+    try:
+        return input(f"{role}: ")
+    except EOFError:
+        return ""
+
+
+def answer(model, tokenizer, conv, prompt: str, image_tensor, image_size, args) -> str:
+    """Generate the reply to ``prompt``, streaming it to stdout; returns it without the stop string."""
+    input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+    input_ids = input_ids.to(model.device)
+    stop_str = conv.sep2 if conv.sep_style == SeparatorStyle.TWO else conv.sep
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = args.temperature > 0
+    with torch.inference_mode():
+        output_ids = model.generate(
+            input_ids,
+            images=image_tensor,
+            image_sizes=[image_size],
+            do_sample=sample,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=[KeywordsStoppingCriteria([stop_str], tokenizer, input_ids)],
+            **({"temperature": args.temperature} if sample else {}),
+        )
+    outputs = tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()
+    if stop_str and outputs.endswith(stop_str):
+        outputs = outputs[: -len(stop_str)].strip()
+    return outputs
 
 
 if __name__ == "__main__":
