@@ -351,18 +351,7 @@ def train(
         save_arguments(training_args.output_dir, model_args, data_args, training_args)
     seed_everything(training_args)
 
-    model = load_language_model(model_args, training_args, attn_implementation)
-    if model_args.freeze_backbone:
-        model.model.requires_grad_(False)
-    if training_args.bits in (4, 8):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
-    if training_args.gradient_checkpointing:
-        _enable_input_grads(model)
-    if training_args.lora_enable:
-        model = apply_lora(model, training_args)
-
+    model = prepare_language_model(model_args, training_args, attn_implementation)
     tokenizer = load_tokenizer(model_args, training_args)
     image_processor, image_token_count = None, None
     if model_args.vision_tower:
@@ -394,6 +383,23 @@ def train(
         )
     save_trained_model(trainer, model, tokenizer, training_args)
     return trainer
+
+
+def prepare_language_model(model_args: ModelArguments, training_args: TrainingArguments,
+                           attn_implementation: str | None):
+    """The LLM, its backbone frozen, prepared for k-bit training and wrapped with LoRA as the flags ask."""
+    model = load_language_model(model_args, training_args, attn_implementation)
+    if model_args.freeze_backbone:
+        model.model.requires_grad_(False)
+    if training_args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    if training_args.gradient_checkpointing:
+        _enable_input_grads(model)
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args)
+    return model
 
 
 def seed_everything(training_args: TrainingArguments) -> None:
