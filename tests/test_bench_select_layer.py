@@ -72,6 +72,24 @@ def test_features_identical_and_only_needed_layers_run(towers, select_layer, sel
     assert torch.equal(features, reference)
 
 
+def test_the_early_stop_unit_works_on_a_plain_clip_model(tower_path):
+    from transformers import CLIPVisionModel
+
+    from llava.model.multimodal_encoder.clip_encoder import CLIPEarlyStop
+
+    model = CLIPVisionModel.from_pretrained(tower_path)
+    images = torch.randn(1, 3, 336, 336)
+    early_stop = CLIPEarlyStop("stand-in")
+    assert [early_stop.layers_needed(layer, NUM_LAYERS) for layer in (-2, -1, 0, NUM_LAYERS + 1)] == [
+        NUM_LAYERS - 1, None, 0, None
+    ]
+    with torch.inference_mode():
+        outputs = early_stop(model, images, -2)
+        full = model(images, output_hidden_states=True).hidden_states
+    assert torch.equal(outputs.hidden_states[-2], full[-2])
+    assert outputs.hidden_states[-1] is None and len(outputs.hidden_states) == len(full)
+
+
 def test_state_dict_unchanged_and_loads(tower_path, make_args):
     from transformers import CLIPVisionModel
 
