@@ -30,6 +30,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, L
 from vision_token_compression import TokenCompressor, build_compressor
 
 from .configuration import ToConvLlavaConfig
+from .load_checks import check_loaded_compressor, check_stored_compressor
 from .native import RegisteredNatively
 
 
@@ -47,25 +48,30 @@ class ToConvLlavaMultiModalProjector(LlavaMultiModalProjector):
         return super().forward(compressed.to(self.linear_1.weight.dtype))  # (B, out², D)
 
 
-class _CompressorInit:
-    """``_init_weights`` for models holding a compressor: its own init (the window average), not a random conv."""
+class _CompressorHost:
+    """What both models do for their compressor: its own init, and checks around ``from_pretrained``."""
 
     def _init_weights(self, module: nn.Module) -> None:
+        """HF init, but a compressor gets its own (the window average), not a random conv's."""
         super()._init_weights(module)
         if isinstance(module, TokenCompressor):
             # hf_init.copy_ skips what from_pretrained loaded: only what the checkpoint lacked is set.
             module.reset_parameters(copy=hf_init.copy_)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``; a compressor that does not fit the config is refused (``load_checks``)."""
+        config = kwargs.get("config")
+        if os.path.isdir(pretrained_model_name_or_path) and not isinstance(config, ToConvLlavaConfig):
+            config = ToConvLlavaConfig.from_pretrained(pretrained_model_name_or_path)
+        if isinstance(config, ToConvLlavaConfig):
+            check_stored_compressor(pretrained_model_name_or_path, config)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        check_loaded_compressor(loaded, pretrained_model_name_or_path)
+        return loaded
 
-def _check_loaded_compressor(loaded, source) -> None:
-    """After ``from_pretrained``: the compressor's grid-size record must name the config's sizes."""
-    model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-    compressor = model.token_compressor
-    compressor.check_grid_sizes(source=os.fspath(source))
-    compressor.restore_weight_layout()  # from_pretrained materialises the weights itself (a speed-up only)
 
-
-class ToConvLlavaModel(RegisteredNatively, _CompressorInit, LlavaModel):
+class ToConvLlavaModel(RegisteredNatively, _CompressorHost, LlavaModel):
     """``LlavaModel`` whose projector compresses the patch tokens first (``ToConvLlavaMultiModalProjector``)."""
 
     config_class = ToConvLlavaConfig
@@ -83,18 +89,13 @@ class ToConvLlavaModel(RegisteredNatively, _CompressorInit, LlavaModel):
     def token_compressor(self) -> TokenCompressor:
         return self.multi_modal_projector.token_compressor
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        _check_loaded_compressor(loaded, pretrained_model_name_or_path)
-        return loaded
 
-
-class ToConvLlavaForConditionalGeneration(RegisteredNatively, _CompressorInit, LlavaForConditionalGeneration):
+class ToConvLlavaForConditionalGeneration(RegisteredNatively, _CompressorHost, LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` with the ToConv compressor between CLIP's selected features and the projector.
 
     Loads checkpoints written by ``toconv-convert-to-hf``; ``from_pretrained`` refuses a compressor
-    whose recorded grid sizes are not the config's (``GridSizeMismatchError``).
+    whose shapes do not fit the config's tower and grid sizes (``ValueError``), or whose recorded
+    grid sizes are not the config's (``GridSizeMismatchError``), each naming the fix.
     """
 
     config_class = ToConvLlavaConfig
@@ -111,8 +112,3 @@ class ToConvLlavaForConditionalGeneration(RegisteredNatively, _CompressorInit, L
     def token_compressor(self) -> TokenCompressor:
         return self.model.token_compressor
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        _check_loaded_compressor(loaded, pretrained_model_name_or_path)
-        return loaded

@@ -80,7 +80,8 @@ def check_settings(config: dict, folder: Path) -> None:
             raise _refuse(folder, f"{flag}=true", "llava-hf's LLaVA has neither <im_start>/<im_end> tokens nor S2.")
     layer = config.get("mm_vision_select_layer")
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise _refuse(folder, f"mm_vision_select_layer={layer!r}", "LLaVA reads CLIP's features at this int layer (-2 for LLaVA-1.5); the config must give it.")
+        raise _refuse(folder, f"mm_vision_select_layer={layer!r}", (
+            "LLaVA reads CLIP's features at this int layer (-2 for LLaVA-1.5); the config must give it."))
 
 
 def text_config_of(config: dict, folder: Path):
