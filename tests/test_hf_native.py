@@ -189,6 +189,7 @@ def test_save_pretrained_of_a_loaded_model_keeps_the_layout(converted, tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(converted("plain-24to8"))
     model.save_pretrained(tmp_path / "resaved")
     assert set(stored_keys(tmp_path / "resaved")) == set(stored_keys(converted("plain-24to8")))
+    assert (tmp_path / "resaved" / "toconv_llava_loader.py").is_file()  # the stub auto_map names
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "resaved")
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key

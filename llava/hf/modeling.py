@@ -20,6 +20,7 @@ On disk the compressor is ``token_compressor.*`` beside ``multi_modal_projector.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from vision_token_compression import TokenCompressor, build_compressor
 from .configuration import ToConvLlavaConfig
 from .load_checks import check_loaded_compressor, check_stored_compressor
 from .native import RegisteredNatively
+from .writer import AUTO_MAP, add_loader_stub
 
 
 class ToConvLlavaMultiModalProjector(LlavaMultiModalProjector):
@@ -69,6 +71,15 @@ class _CompressorHost:
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         check_loaded_compressor(loaded, pretrained_model_name_or_path)
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained`` (the Hub key layout), plus the loader stub that ``auto_map`` names.
+
+        So that a saved folder, like a converted one, tells a transformers without ``llava.hf`` what to install.
+        """
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        add_loader_stub(Path(save_directory))
 
 
 class ToConvLlavaModel(RegisteredNatively, _CompressorHost, LlavaModel):

@@ -53,6 +53,17 @@ class ToConvLlavaProcessor(RegisteredNatively, LlavaProcessor):
             image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``ProcessorMixin.from_pretrained``, with the PIL backend for images unless ``backend`` says otherwise.
+
+        LLaVA was trained on PIL's resize (the fork's tower loads ``CLIPImageProcessorPil``); with
+        torchvision installed transformers would pick its torchvision twin, whose bicubic resize
+        differs slightly. ``backend="torchvision"`` chooses that one.
+        """
+        kwargs.setdefault("backend", "pil")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @property
     def num_image_tokens(self) -> int:
         """Placeholders per image: the compressed grid's token count."""

@@ -91,6 +91,11 @@ def _default_permissions(folder: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
+def add_loader_stub(folder: Path) -> None:
+    """Copy the loader stub that ``AUTO_MAP`` names into ``folder`` (see ``loader_stub.py``)."""
+    shutil.copyfile(Path(__file__).with_name("loader_stub.py"), folder / f"{LOADER_MODULE}.py")
+
+
 def _add_processor_auto_map(folder: Path) -> None:
     path = folder / PROCESSOR_CONFIG
     data = json.loads(path.read_text()) if path.is_file() else {"processor_class": "ToConvLlavaProcessor"}
@@ -115,7 +120,7 @@ def write_checkpoint(
         # llava-hf checkpoints (and readers of the image processor alone) have.
         checkpoint.processor.image_processor.save_pretrained(staging)
         _add_processor_auto_map(staging)
-        shutil.copyfile(Path(__file__).with_name("loader_stub.py"), staging / f"{LOADER_MODULE}.py")
+        add_loader_stub(staging)
         _default_permissions(staging)
         publish_folder(staging, output)
     except BaseException:
