@@ -185,6 +185,16 @@ def test_saved_weights_and_config_are_the_llava_hf_layout(converted):
     assert (folder / "preprocessor_config.json").is_file()
 
 
+def test_sharded_output_loads_the_same_model(tmp_path, tiny_llava_compressed, converted):
+    sharded = convert(tiny_llava_compressed, tmp_path / "sharded", max_shard_bytes=200_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (sharded / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(stored_keys(converted("trained-24to12")))
+    expected = AutoModelForImageTextToText.from_pretrained(converted("trained-24to12")).state_dict()
+    for key, value in AutoModelForImageTextToText.from_pretrained(sharded).state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_save_pretrained_of_a_loaded_model_keeps_the_layout(converted, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(converted("plain-24to8"))
     model.save_pretrained(tmp_path / "resaved")

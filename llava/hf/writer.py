@@ -54,6 +54,20 @@ def check_output(output: Path) -> Path:
     return output
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every tensor that shares memory with an earlier one cloned (safetensors refuses them).
+
+    Tied embeddings (``lm_head`` = ``embed_tokens``) are stored twice, as the Hub's llava-hf files do.
+    """
+    seen, out = set(), {}
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards, current, size = [], {}, 0
     for key in sorted(tensors):
@@ -68,7 +82,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
 
 def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
     """``tensors`` as ``model.safetensors``, or as shards plus an index when larger than ``max_shard_bytes``."""
-    shards = _shards(tensors, max_shard_bytes)
+    shards = _shards(_unshared(tensors), max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
         return
