@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-# (Hub prefix, transformers 5 module prefix), most specific first in each direction.
+# (Hub prefix, transformers 5 module prefix). transformers applies the renamings in this order on load
+# and reversed on save: with the compressor's after the projector's, save_pretrained writes
+# token_compressor.* (tested on 5.16 and 5.24). module_to_hub_key sorts by itself.
 HUB_TO_MODULE = (
     ("language_model.lm_head.", "lm_head."),
     ("language_model.model.", "model.language_model."),

@@ -51,7 +51,7 @@ class ToConvLlavaMultiModalProjector(LlavaMultiModalProjector):
 
 
 class _CompressorHost:
-    """What both models do for their compressor: its own init, and checks around ``from_pretrained``."""
+    """What both models do for their compressor: its own init, checks around ``from_pretrained``, the stub on save."""
 
     def _init_weights(self, module: nn.Module) -> None:
         """HF init, but a compressor gets its own (the window average), not a random conv's."""
