@@ -99,13 +99,17 @@ class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             compressor.check_grid_sizes(state[GRID_SIZES_KEY], source=source)
         else:
             compressor.accept_unrecorded_grid_sizes(source=source)
-        warn_non_finite(state, source)
-        try:
-            compressor.load_state_dict(state, strict=True)
-        except RuntimeError as err:  # shapes or names that do not fit (e.g. another hidden size)
+        expected = {name: tuple(tensor.shape) for name, tensor in compressor.state_dict().items()}
+        misfits = [
+            f"{name} is {tuple(tensor.shape)}, expected {expected[name]}" if name in expected else f"unexpected {name}"
+            for name, tensor in state.items() if expected.get(name) != tuple(tensor.shape)
+        ]
+        if misfits:  # e.g. a compressor over another tower's hidden size
             raise ValueError(
                 f"The {COMPRESSOR} weights in {source} do not fit a {compressor.name} compressor over "
-                f"{compressor.hidden_dim}-channel CLIP features (vision_config.hidden_size): {err}. They were made "
-                f"for another vision tower; {CONVERT_HINT}."
-            ) from err
+                f"{compressor.hidden_dim}-channel CLIP features (vision_config.hidden_size): {'; '.join(misfits)}. "
+                f"They were made for another vision tower; {CONVERT_HINT}."
+            )
+        warn_non_finite(state, source)
+        compressor.load_state_dict(state, strict=True)
         logger.info("Loaded token compressor [%s] from %s", compressor.name, source)
