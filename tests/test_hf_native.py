@@ -123,8 +123,9 @@ def test_processor_inserts_compressed_placeholders_and_image_features_match(conv
 def test_chat_template_renders_the_fork_prompt(converted):
     processor = AutoProcessor.from_pretrained(converted("plain-24to12"))
     image_turn = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    bos = processor.tokenizer.bos_token
     assert processor.apply_chat_template([{"role": "user", "content": image_turn}], add_generation_prompt=True) == (
-        fork_prompt()
+        bos + fork_prompt()
     )
     conv = conv_templates["llava_v1"].copy()
     for role, text in (("USER", f"<image>\n{QUESTION}"), ("ASSISTANT", "A red circle."), ("USER", "Color?")):
@@ -135,7 +136,12 @@ def test_chat_template_renders_the_fork_prompt(converted):
         {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
         {"role": "user", "content": [{"type": "text", "text": "Color?"}]},
     ]
-    assert processor.apply_chat_template(chat, add_generation_prompt=True) == conv.get_prompt()
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == bos + conv.get_prompt()
+    # Tokenised without special tokens (as vLLM's chat endpoint does), the rendered chat gives the
+    # fork's ids: one BOS, in front.
+    rendered = processor.apply_chat_template(chat, add_generation_prompt=True)
+    tokenizer = processor.tokenizer
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == tokenizer(conv.get_prompt())["input_ids"]
 
 
 def test_images_are_padded_only_when_asked(tmp_path, tiny_llava, converted):

@@ -1,8 +1,10 @@
 """A Jinja chat template that renders a chat as one of LLaVA's conversation templates does.
 
 Written into converted checkpoints, so that ``processor.apply_chat_template`` gives the prompt the
-model was trained on (LLaVA-1.5: ``llava_v1``) character for character. llava-hf's own template has
-no system prompt; upstream LLaVA-1.5 was trained with one.
+model was trained on (LLaVA-1.5: ``llava_v1``) character for character, the tokenizer's BOS in
+front. llava-hf's own template has no system prompt; upstream LLaVA-1.5 was trained with one.
+Tokenise the rendered text without special tokens (``add_special_tokens=False``), or it gets a
+second BOS.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ DEFAULT_CONV_MODE = "llava_v1"
 
 # "{system}{sep}USER: <image>\n{text}{sep}ASSISTANT: {answer}{sep2}USER: ...{sep}ASSISTANT:"
 # The image of the first user turn goes in front of its text, as Conversation.get_prompt puts it.
+# The prompt starts with the tokenizer's BOS, as LLaVA-1.5 was trained: serving engines (vLLM's chat
+# endpoint) tokenise a rendered chat without adding special tokens.
 _TWO_STYLE = (
+    "{{- bos_token -}}"
     "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else SYSTEM -%}"
     "{%- set system = system if system is string else system | selectattr('type', 'equalto', 'text') "
     "| map(attribute='text') | join('') -%}"
