@@ -14,6 +14,8 @@ initialised to the window average, never randomly.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import os
@@ -548,6 +550,18 @@ def _mask_and_positions(
     return mask, positions
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The keyword the HF causal LM under ``model_class`` takes the KV cache by in ``forward``.
+
+    transformers renamed it from ``past_key_values`` to ``cache`` in 5.24. Under the wrong name the
+    cache vanishes into ``**kwargs`` on 5.16-5.23, so each decoding step starts from an empty cache;
+    on 5.24 ``past_key_values`` is a deprecated alias (until 5.40).
+    """
+    hf_forward = super(LlavaCausalLMMixin, model_class).forward
+    return "cache" if "cache" in inspect.signature(hf_forward).parameters else "past_key_values"
+
+
 class LlavaCausalLMMixin:
     """``forward`` and ``generate`` that take images; mix in before the HF causal LM class."""
 
@@ -568,7 +582,11 @@ class LlavaCausalLMMixin:
         cache=None,
         **kwargs,
     ):
-        """The HF causal LM forward; ``images`` are spliced in where ``input_ids`` hold ``IMAGE_TOKEN_INDEX``."""
+        """The HF causal LM forward; ``images`` are spliced in where ``input_ids`` hold ``IMAGE_TOKEN_INDEX``.
+
+        The KV cache comes as ``cache`` or ``past_key_values`` (transformers' name before 5.24) and goes
+        on under the name the HF class takes.
+        """
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             input_ids, position_ids, attention_mask, cache, inputs_embeds, labels = (
@@ -583,11 +601,11 @@ class LlavaCausalLMMixin:
         ):
             if value is not None:
                 kwargs[name] = value
+        kwargs[_cache_keyword(type(self))] = cache
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
