@@ -178,6 +178,13 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(
         default=CONFIG_DEFAULTS["group_by_modality_length"], metadata={"help": "Batch image and text-only samples separately, grouped by length."}
     )
+    # transformers 5.24's name for gradient_checkpointing (the old one is its deprecated alias), declared here
+    # so that our launchers' flag parses on 5.16-5.23 too; on 5.24 this restates its own field.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (= gradient_checkpointing).",
+                  "nargs": "?", "const": True},
+    )
     # Names transformers 5 dropped; upstream LLaVA scripts still pass them.
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of eval_strategy."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Old name of a fractional warmup_steps."})
@@ -202,7 +209,10 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.remove_unused_columns:
             warnings.warn("remove_unused_columns=True would drop the images from each batch; using False.", stacklevel=2)
             self.remove_unused_columns = False
+        if self.activation_checkpointing is not None:
+            self.gradient_checkpointing = self.activation_checkpointing
         super().__post_init__()
+        self.activation_checkpointing = self.gradient_checkpointing
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
