@@ -17,24 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval import (
-    convert_answer_to_mme,
-    convert_gqa_for_eval,
-    convert_mmbench_for_submission,
-    convert_mmvet_for_eval,
-    convert_seed_for_submission,
-    convert_vizwiz_for_submission,
-    convert_vqav2_for_submission,
-    eval_gqa,
-    eval_mmbench,
-    eval_mme,
-    eval_pope,
-    eval_science_qa,
-    eval_textvqa,
-)
-from llava.eval.benchmark_io import BenchmarkInputError
-from llava.eval.m4c_evaluator import EvalAIAnswerProcessor, STVQAANLSEvaluator, TextVQAAccuracyEvaluator
-
 from benchmark_fixtures import (
     PopeItem,
     SeedQuestion,
@@ -55,6 +37,23 @@ from benchmark_fixtures import (
     write_vizwiz,
     write_vqav2,
 )
+from llava.eval import (
+    convert_answer_to_mme,
+    convert_gqa_for_eval,
+    convert_mmbench_for_submission,
+    convert_mmvet_for_eval,
+    convert_seed_for_submission,
+    convert_vizwiz_for_submission,
+    convert_vqav2_for_submission,
+    eval_gqa,
+    eval_mmbench,
+    eval_mme,
+    eval_pope,
+    eval_science_qa,
+    eval_textvqa,
+)
+from llava.eval.benchmark_io import BenchmarkInputError
+from llava.eval.m4c_evaluator import EvalAIAnswerProcessor, STVQAANLSEvaluator, TextVQAAccuracyEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 

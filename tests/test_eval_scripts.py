@@ -32,6 +32,31 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_fixtures import (
+    OPTION_LETTER,
+    PopeItem,
+    SeedQuestion,
+    SQAProblem,
+    TextVQAItem,
+    gqa_question,
+    image_base64,
+    mmbench_row,
+    mme_questions,
+    save_images_as,
+    write_gqa_questions,
+    write_jsonl,
+    write_llava_gqa,
+    write_llavabench,
+    write_mmbench_tsv,
+    write_mme,
+    write_mmvet,
+    write_pope,
+    write_scienceqa,
+    write_seed_bench,
+    write_textvqa,
+    write_vizwiz,
+    write_vqav2,
+)
 from llava.eval import (
     convert_answer_to_mme,
     convert_gqa_for_eval,
@@ -51,32 +76,6 @@ from llava.standins import make_images
 
 # Each script starts several Python processes (about 7 s of imports each).
 pytestmark = pytest.mark.slow
-
-from benchmark_fixtures import (
-    OPTION_LETTER,
-    PopeItem,
-    SeedQuestion,
-    SQAProblem,
-    TextVQAItem,
-    gqa_question,
-    image_base64,
-    mme_questions,
-    mmbench_row,
-    save_images_as,
-    write_gqa_questions,
-    write_jsonl,
-    write_llava_gqa,
-    write_llavabench,
-    write_mmbench_tsv,
-    write_mme,
-    write_mmvet,
-    write_pope,
-    write_scienceqa,
-    write_seed_bench,
-    write_textvqa,
-    write_vizwiz,
-    write_vqav2,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "v1_5" / "eval"

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import left_pad_input_ids, process_images, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
 from llava.model import LlavaLlamaForCausalLM
+from llava.model.builder import load_pretrained_model
 from llava.standins import (
     VisionModelArgs,
     build_tiny_llava,
