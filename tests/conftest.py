@@ -11,6 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from serve_cluster import pytest_runtest_makereport  # noqa: F401 (services' logs in failing tests' reports)
+
+# The training tests' workspace (fixtures ws and stage1), shared by test_train_e2e, _reliability, _deepspeed.
+pytest_plugins = ["train_workspace"]
+
 TINY_HIDDEN = 32
 TINY_CLIP = {"hidden_size": TINY_HIDDEN, "intermediate_size": 64, "num_attention_heads": 4, "projection_dim": 16}
 

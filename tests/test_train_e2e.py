@@ -1,8 +1,7 @@
 """LLaVA-1.5 training with ToConv compression, end to end on tiny stand-ins (CPU).
 
-Stand-ins: a 2-layer Llama (hidden 64) saved as a plain LLM checkpoint, the BPE tokenizer from
-``llava.standins``, a CLIP stand-in with the real 336px / patch-14 geometry (24×24 grid, hidden
-32), twelve generated images, and small caption / conversation JSON files.
+On the tiny stand-ins of ``train_workspace`` (2-layer Llama, 24×24-grid CLIP, 12 images, caption
+and conversation data; its fixtures ``ws`` and ``stage1``):
 
 - stage 1 (projector-only, 24→12): loss finite and moving; only projector + compressor change;
   ``mm_projector.bin`` (and every checkpoint's) holds both under their full names, with the
@@ -19,116 +18,31 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from llava.train.data import SampleError
 from llava.train.train import train
-
-COLORS = ["red circle", "green square", "blue triangle", "yellow circle"]
-ADAPTER_KEYS = {
-    "model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
-    "model.mm_projector.2.bias", "model.vision_tower.token_compressor.conv.weight",
-    "model.vision_tower.token_compressor.conv.bias",
-}
-# The compressor's grid-size record (an int64 buffer [in, out], not a parameter), saved with its weights.
-GRID_SIZES_RECORD = "model.vision_tower.token_compressor.grid_sizes"
-SAVED_ADAPTER_KEYS = ADAPTER_KEYS | {GRID_SIZES_RECORD}  # what mm_projector.bin holds
+from train_callbacks import Snapshot
+from train_workspace import (
+    ADAPTER_KEYS,
+    GRID_SIZES_RECORD,
+    SAVED_ADAPTER_KEYS,
+    assert_same,
+    losses,
+    parameters_of,
+    run_torchrun,
+    stage1_flags,
+    stage2_flags,
+    strip_to_module,
+)
 
 
 def _is_adapter(name: str) -> bool:
     return "mm_projector" in name or "token_compressor" in name
-
-
-class Snapshot(TrainerCallback):
-    """Copies every parameter when training begins."""
-
-    def __init__(self) -> None:
-        self.before: dict[str, torch.Tensor] = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> SimpleNamespace:
-    """Tokenizer + plain tiny Llama, tiny CLIP, 12 images, caption and conversation data."""
-    import transformers
-
-    from llava.standins import build_tiny_clip, build_tokenizer, make_images, save_images, tiny_language_config
-
-    root = tmp_path_factory.mktemp("train-e2e")
-    llm = build_tokenizer(root / "llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(llm)
-    tiny = tiny_language_config(vocab_size=len(tokenizer)).to_dict()
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "intermediate_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: tiny[k] for k in fields})).save_pretrained(llm)
-    clip = build_tiny_clip(root / "clip")
-    images = root / "images"
-    names = save_images(make_images(12, size=(400, 300), seed=0), images)
-    captions = [
-        {"id": f"cap-{i}", "image": n, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."},
-            {"from": "gpt", "value": f"The image shows a {COLORS[i % 4]} on a white background."}]}
-        for i, n in enumerate(names)
-    ]
-    chats = [
-        {"id": f"chat-{i}", "image": n, "conversations": [
-            {"from": "human", "value": "What is in the image?\n<image>"},
-            {"from": "gpt", "value": f"A {COLORS[i % 4]}."},
-            {"from": "human", "value": "How many shapes are there?"},
-            {"from": "gpt", "value": "one"}]}
-        for i, n in enumerate(names)
-    ]
-    chats.append({"id": "text-0", "conversations": [
-        {"from": "human", "value": "What color is the shape?"}, {"from": "gpt", "value": "red"}]})
-    (root / "pretrain.json").write_text(json.dumps(captions))
-    (root / "finetune.json").write_text(json.dumps(chats))
-    return SimpleNamespace(root=root, llm=llm, clip=clip, images=images, names=names,
-                           pretrain=root / "pretrain.json", finetune=root / "finetune.json")
-
-
-def model_flags(ws) -> list[str]:
-    return [
-        "--model_name_or_path", str(ws.llm), "--vision_tower", str(ws.clip), "--image_folder", str(ws.images),
-        "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
-        "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-        "--use_token_compression", "True", "--compression_input_size", "24", "--compression_output_size", "12",
-    ]
-
-
-def run_flags(out: Path, steps: int, batch: int = 4) -> list[str]:
-    return [
-        "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
-        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "True",
-        "--report_to", "none", "--model_max_length", "512", "--dataloader_num_workers", "0", "--seed", "0",
-        "--disable_tqdm", "True",
-    ]
-
-
-def stage1_flags(ws, out: Path, batch: int = 4) -> list[str]:
-    return [*model_flags(ws), "--version", "plain", "--data_path", str(ws.pretrain), "--tune_mm_mlp_adapter", "True",
-            "--learning_rate", "1e-2", "--warmup_ratio", "0.03", *run_flags(out, 4, batch)]
-
-
-def stage2_flags(ws, projector: Path, out: Path) -> list[str]:
-    return [*model_flags(ws), "--version", "v1", "--data_path", str(ws.finetune),
-            "--pretrain_mm_mlp_adapter", str(projector), "--image_aspect_ratio", "pad",
-            "--group_by_modality_length", "True", "--learning_rate", "2e-5", "--mm_projector_lr", "1e-2",
-            *run_flags(out, 3)]
-
-
-def losses(log_history: list[dict]) -> list[float]:
-    return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
 def files_under(folder: Path) -> set[str]:
@@ -143,33 +57,6 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
             start = min(name.index(k) for k in ("mm_projector", "token_compressor") if k in name)
             out[name[start:]] = param.detach().clone()
     return out
-
-
-def parameters_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A saved state without the compressor's grid-size record: the parameters alone."""
-    return {k: v for k, v in state.items() if not k.endswith("token_compressor.grid_sizes")}
-
-
-def strip_to_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, value in state.items():
-        start = min(name.index(k) for k in ("mm_projector", "token_compressor") if k in name)
-        out[name[start:]] = value
-    return out
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for key in a:
-        assert torch.equal(a[key].float(), b[key].float()), key
-
-
-@pytest.fixture(scope="module")
-def stage1(ws):
-    out = ws.root / "llava-v1.5-tiny-toconv12-pretrain"
-    snap = Snapshot()
-    trainer = train(argv=stage1_flags(ws, out), callbacks=[snap])
-    return SimpleNamespace(out=out, trainer=trainer, snap=snap, projector=out / "mm_projector.bin")
 
 
 def test_stage1_trains_projector_and_compressor_only(stage1):
@@ -284,22 +171,6 @@ def test_stage1_under_torchrun_writes_the_same_files(ws, stage1):
 
     init = TokenCompressor(24, 12, 32).conv.weight
     assert not torch.equal(saved["model.vision_tower.token_compressor.conv.weight"], init)
-
-
-def run_torchrun(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run torchrun; on timeout stop it with SIGTERM (it then stops its workers) before failing."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stderr[-4000:]}")
-    return proc.returncode, stderr
 
 
 def test_frozen_compressor_stays_as_initialised(ws):

@@ -1,6 +1,6 @@
 """LLaVA training survives kills, resumes exactly, repeats itself under a seed and stops on NaN.
 
-On the tiny stand-ins of ``test_train_e2e`` (2-layer Llama, 24×24-grid CLIP, 24→12 compression):
+On the tiny stand-ins of ``train_workspace`` (2-layer Llama, 24×24-grid CLIP, 24→12 compression):
 
 - LoRA resume restores ``non_lora_trainables.bin`` (projector, compressor) with the adapter; a
   checkpoint without it, or with it cut short, is an error naming the file;
@@ -33,18 +33,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_e2e import (  # noqa: F401  (ws and stage1 are fixtures)
-    GRID_SIZES_RECORD,
-    Snapshot,
-    assert_same,
-    losses,
-    parameters_of,
-    stage1,
-    stage1_flags,
-    stage2_flags,
-    strip_to_module,
-    ws,
-)
 from transformers import AutoTokenizer, TrainerCallback
 
 from llava.constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
@@ -58,6 +46,16 @@ from llava.train.checkpointing import (
 )
 from llava.train.llava_trainer import NonFiniteLossError
 from llava.train.train import log_trainable, train
+from train_callbacks import Snapshot
+from train_workspace import (
+    GRID_SIZES_RECORD,
+    assert_same,
+    losses,
+    parameters_of,
+    stage1_flags,
+    stage2_flags,
+    strip_to_module,
+)
 from vision_token_compression import GridSizeMismatchError
 
 HERE = Path(__file__).resolve().parent
