@@ -1,0 +1,718 @@
+"""A model worker: serves one checkpoint over upstream LLaVA's worker API, registered with a controller.
+
+``python -m llava.serve.model_worker --controller-address http://localhost:21001 --port 21002
+--worker-address http://localhost:21002 --model-path liuhaotian/llava-v1.5-7b [--use-token-compression ...]``
+
+HTTP API (upstream's; POST with a JSON body):
+
+- ``/worker_generate_stream`` ``{"model", "prompt", "temperature", "top_p", "max_new_tokens", "stop",
+  "images": [base64, ...]}`` → NUL-delimited JSON chunks (``llava.serve.protocol``): upstream's ``text``
+  and ``error_code`` plus this fork's measurements (image tokens, time to first token, tokens/s, ...);
+- ``/worker_get_status`` → ``{"model_names", "speed", "queue_length"}``.
+
+At most ``--limit-model-concurrency`` requests generate at once; up to ``--max-queued-requests`` more
+wait in order (their chunks carry ``queue_position``), and beyond that a request is refused at once
+with HTTP 503 and a ``WORKER_BUSY`` chunk. A request the worker cannot answer (no image for an
+``<image>``, undecodable or oversized image, bad numbers, another model's name) gets HTTP 400 and one
+error chunk saying what to change, before any generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import logging
+import math
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    WORKER_HEART_BEAT_INTERVAL,
+    config_value,
+)
+from llava.eval.vqa_common import parse_args
+from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.utils import add_compression_args, check_compression_flags, compression_kwargs, images_to, resolve_device
+
+from .deps import require
+from .protocol import DEFAULT_CONTROLLER_ADDRESS, DEFAULT_WORKER_ADDRESS, HEADERS, ErrorCode, encode_chunk, error_chunk
+
+requests = require("requests", "llava.serve.model_worker")
+fastapi = require("fastapi", "llava.serve.model_worker")
+responses = require("fastapi.responses", "llava.serve.model_worker")
+concurrency = require("starlette.concurrency", "llava.serve.model_worker")
+Request = fastapi.Request  # at module level: FastAPI resolves the (string) annotations here
+
+logger = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS_CAP = 1024  # upstream's cap on max_new_tokens
+DEFAULT_MAX_NEW_TOKENS = 256  # upstream's defaults for missing parameters
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_QUEUED_REQUESTS = 16
+QUEUE_CHUNK_INTERVAL_S = 1.0  # a waiting request gets a queue chunk this often (keeps relays alive)
+HEART_BEAT_TIMEOUT_S = 5
+
+
+class RequestError(ValueError):
+    """A request the worker refuses before generating; the message says what to change."""
+
+
+class QueueFull(RuntimeError):
+    """Every slot and every queue place is taken."""
+
+
+# ---- Admission: slots and a bounded FIFO queue ------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's place: waiting, then granted a slot, then released."""
+
+    granted: bool = False
+    released: bool = False
+    in_generation: bool = False  # a generate thread holds the slot and releases it when it ends
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class AdmissionGate:
+    """``limit`` generation slots and a FIFO queue of at most ``max_queued`` waiting requests.
+
+    Args:
+        limit: Requests generating at once (``--limit-model-concurrency``).
+        max_queued: Requests allowed to wait for a slot; more are refused with ``QueueFull``.
+    """
+
+    def __init__(self, limit: int, max_queued: int) -> None:
+        self.limit = limit
+        self.max_queued = max_queued
+        self._running = 0
+        self._waiting: deque[Ticket] = deque()
+        self._cond = threading.Condition()
+
+    def enter(self) -> Ticket:
+        """A ticket holding a slot, or waiting in the queue; ``QueueFull`` when the queue is full too."""
+        ticket = Ticket()
+        with self._cond:
+            if self._running < self.limit and not self._waiting:
+                self._running += 1
+                ticket.granted = True
+            elif len(self._waiting) >= self.max_queued:
+                raise QueueFull(
+                    f"The worker is busy: {self._running} requests are generating (--limit-model-concurrency "
+                    f"{self.limit}) and {len(self._waiting)} are waiting (--max-queued-requests {self.max_queued}). "
+                    f"Retry in a moment, or start the worker with a larger --max-queued-requests."
+                )
+            else:
+                self._waiting.append(ticket)
+        return ticket
+
+    def wait(self, ticket: Ticket, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``ticket``'s slot; True once it holds one."""
+        with self._cond:
+            return self._cond.wait_for(lambda: ticket.granted, timeout)
+
+    def position(self, ticket: Ticket) -> int:
+        """1 for the next request to get a slot; 0 once ``ticket`` holds one (or left the queue)."""
+        with self._cond:
+            return self._waiting.index(ticket) + 1 if ticket in self._waiting else 0
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back ``ticket``'s slot, or its place in the queue; calling it again does nothing."""
+        with self._cond:
+            if ticket.released:
+                return
+            ticket.released = True
+            if ticket.granted:
+                self._running -= 1
+            elif ticket in self._waiting:
+                self._waiting.remove(ticket)
+            while self._running < self.limit and self._waiting:
+                self._waiting.popleft().granted = True
+                self._running += 1
+            self._cond.notify_all()
+
+    @property
+    def queue_length(self) -> int:
+        """Requests generating plus requests waiting (upstream's ``queue_length``)."""
+        with self._cond:
+            return self._running + len(self._waiting)
+
+
+# ---- Requests -------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationRequest:
+    """A checked ``/worker_generate_stream`` request."""
+
+    prompt: str
+    images: list[Image.Image]
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: str | None
+
+
+def _number(params: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool) -> float:
+    """``params[name]`` as a finite float in [low, high] (or (low, high]); ``RequestError`` naming it."""
+    value = params.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a number, got {value!r}; send e.g. {default}.")
+    if value > high or value < low or (low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise RequestError(f"{name} must be in {bounds}, got {value}; send e.g. {default}.")
+    return float(value)
+
+
+def _max_new_tokens(params: dict[str, Any]) -> int:
+    """``max_new_tokens``: an integer ≥ 1, capped at upstream's 1024."""
+    value = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(
+            f"max_new_tokens must be an integer >= 1, got {value!r}; send e.g. {DEFAULT_MAX_NEW_TOKENS} "
+            f"(the worker caps it at {MAX_NEW_TOKENS_CAP})."
+        )
+    return min(value, MAX_NEW_TOKENS_CAP)
+
+
+def decode_image(data: Any, index: int, max_pixels: int) -> Image.Image:
+    """The RGB image of a base64 string; ``RequestError`` for undecodable or oversized images."""
+    if not isinstance(data, str):
+        raise RequestError(f"images[{index}] must be a base64 string, got {type(data).__name__}.")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(f"images[{index}] is not valid base64 ({err}); send the image file's bytes "
+                           f"base64-encoded (e.g. base64.b64encode(open(path, 'rb').read()).decode()).") from err
+    try:
+        image = Image.open(BytesIO(raw))  # reads the header only: the size is known before decoding pixels
+    except (UnidentifiedImageError, OSError) as err:
+        raise RequestError(f"images[{index}] ({len(raw)} bytes) is not an image file PIL can read; "
+                           f"send a PNG, JPEG or WebP file.") from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise RequestError(f"images[{index}] is {width}×{height} = {width * height} pixels, over the worker's limit "
+                           f"of {max_pixels} (--max-image-pixels); downscale it first.")
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise RequestError(f"images[{index}] ({width}×{height}) could not be decoded: {err}.") from err
+
+
+def parse_request(params: Any, model_name: str, multimodal: bool, max_pixels: int) -> GenerationRequest:
+    """Check a ``/worker_generate_stream`` body; ``RequestError`` naming the field and the fix."""
+    if not isinstance(params, dict):
+        raise RequestError(f"The body must be a JSON object, got {type(params).__name__}.")
+    model = params.get("model")
+    if model is not None and model != model_name:
+        raise RequestError(f"This worker serves {model_name!r}, not {model!r}; ask the controller's "
+                           f"/get_worker_address for a worker of {model!r}.")
+    prompt = params.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(f"prompt must be a non-empty string, got {prompt!r}.")
+    images = params.get("images") or []
+    if not isinstance(images, list):
+        raise RequestError(f"images must be a list of base64 strings, got {type(images).__name__}.")
+    if images and not multimodal:
+        raise RequestError(f"{model_name!r} is a language-only model; send the request without images.")
+    n_tokens = prompt.count(DEFAULT_IMAGE_TOKEN) if multimodal else 0
+    if len(images) != n_tokens:
+        raise RequestError(
+            f"The prompt has {n_tokens} {DEFAULT_IMAGE_TOKEN} tokens but {len(images)} images came with it; "
+            f"send one image per {DEFAULT_IMAGE_TOKEN} (upload an image, or drop {DEFAULT_IMAGE_TOKEN} from the prompt)."
+        )
+    stop = params.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        raise RequestError(f"stop must be a string or null, got {stop!r}.")
+    return GenerationRequest(
+        prompt=prompt, images=[decode_image(data, i, max_pixels) for i, data in enumerate(images)],
+        temperature=_number(params, "temperature", DEFAULT_TEMPERATURE, 0.0, 100.0, low_open=False),
+        top_p=_number(params, "top_p", DEFAULT_TOP_P, 0.0, 1.0, low_open=True),
+        max_new_tokens=_max_new_tokens(params), stop=stop or None,
+    )
+
+
+# ---- Measuring a generation -----------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What one generation measured; written by its generate thread, read by the streaming response."""
+
+    started: float
+    queue_s: float
+    text_tokens: int
+    prompt_tokens: int | None = None  # the sequence the language model received (images spliced in)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    output_tokens: int = 0
+    error: BaseException | None = None
+
+    def stats(self, finished: bool) -> dict[str, Any]:
+        """The chunk fields of ``protocol.AnswerStats`` plus ``finished``."""
+        ttft = None if self.first_token_at is None else round(self.first_token_at - self.started, 4)
+        speed = None
+        if self.output_tokens > 1 and self.last_token_at and self.last_token_at > self.first_token_at:
+            speed = round((self.output_tokens - 1) / (self.last_token_at - self.first_token_at), 2)
+        image_tokens = None if self.prompt_tokens is None else self.prompt_tokens - self.text_tokens
+        return {"image_tokens": image_tokens, "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "ttft_s": ttft, "tokens_per_s": speed, "queue_s": round(self.queue_s, 4), "finished": finished}
+
+
+class PromptLengthProbe:
+    """Records, for each generating thread, the length of the first sequence the language model receives.
+
+    A forward pre-hook on the decoder reads ``inputs_embeds`` (images already spliced in) on the
+    first step of ``generate``; threads are told apart so concurrent requests do not mix.
+    """
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+        decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def attach(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[threading.get_ident()] = job
+
+    def detach(self) -> None:
+        with self._lock:
+            self._jobs.pop(threading.get_ident(), None)
+
+    def _hook(self, module, args, kwargs) -> None:
+        with self._lock:
+            job = self._jobs.get(threading.get_ident())
+        if job is None or job.prompt_tokens is not None:
+            return
+        sequence = kwargs.get("inputs_embeds")
+        if sequence is None:
+            sequence = kwargs.get("input_ids", args[0] if args else None)
+        if sequence is not None:
+            job.prompt_tokens = int(sequence.shape[1])
+
+
+class TimedStreamer(TextIteratorStreamer):
+    """``TextIteratorStreamer`` that also counts new tokens and times the first and the latest."""
+
+    def __init__(self, tokenizer, job: Job) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.job = job
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            now = time.perf_counter()
+            if self.job.first_token_at is None:
+                self.job.first_token_at = now
+            self.job.last_token_at = now
+            self.job.output_tokens += int(value.numel())
+        super().put(value)
+
+
+class CancelCriteria(StoppingCriteria):
+    """Stops generation once ``event`` is set (client gone, stop string seen)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+# ---- The worker ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerLimits:
+    """The worker's request limits (command-line flags)."""
+
+    limit_model_concurrency: int = 5
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    stream_interval: int = 1
+
+
+class ModelWorker:
+    """One loaded checkpoint answering streaming requests, at most ``limit_model_concurrency`` at once.
+
+    Args:
+        tokenizer, model, image_processor, context_len: What ``load_pretrained_model`` returns.
+        model_name: The name clients ask the controller for.
+        limits: Slots, queue length, image size and chunk interval.
+    """
+
+    def __init__(self, tokenizer, model, image_processor, context_len: int, model_name: str,
+                 limits: WorkerLimits | None = None) -> None:
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.context_len = context_len
+        self.model_name = model_name
+        self.limits = limits or WorkerLimits()
+        get_tower = getattr(model, "get_vision_tower", None)
+        self.vision_tower = get_tower() if get_tower is not None else None
+        self.gate = AdmissionGate(self.limits.limit_model_concurrency, self.limits.max_queued_requests)
+        decoder = model.get_model() if hasattr(model, "get_model") else model
+        self.probe = PromptLengthProbe(decoder)
+        self.on_queue_change = lambda: None  # ControllerLink.poke once registered
+
+    @property
+    def multimodal(self) -> bool:
+        return self.vision_tower is not None
+
+    def get_status(self) -> dict[str, Any]:
+        """``/worker_get_status``: upstream's fields."""
+        return {"model_names": [self.model_name], "speed": 1, "queue_length": self.gate.queue_length}
+
+    def parse(self, params: Any) -> GenerationRequest:
+        return parse_request(params, self.model_name, self.multimodal, self.limits.max_image_pixels)
+
+    def admit(self) -> Ticket:
+        """A slot or a queue place for a request; ``QueueFull`` when there is neither."""
+        ticket = self.gate.enter()
+        self.on_queue_change()
+        return ticket
+
+    def _release_unless_generating(self, ticket: Ticket) -> None:
+        if not ticket.in_generation:
+            self.gate.release(ticket)
+            self.on_queue_change()
+
+    def stream(self, request: GenerationRequest, ticket: Ticket) -> Iterator[bytes]:
+        """The response chunks for an admitted request: queue chunks while it waits, then the answer."""
+        cancel = threading.Event()
+        try:
+            yield from self._queue_chunks(request, ticket)
+            kwargs, job = self._prepare(request, ticket)
+            streamer = TimedStreamer(self.tokenizer, job)
+            self._start_generation(kwargs, streamer, job, cancel, ticket)
+            yield from self._answer_chunks(request, streamer, job, cancel)
+        except RequestError as err:
+            yield error_chunk(str(err), ErrorCode.WORKER_ERROR)
+        except Exception as err:  # the client gets a message instead of a broken stream
+            logger.exception("Request failed")
+            yield error_chunk(f"The worker failed on this request: {type(err).__name__}: {err}. "
+                              f"See the worker's log.", ErrorCode.WORKER_ERROR)
+        finally:
+            cancel.set()  # the client is gone or the answer is complete: stop generating
+            self._release_unless_generating(ticket)
+
+    def _queue_chunks(self, request: GenerationRequest, ticket: Ticket) -> Iterator[bytes]:
+        while not self.gate.wait(ticket, QUEUE_CHUNK_INTERVAL_S):
+            yield encode_chunk({"text": request.prompt, "error_code": int(ErrorCode.OK),
+                                "queue_position": self.gate.position(ticket),
+                                "queue_s": round(time.perf_counter() - ticket.arrived, 4), "finished": False})
+
+    def _prepare(self, request: GenerationRequest, ticket: Ticket) -> tuple[dict[str, Any], Job]:
+        """``generate``'s keyword arguments and the request's ``Job``; ``RequestError`` if it cannot fit."""
+        started = time.perf_counter()
+        prompt, image_kwargs = request.prompt, {}
+        if request.images:
+            if config_value(self.model.config, "mm_use_im_start_end"):
+                prompt = prompt.replace(DEFAULT_IMAGE_TOKEN,
+                                        DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
+            pixels = process_images(request.images, self.image_processor, self.model.config)
+            image_kwargs = {"images": images_to(pixels, self.model),
+                            "image_sizes": [image.size for image in request.images]}
+        input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+        input_ids = input_ids.unsqueeze(0).to(self.model.device)  # (1, L) with IMAGE_TOKEN_INDEX per image
+        text_tokens = int((input_ids != IMAGE_TOKEN_INDEX).sum())
+        # The context check needs a count before the vision tower runs; the reported count is measured.
+        expected_image_tokens = len(request.images) * (self.vision_tower.num_patches if request.images else 0)
+        room = self.context_len - text_tokens - expected_image_tokens
+        if room < 1:
+            raise RequestError(
+                f"The prompt takes {text_tokens} text + {expected_image_tokens} image tokens, which fills the "
+                f"model's context of {self.context_len} tokens; start a new conversation or shorten the prompt."
+            )
+        sampling = ({"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+                    if request.temperature > 0.001 else {"do_sample": False})
+        kwargs = {"inputs": input_ids, "max_new_tokens": min(request.max_new_tokens, room), "use_cache": True,
+                  "pad_token_id": self.tokenizer.pad_token_id, **sampling, **image_kwargs}
+        return kwargs, Job(started=started, queue_s=started - ticket.arrived, text_tokens=text_tokens)
+
+    def _start_generation(self, kwargs: dict[str, Any], streamer: TimedStreamer, job: Job,
+                          cancel: threading.Event, ticket: Ticket) -> None:
+        """Run ``generate`` in a thread that owns the request's slot until it ends."""
+
+        def run() -> None:
+            self.probe.attach(job)
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]))
+            except Exception as err:
+                logger.exception("generate failed")
+                job.error = err
+                streamer.end()
+            finally:
+                self.probe.detach()
+                self.gate.release(ticket)
+                self.on_queue_change()
+
+        ticket.in_generation = True
+        threading.Thread(target=run, name="model-worker-generate", daemon=True).start()
+
+    def _answer_chunks(self, request: GenerationRequest, streamer: TimedStreamer, job: Job,
+                       cancel: threading.Event) -> Iterator[bytes]:
+        """A chunk per ``stream_interval`` pieces of text, then the last one (``finished``) or an error."""
+        answer, shown, sent, pieces = "", "", "", 0
+        for piece in streamer:
+            if not piece:  # a token that completes no printable text yet
+                continue
+            answer += piece
+            pieces += 1
+            shown, stopped = apply_stop(answer, request.stop)
+            if stopped:
+                cancel.set()
+                break
+            if shown != sent and pieces % self.limits.stream_interval == 0:
+                sent = shown
+                yield encode_chunk({"text": request.prompt + shown, "error_code": int(ErrorCode.OK),
+                                    **job.stats(finished=False)})
+        if job.error is not None:
+            yield encode_chunk({"text": f"Generation failed on the worker: {type(job.error).__name__}: {job.error}. "
+                                        f"See the worker's log.", "error_code": int(ErrorCode.WORKER_ERROR),
+                                **job.stats(finished=False)})
+            return
+        yield encode_chunk({"text": request.prompt + shown, "error_code": int(ErrorCode.OK),
+                            **job.stats(finished=True)})
+
+
+def apply_stop(answer: str, stop: str | None) -> tuple[str, bool]:
+    """``answer`` cut before the stop string, and whether it occurred.
+
+    A stop string of whitespace only (upstream's ``test_message`` sends the vicuna template's ``" "``,
+    which separates words) is dropped from the end of the answer but does not stop it, as upstream does.
+    """
+    if not stop:
+        return answer, False
+    if not stop.strip():
+        return (answer[: -len(stop)] if answer.endswith(stop) else answer), False
+    index = answer.find(stop)
+    return (answer, False) if index < 0 else (answer[:index], True)
+
+
+# ---- The controller link: registration and heartbeats ---------------------------------------------
+
+
+class ControllerLink:
+    """Registers the worker with its controller once the server listens, then sends heartbeats.
+
+    A heartbeat goes every ``interval`` seconds and whenever the worker's queue changes (``poke``);
+    a controller that no longer knows the worker (it expired, or restarted) gets a new registration.
+
+    Args:
+        controller_address: The controller's URL (``--controller-address``).
+        worker_address: The URL the controller and clients reach this worker at (``--worker-address``).
+        worker: The worker whose status is reported.
+        interval: Seconds between heartbeats (``--heart-beat-interval``; upstream's 15).
+    """
+
+    def __init__(self, controller_address: str, worker_address: str, worker: ModelWorker,
+                 interval: float = WORKER_HEART_BEAT_INTERVAL) -> None:
+        self.controller_address = controller_address.rstrip("/")
+        self.worker_address = worker_address
+        self.worker = worker
+        self.interval = interval
+        self._wake = threading.Event()
+        worker.on_queue_change = self.poke
+
+    def register(self) -> bool:
+        """Announce the worker; False (and an error in the log) when the controller does not take it."""
+        data = {"worker_name": self.worker_address, "check_heart_beat": True, "worker_status": self.worker.get_status()}
+        try:
+            response = requests.post(self.controller_address + "/register_worker", json=data, headers=HEADERS,
+                                     timeout=HEART_BEAT_TIMEOUT_S)
+        except requests.exceptions.RequestException as err:
+            logger.error("Cannot register with the controller at %s (%s); is it running there? Retrying every %.1f s.",
+                         self.controller_address, err, self.interval)
+            return False
+        if response.status_code != 200:
+            logger.error("The controller at %s refused the registration: HTTP %s %s",
+                         self.controller_address, response.status_code, response.text[:500])
+            return False
+        logger.info("Registered %s (%s) with the controller at %s",
+                    self.worker_address, self.worker.model_name, self.controller_address)
+        return True
+
+    def send_heart_beat(self) -> None:
+        """One heartbeat; registers again when the controller answers that it does not know the worker."""
+        data = {"worker_name": self.worker_address, "queue_length": self.worker.gate.queue_length}
+        try:
+            response = requests.post(self.controller_address + "/receive_heart_beat", json=data, headers=HEADERS,
+                                     timeout=HEART_BEAT_TIMEOUT_S)
+            exist = response.json()["exist"]
+        except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as err:
+            logger.error("Heartbeat to %s failed: %s", self.controller_address, err)
+            return
+        if not exist:
+            self.register()
+
+    def poke(self) -> None:
+        """Send a heartbeat now (the queue changed)."""
+        self._wake.set()
+
+    def start(self, server_started) -> threading.Thread:
+        """Register once ``server_started()`` is true, then keep the heartbeats going (a daemon thread)."""
+
+        def loop() -> None:
+            while not server_started():
+                time.sleep(0.05)
+            registered = self.register()
+            while True:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                if registered:
+                    self.send_heart_beat()
+                else:
+                    registered = self.register()
+
+        thread = threading.Thread(target=loop, name="model-worker-heartbeat", daemon=True)
+        thread.start()
+        return thread
+
+
+# ---- HTTP -----------------------------------------------------------------------------------------
+
+
+def _refusal(message: str, code: ErrorCode, status_code: int):
+    """A response of one error chunk, for requests refused before streaming."""
+    return responses.Response(content=error_chunk(message, code), status_code=status_code)
+
+
+def create_app(worker: ModelWorker):
+    """The FastAPI app serving ``worker`` (upstream's routes and bodies)."""
+    app = fastapi.FastAPI(title="LLaVA model worker")
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request):
+        try:
+            params = await request.json()
+        except ValueError as err:
+            return _refusal(f"The request body is not JSON ({err}); send a JSON object with prompt, images, ...",
+                            ErrorCode.WORKER_ERROR, 400)
+        try:
+            parsed = await concurrency.run_in_threadpool(worker.parse, params)
+        except RequestError as err:
+            logger.info("Refused a request: %s", err)
+            return _refusal(str(err), ErrorCode.WORKER_ERROR, 400)
+        try:
+            ticket = worker.admit()
+        except QueueFull as err:
+            logger.warning("%s", err)
+            return _refusal(str(err), ErrorCode.WORKER_BUSY, 503)
+        chunks = worker.stream(parsed, ticket)
+        # A response that never starts (client gone at once) never runs the generator's cleanup.
+        weakref.finalize(chunks, worker._release_unless_generating, ticket)
+        return responses.StreamingResponse(chunks)
+
+    @app.post("/worker_get_status")
+    async def worker_get_status():
+        return worker.get_status()
+
+    return app
+
+
+# ---- Command line ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Upstream's flags, plus the queue, image-size and heartbeat limits and the compression flags."""
+    parser = argparse.ArgumentParser(description="LLaVA model worker: serves one checkpoint to a controller.")
+    parser.add_argument("--host", type=str, default="localhost")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", type=str, default=DEFAULT_WORKER_ADDRESS,
+                        help="The URL the controller and clients reach this worker at.")
+    parser.add_argument("--controller-address", type=str, default=DEFAULT_CONTROLLER_ADDRESS)
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--model-name", type=str, default=None, help="Default: the checkpoint folder's name.")
+    parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--multi-modal", action="store_true",
+                        help="Not needed: a checkpoint with a vision tower is served with images.")
+    parser.add_argument("--limit-model-concurrency", type=int, default=5, help="Requests generating at once.")
+    parser.add_argument("--stream-interval", type=int, default=1, help="Send a chunk every N pieces of text.")
+    parser.add_argument("--no-register", action="store_true", help="Do not register with the controller.")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--use-flash-attn", action="store_true")
+    parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                        help="Requests that may wait for a slot; more are refused with HTTP 503 (default: %(default)s).")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="Larger images are refused (width × height; default: %(default)s).")
+    parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL,
+                        help="Seconds between heartbeats to the controller (default: %(default)s); keep it below "
+                             "the controller's --heart-beat-expiration.")
+    add_compression_args(parser)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values before the model loads (``ValueError`` naming the flag)."""
+    for flag, value, low in (("--limit-model-concurrency", args.limit_model_concurrency, 1),
+                             ("--stream-interval", args.stream_interval, 1),
+                             ("--max-queued-requests", args.max_queued_requests, 0),
+                             ("--max-image-pixels", args.max_image_pixels, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}.")
+    if not args.heart_beat_interval > 0:
+        raise ValueError(f"--heart-beat-interval must be > 0 seconds, got {args.heart_beat_interval}.")
+    check_compression_flags(args)
+
+
+def load_worker(args: argparse.Namespace) -> ModelWorker:
+    """Load ``--model-path`` (with the compression flags) into a ``ModelWorker``."""
+    model_name = args.model_name or get_model_name_from_path(args.model_path)
+    logger.info("Loading %s from %s ...", model_name, args.model_path)
+    tokenizer, model, image_processor, context_len = load_pretrained_model(
+        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit,
+        device=resolve_device(args.device), use_flash_attn=args.use_flash_attn, **compression_kwargs(args),
+    )
+    limits = WorkerLimits(args.limit_model_concurrency, args.max_queued_requests, args.max_image_pixels,
+                          args.stream_interval)
+    worker = ModelWorker(tokenizer, model, image_processor, context_len, model_name, limits)
+    tower = worker.vision_tower
+    logger.info("Serving %s: %s", model_name,
+                f"{tower.num_patches} image tokens per image" if tower is not None else "language only")
+    return worker
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Load the model, start the HTTP server and register with the controller."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(build_parser(), argv, check_args)
+    logger.info("args: %s", args)
+    if args.multi_modal:
+        logger.info("--multi-modal is not needed: images are served whenever the checkpoint has a vision tower.")
+    worker = load_worker(args)
+    uvicorn = require("uvicorn", "llava.serve.model_worker")
+    server = uvicorn.Server(uvicorn.Config(create_app(worker), host=args.host, port=args.port, log_level="info"))
+    if not args.no_register:
+        ControllerLink(args.controller_address, args.worker_address, worker, args.heart_beat_interval).start(
+            lambda: server.started)
+    server.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
