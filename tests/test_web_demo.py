@@ -10,14 +10,22 @@ template that needs an image asked without one.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import threading
-from dataclasses import replace
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 pytest.importorskip("requests")
 
+import serve_cluster  # noqa: E402  (tests/ is on sys.path: conftest imports it the same way)
 from llava.constants import DEFAULT_IMAGE_TOKEN  # noqa: E402
 from llava.serve import web_chat  # noqa: E402
 from llava.serve.protocol import ErrorCode  # noqa: E402
@@ -203,5 +211,222 @@ def test_messages_show_the_cursor_while_streaming_and_the_error_when_it_failed()
     session.record([Answer(BASE, text="Hel"), Answer(TOCONV, text="He", error="Lost the worker.", done=True)])
     assert session.messages(0) == [{"role": "user", "content": "[image, Pad] Hi"},
                                    {"role": "assistant", "content": "Hel▌"}]
-    assert session.messages(1)[-1]["content"] == "He\n\n⚠️ Lost the worker."
+    assert session.messages(1)[-1]["content"] == "He\n\nError: Lost the worker."
     assert session.status_line(1) == f"**{TOCONV}** · error" and session.messages(2) == []
+
+
+# ---- The real page in headless Chromium (slow) -----------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSER_FIX = "apt-get install chromium chromium-driver (and pip install selenium)"
+ANSWER_TIMEOUT_S = 120
+
+
+def _browser_or_skip() -> None:
+    """Skip without Chromium, chromedriver or Selenium; under CI (``CI=true``) that is a failure instead."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    if importlib.util.find_spec("selenium") is None:
+        missing.append("the selenium package")
+    if not missing:
+        return
+    reason = f"The browser tests need {', '.join(missing)}: {BROWSER_FIX}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}. CI must install them (.ci/run) so that the web demo is tested in a browser.")
+    pytest.skip(reason)
+
+
+@dataclass
+class Demo:
+    controller: Any
+    workers: dict[str, Any]
+    page: Any
+    log_dir: Path
+
+    def worker_requests(self) -> int:
+        """How many generation requests the workers have received (their access logs)."""
+        return sum(w.log_path.read_text(errors="replace").count("/worker_generate_stream")
+                   for w in self.workers.values())
+
+
+def _start_page(controller_url: str, log_dir: Path) -> Any:
+    """``python -m llava.serve.gradio_web_server`` on a free port; returns once it serves the page."""
+    port = serve_cluster.free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port), "--controller-url", controller_url,
+            "--model-list-mode", "reload", "--concurrency-count", "4"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        page = serve_cluster._spawn(f"web-page-{port}", "llava.serve.gradio_web_server", args, port, log_dir)
+
+    def serving() -> bool:
+        with urllib.request.urlopen(page.url + "/", timeout=5) as response:
+            return response.status == 200
+
+    serve_cluster._wait(page, serving, "serving the page", timeout=180)
+    return page
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_llava, tiny_llava_compressed) -> Iterator[Demo]:
+    """Controller (3 s heartbeat expiry), a 576-token and a 144-token worker, and the page, all on 127.0.0.1."""
+    _browser_or_skip()
+    log_dir = tmp_path_factory.mktemp("web-demo")
+    controller = serve_cluster.start_controller(log_dir, heart_beat_expiration=3.0)
+    try:
+        workers = {BASE: serve_cluster.start_worker(controller, tiny_llava, BASE, wait=False),
+                   TOCONV: serve_cluster.start_worker(controller, tiny_llava_compressed, TOCONV, wait=False)}
+        page = _start_page(controller.url, log_dir)
+        serve_cluster.wait_for_models(controller, [BASE, TOCONV])
+        yield Demo(controller, workers, page, log_dir)
+    finally:
+        serve_cluster.stop_all()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait_for(driver, condition, what: str, timeout: float = ANSWER_TIMEOUT_S):
+    """Poll ``condition(driver)`` until truthy; on timeout, fail with the page's text."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    except TimeoutException:
+        pytest.fail(f"The page did not show {what} within {timeout} s. Page text:\n{_text(driver, 'body')}")
+
+
+def _text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.ID, element_id) if element_id != "body" else driver.find_elements(By.TAG_NAME,
+                                                                                                        "body")
+    return found[0].text if found else ""
+
+
+def _open(driver, demo: Demo, models: list[str]) -> None:
+    """Load the page with ``models`` preselected (``?model=a,b``); wait until a panel per model shows."""
+    driver.get(f"{demo.page.url}/?model={','.join(models)}")
+    _wait_for(driver, lambda d: all(name in _text(d, f"panel-{i}") for i, name in enumerate(models)),
+              f"one panel per model ({models})", timeout=60)
+
+
+def _set_parameters(driver, temperature: float, max_tokens: int) -> None:
+    """Open the Parameters accordion and type into the sliders' number boxes."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.find_element(By.XPATH, "//button[.//span[text()='Parameters']]").click()
+    for label, value in (("Temperature", temperature), ("Max output tokens", max_tokens)):
+        box = _wait_for(driver, lambda d, label=label: d.find_element(
+            By.XPATH, f"//*[text()='{label}']/ancestor::*[.//input[@type='number']][1]//input[@type='number']"),
+            f"the {label} box", timeout=10)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(str(value), Keys.TAB)
+        _wait_for(driver, lambda d, box=box, value=value: float(box.get_attribute("value")) == value,
+                  f"{label} = {value}", timeout=10)
+
+
+def _upload(driver, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#image-box input[type=file]").send_keys(str(path))
+    _wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#image-box img"), "the uploaded image", timeout=30)
+
+
+def _ask(driver, question: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#question textarea").send_keys(question)
+    driver.find_element(By.ID, "send").click()
+
+
+def _screenshot(driver, tmp_path: Path, name: str) -> Path:
+    """Save the page to ``tmp_path/name`` and, when ``$TOCONV_ARTIFACTS`` is set, into that folder too."""
+    path = tmp_path / name
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1500, max(1000, min(int(height) + 120, 2400)))  # the whole page, not a scrolled view
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(path))
+    if os.environ.get("TOCONV_ARTIFACTS"):
+        folder = Path(os.environ["TOCONV_ARTIFACTS"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / name)
+    return path
+
+
+def _png(tmp_path: Path) -> Path:
+    """A 320×240 test picture: a blue field with a red square."""
+    image = Image.new("RGB", (320, 240), (40, 110, 200))
+    image.paste((220, 40, 40), (100, 60, 220, 180))
+    path = tmp_path / "question.png"
+    image.save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_side_by_side_answers_show_576_and_144_image_tokens(demo, browser, tmp_path):
+    _open(browser, demo, [BASE, TOCONV])
+    _upload(browser, _png(tmp_path))
+    _set_parameters(browser, temperature=0.0, max_tokens=48)
+    _ask(browser, "What is in the picture?")
+    _wait_for(browser, lambda d: "576 image tokens" in _text(d, "stats-0") and "144 image tokens" in _text(d, "stats-1")
+              and "new tokens" in _text(d, "stats-0") and "new tokens" in _text(d, "stats-1")
+              and "▌" not in _text(d, "panel-0") + _text(d, "panel-1"), "both answers with their measurements")
+    shot = _screenshot(browser, tmp_path, "web-demo.png")
+    for i, model in enumerate((BASE, TOCONV)):
+        panel, stats = _text(browser, f"panel-{i}"), _text(browser, f"stats-{i}")
+        assert "What is in the picture?" in panel and "Error" not in panel, panel
+        answer = panel.split("What is in the picture?", 1)[1].strip()
+        assert answer, f"{model}'s panel shows no answer:\n{panel}"
+        assert stats.startswith(model) and "first token" in stats and "tokens/s" in stats, stats
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_template_that_needs_an_image_is_refused_on_the_page_and_nothing_is_sent(demo, browser):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, demo, [BASE])
+    browser.find_element(By.CSS_SELECTOR, "#template-selector input").click()
+    option = _wait_for(browser, lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "#template-selector li[role=option]")
+                                           if o.text.strip() == "plain"], "the template menu", timeout=10)
+    option[0].click()
+    sent_before = demo.worker_requests()
+    _ask(browser, "Describe it.")
+    _wait_for(browser, lambda d: "needs an image" in _text(d, "notice"), "the missing-image message", timeout=30)
+    assert _text(browser, "notice") == ("Error: The conversation template 'plain' (for llava-v1.5-tiny) needs an "
+                                        "image: upload one, or pick another template. Nothing was sent.")
+    assert "Describe it." not in _text(browser, "panel-0")
+    assert demo.worker_requests() == sent_before
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_answer_gives_its_panel_an_error_and_leaves_the_controller(demo, browser, tmp_path):
+    _open(browser, demo, [BASE, TOCONV])
+    _upload(browser, _png(tmp_path))
+    _set_parameters(browser, temperature=0.0, max_tokens=1024)  # greedy: the stand-ins write all 1024 tokens
+    _ask(browser, "Describe the picture in detail.")
+    _wait_for(browser, lambda d: "144 image tokens" in _text(d, "stats-1") and "▌" in _text(d, "panel-1"),
+              "the compressed model's answer streaming")
+    demo.workers[TOCONV].kill()
+    _wait_for(browser, lambda d: "Error:" in _text(d, "panel-1"), "an error in the killed worker's panel", timeout=60)
+    _screenshot(browser, tmp_path, "web-demo-worker-killed.png")
+    panel = _text(browser, "panel-1")
+    assert "Lost the worker of llava-v1.5-tiny-toconv12" in panel or "stopped before finishing" in panel, panel
+    assert _text(browser, "stats-1") == f"{TOCONV} · error"
+    assert "Error" not in _text(browser, "panel-0")
+    serve_cluster.wait_until_unlisted(demo.controller, TOCONV, timeout=30)
+    assert serve_cluster.list_models(demo.controller) == [BASE]

@@ -60,7 +60,7 @@ MAX_UPLOAD = "50mb"  # Gradio refuses larger files before they reach the page's 
 
 def no_models_message(controller_url: str) -> str:
     """The notice shown when the controller lists no model."""
-    return (f"⚠️ No models are available: the controller at {controller_url} lists no workers. Start one "
+    return (f"Error: no models are available: the controller at {controller_url} lists no workers. Start one "
             f"(`python -m llava.serve.model_worker --controller-address {controller_url} --model-path ...`), "
             f"then press Refresh models.")
 
@@ -91,7 +91,7 @@ class DemoPage:
                 self.models = self.client.list_models()
             except ControllerError as err:
                 logger.warning("%s", err)
-                return [], f"⚠️ {err}"
+                return [], f"Error: {err}"
         if not self.models:
             logger.warning("The controller at %s lists no models.", self.client.url)
             return [], no_models_message(self.client.url)
@@ -113,10 +113,11 @@ class DemoPage:
     def on_models_changed(self, selected: list[str] | None) -> tuple[Any, ...]:
         """Another selection: a new chat, one visible panel per selected model."""
         selected = list(selected or [])[:MAX_MODELS]
-        chatbots = [gr.Chatbot(value=[], visible=i < max(1, len(selected)),
-                               label=selected[i] if i < len(selected) else "Answer") for i in range(MAX_MODELS)]
-        stats = [gr.Markdown(value="", visible=i < max(1, len(selected))) for i in range(MAX_MODELS)]
-        return (ChatSession(), *chatbots, *stats)
+        shown = max(1, len(selected))
+        columns = [gr.Column(visible=i < shown) for i in range(MAX_MODELS)]
+        chatbots = [gr.Chatbot(value=[], label=selected[i] if i < len(selected) else "Answer")
+                    for i in range(MAX_MODELS)]
+        return (ChatSession(), *columns, *chatbots, *([""] * MAX_MODELS))
 
     # ---- Chat ------------------------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class DemoPage:
             notes = session.ask(text, image, process_mode, models or [], template_choice)
         except InputError as err:
             logger.info("Refused a question: %s", err)
-            yield self.render(session, f"⚠️ {err}")
+            yield self.render(session, f"Error: {err}")
             return
         yield from self.stream(session, GenerationParams(temperature, top_p, int(max_new_tokens)), notes, "")
 
@@ -145,7 +146,7 @@ class DemoPage:
         try:
             session.retry_last(process_mode)
         except InputError as err:
-            yield self.render(session, f"⚠️ {err}")
+            yield self.render(session, f"Error: {err}")
             return
         yield from self.stream(session, GenerationParams(temperature, top_p, int(max_new_tokens)), [], None)
 
@@ -167,26 +168,26 @@ class DemoPage:
         return (*self.render(session, "", ""), None)
 
 
-def _panels() -> tuple[list[Any], list[Any]]:
+def _panels() -> tuple[list[Any], list[Any], list[Any]]:
     """Up to three answer panels side by side, each a chatbot above its measurements line."""
-    chatbots, stats = [], []
+    columns, chatbots, stats = [], [], []
     with gr.Row(equal_height=True):
         for i in range(MAX_MODELS):
-            with gr.Column(min_width=280):
-                chatbots.append(gr.Chatbot(label="Answer", elem_id=f"panel-{i}", height=460, visible=i == 0,
-                                           layout="panel", buttons=["copy"]))
-                stats.append(gr.Markdown(elem_id=f"stats-{i}", elem_classes=["answer-stats"], visible=i == 0))
-    return chatbots, stats
+            with gr.Column(min_width=280, visible=i == 0, elem_id=f"panel-column-{i}") as column:
+                columns.append(column)
+                chatbots.append(gr.Chatbot(label="Answer", elem_id=f"panel-{i}", height=460, layout="panel",
+                                           buttons=["copy"]))
+                stats.append(gr.Markdown(elem_id=f"stats-{i}", elem_classes=["answer-stats"]))
+    return columns, chatbots, stats
 
 
 def _controls(models: Sequence[str]) -> dict[str, Any]:
     """The left column: models, image, process mode, template and parameters."""
     c: dict[str, Any] = {}
-    with gr.Row():
-        c["models"] = gr.Dropdown(choices=list(models), value=list(models[:1]), multiselect=True,
-                                  max_choices=MAX_MODELS, label=f"Models (up to {MAX_MODELS}: side by side)",
-                                  elem_id="model-selector", scale=4)
-        c["refresh"] = gr.Button("Refresh models", elem_id="refresh-models", scale=1, min_width=60)
+    c["models"] = gr.Dropdown(choices=list(models), value=list(models[:1]), multiselect=True,
+                              max_choices=MAX_MODELS, label=f"Models (up to {MAX_MODELS}: side by side)",
+                              elem_id="model-selector")
+    c["refresh"] = gr.Button("Refresh models", elem_id="refresh-models", size="sm")
     c["image"] = gr.Image(type="pil", label="Image", elem_id="image-box", sources=["upload", "clipboard"])
     c["mode"] = gr.Radio(list(IMAGE_PROCESS_MODES), value="Default", label="Preprocess for non-square image")
     c["template"] = gr.Dropdown([AUTO_TEMPLATE, *sorted(conv_templates)], value=AUTO_TEMPLATE,
@@ -206,18 +207,18 @@ def build_demo(page: DemoPage, embed: bool = False, concurrency_count: int = 16)
         if not embed:
             gr.Markdown(TITLE)
         with gr.Row():
-            with gr.Column(scale=3, min_width=300):
+            with gr.Column(scale=4, min_width=320):
                 c = _controls(page.models)
             with gr.Column(scale=9):
                 notice = gr.Markdown(elem_id="notice")
-                chatbots, stats = _panels()
+                columns, chatbots, stats = _panels()
                 with gr.Row():
                     textbox = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
                                          container=False, scale=8, elem_id="question")
                     send = gr.Button("Send", variant="primary", scale=1, min_width=60, elem_id="send")
                 with gr.Row():
-                    regenerate = gr.Button("🔄 Regenerate", elem_id="regenerate")
-                    clear = gr.Button("🗑️ Clear", elem_id="clear")
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                    clear = gr.Button("Clear", elem_id="clear")
         if not embed:
             gr.Markdown(TERMS)
 
@@ -230,7 +231,7 @@ def build_demo(page: DemoPage, embed: bool = False, concurrency_count: int = 16)
                          concurrency_limit=concurrency_count)
         clear.click(page.on_clear, None, [*chat_outputs, c["image"]], queue=False)
         c["refresh"].click(page.on_refresh, [c["models"]], [c["models"], notice], queue=False)
-        c["models"].change(page.on_models_changed, [c["models"]], [state, *chatbots, *stats], queue=False)
+        c["models"].change(page.on_models_changed, [c["models"]], [state, *columns, *chatbots, *stats], queue=False)
         demo.load(page.on_load, None, [state, c["models"], notice], queue=False)
     return demo
 

@@ -35,7 +35,7 @@ AUTO_TEMPLATE = "auto (from the model name)"
 MAX_MODELS = 3  # side by side: at most this many answers to one question
 MAX_TEXT_CHARS = 1536  # upstream's cut-off for a question
 MAX_TEXT_CHARS_WITH_IMAGE = 1200  # upstream's cut-off for a question about an image
-MAX_NEW_TOKENS = 1536  # upstream's cap on "max output tokens"
+MAX_NEW_TOKENS = 1024  # upstream's worker caps max_new_tokens here
 # Images: refused above this many pixels (decoding and re-encoding them would stall the page), and
 # downscaled to this longest side otherwise (what Conversation.process_image sends at most).
 MAX_IMAGE_PIXELS = 40_000_000
@@ -482,11 +482,11 @@ class ChatSession:
             prefix = f"[image, {turn.process_mode}] " if turn.image is not None else ""
             out.append({"role": "user", "content": prefix + turn.text})
             if answer.error:
-                body = (answer.text + "\n\n" if answer.text else "") + f"⚠️ {answer.error}"
+                body = (answer.text + "\n\n" if answer.text else "") + f"Error: {answer.error}"
             elif answer.done:
                 body = answer.text
             elif answer.queue_position is not None and not answer.text:
-                body = f"⏳ waiting in the worker's queue (position {answer.queue_position})"
+                body = f"Waiting in the worker's queue (position {answer.queue_position})"
             else:
                 body = answer.text + "▌"
             out.append({"role": "assistant", "content": body})
