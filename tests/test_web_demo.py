@@ -215,6 +215,55 @@ def test_messages_show_the_cursor_while_streaming_and_the_error_when_it_failed()
     assert session.status_line(1) == f"**{TOCONV}** · error" and session.messages(2) == []
 
 
+# ---- The page's handlers and flags (Gradio imported, no server) ------------------------------------
+
+
+class _Controller:
+    """Stands in for ``ControllerClient``: a fixed model list, or the error of an unreachable controller."""
+
+    url = "http://127.0.0.1:9"
+
+    def __init__(self, models=None, error=None):
+        self.models, self.error = models or [], error
+
+    def list_models(self):
+        if self.error:
+            raise web_chat.ControllerError(self.error)
+        return list(self.models)
+
+
+def test_the_page_says_when_no_model_is_available_or_the_controller_is_down():
+    server = pytest.importorskip("llava.serve.gradio_web_server", exc_type=ImportError)
+    models, notice = server.DemoPage(_Controller()).list_models(refresh=True)
+    assert models == [] and notice.startswith("Error: no models are available: the controller at http://127.0.0.1:9")
+    assert "press Refresh models" in notice
+    models, notice = server.DemoPage(_Controller(error="The controller at X did not answer.")).list_models(True)
+    assert (models, notice) == ([], "Error: The controller at X did not answer.")
+    page = server.DemoPage(_Controller([BASE, TOCONV]))
+    assert page.list_models(refresh=True) == ([BASE, TOCONV], "")
+
+
+def test_asking_without_a_model_or_an_image_where_needed_sends_nothing():
+    server = pytest.importorskip("llava.serve.gradio_web_server", exc_type=ImportError)
+    page = server.DemoPage(_Controller([BASE]))
+    (out,) = page.on_ask(ChatSession(), "Hi", None, "Default", [], web_chat.AUTO_TEMPLATE, 0.2, 0.7, 16)
+    session, *panels, notice, _textbox = out
+    assert notice == "Error: Pick a model first (up to three to compare their answers side by side)."
+    assert session.turns == [] and panels[:3] == [[], [], []]
+    (out,) = page.on_ask(ChatSession(), "Hi", None, "Default", [BASE], "v1_mmtag", 0.2, 0.7, 16)
+    assert "'v1_mmtag' (for llava-v1.5-tiny) needs an image" in out[-2]
+
+
+def test_the_page_takes_upstreams_flags():
+    server = pytest.importorskip("llava.serve.gradio_web_server", exc_type=ImportError)
+    args = server.build_parser().parse_args([
+        "--host", "127.0.0.1", "--port", "7860", "--controller-url", "http://localhost:10000",
+        "--concurrency-count", "4", "--model-list-mode", "reload", "--share", "--moderate", "--embed"])
+    assert (args.host, args.port, args.controller_url, args.concurrency_count) == (
+        "127.0.0.1", 7860, "http://localhost:10000", 4)
+    assert args.model_list_mode == "reload" and args.share and args.moderate and args.embed
+
+
 # ---- The real page in headless Chromium (slow) -----------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
