@@ -20,6 +20,7 @@ seconds (upstream's 30 by default) is no longer listed or dispatched to, and is 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import sys
@@ -200,22 +201,52 @@ class Controller:
 
     # ---- The controller as a worker (hierarchical mode) -------------------------------------------
 
-    def generate_stream(self, params: dict[str, Any]) -> Iterator[bytes]:
-        """Forward a ``/worker_generate_stream`` request to a worker of ``params["model"]``, chunk by chunk."""
+    def open_stream(self, params: dict[str, Any]) -> tuple[int, Iterator[bytes]]:
+        """Forward a ``/worker_generate_stream`` request to a worker of ``params["model"]``.
+
+        Returns the worker's HTTP status (so a busy worker's 503 reaches the client) and its chunks; a
+        worker that is missing, unreachable or lost mid-answer gives an error chunk instead.
+        """
         model = params.get("model")
         address = self.get_worker_address(model) if isinstance(model, str) else ""
         if not address:
-            yield error_chunk(f"No worker serves the model {model!r}; the controller lists: {self.list_models()}.",
-                              ErrorCode.NO_WORKER)
-            return
+            return 200, iter([error_chunk(
+                f"No worker serves the model {model!r}; the controller lists: {self.list_models()}. "
+                f"Start a worker for it, or pick a listed model.", ErrorCode.NO_WORKER)])
         try:
-            with requests.post(address + "/worker_generate_stream", headers=HEADERS, json=params, stream=True,
-                               timeout=FORWARD_TIMEOUT_S) as response:
-                yield from relay_chunks(response.iter_lines(decode_unicode=False, delimiter=b"\0"))
+            response = requests.post(address + "/worker_generate_stream", headers=HEADERS, json=params, stream=True,
+                                     timeout=FORWARD_TIMEOUT_S)
         except requests.exceptions.RequestException as err:
-            logger.warning("Lost worker %s while forwarding: %s", address, err)
-            yield error_chunk(f"The worker {address} for {model!r} stopped answering ({type(err).__name__}); "
-                              f"retry, another worker may take it.", ErrorCode.WORKER_UNREACHABLE)
+            logger.warning("Cannot reach worker %s: %s", address, err)
+            return 200, iter([error_chunk(
+                f"The worker {address} for {model!r} cannot be reached ({type(err).__name__}); retry: the controller "
+                f"drops it once its heartbeat expires ({self.heart_beat_expiration:g} s).", ErrorCode.WORKER_UNREACHABLE)])
+        return response.status_code, self._relay(response, address, model)
+
+    def _relay(self, response, address: str, model: str) -> Iterator[bytes]:
+        """The worker's chunks as they come, then an error chunk if the worker stops before its answer ends."""
+        lost = None
+        last: dict[str, Any] = {}
+        try:
+            with response:
+                for chunk in relay_chunks(response.iter_lines(decode_unicode=False, delimiter=b"\0")):
+                    last = _peek(chunk)
+                    yield chunk
+        except requests.exceptions.RequestException as err:
+            lost = f"{type(err).__name__}: the connection broke"
+        # Our workers mark the last chunk of an answer ``finished``; upstream's mark nothing.
+        if lost is None and "finished" in last and not last["finished"] and last.get("error_code") == 0:
+            lost = "the stream ended before the answer was finished"
+        if lost is not None:
+            logger.warning("Lost worker %s mid-answer: %s", address, lost)
+            yield error_chunk(
+                f"The worker {address} serving {model!r} was lost mid-answer ({lost}); the answer above is incomplete. "
+                f"Retry: the controller drops the worker once its heartbeat expires ({self.heart_beat_expiration:g} s) "
+                f"and sends requests to the model's other workers.", ErrorCode.WORKER_UNREACHABLE)
+
+    def generate_stream(self, params: dict[str, Any]) -> Iterator[bytes]:
+        """The chunks of ``open_stream`` (upstream's ``worker_api_generate_stream``)."""
+        yield from self.open_stream(params)[1]
 
     def aggregate_status(self) -> dict[str, Any]:
         """``/worker_get_status`` for the controller as a whole: every worker's models, speeds and queues."""
@@ -233,6 +264,15 @@ class Controller:
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
+
+
+def _peek(chunk: bytes) -> dict[str, Any]:
+    """The JSON object of a relayed chunk (``{}`` if it is not one)."""
+    try:
+        data = json.loads(chunk.rstrip(b"\0"))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _fields(data: Any, *names: str) -> list[Any]:
@@ -289,7 +329,9 @@ def create_app(controller: Controller):
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
         params = await _json(request)
-        return responses.StreamingResponse(controller.generate_stream(params if isinstance(params, dict) else {}))
+        status, chunks = await fastapi.concurrency.run_in_threadpool(
+            controller.open_stream, params if isinstance(params, dict) else {})
+        return responses.StreamingResponse(chunks, status_code=status)
 
     @app.post("/worker_get_status")
     def worker_get_status():

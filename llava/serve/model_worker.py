@@ -418,7 +418,10 @@ class ModelWorker:
             self._release_unless_generating(ticket)
 
     def _queue_chunks(self, request: GenerationRequest, ticket: Ticket) -> Iterator[bytes]:
-        while not self.gate.wait(ticket, QUEUE_CHUNK_INTERVAL_S):
+        """While ``ticket`` waits for a slot: a chunk at once, then one every ``QUEUE_CHUNK_INTERVAL_S``."""
+        timeout = 0.0
+        while not self.gate.wait(ticket, timeout):
+            timeout = QUEUE_CHUNK_INTERVAL_S
             yield encode_chunk({"text": request.prompt, "error_code": int(ErrorCode.OK),
                                 "queue_position": self.gate.position(ticket),
                                 "queue_s": round(time.perf_counter() - ticket.arrived, 4), "finished": False})
