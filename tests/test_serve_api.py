@@ -274,6 +274,14 @@ def test_unknown_model_and_non_json_body(cluster):
     assert chunk["error_code"] == 1 and "not JSON" in chunk["text"]
 
 
+def test_prompt_longer_than_the_context(cluster, image_b64):
+    """A prompt that leaves no room to answer gets an error chunk with the numbers, not a truncated answer."""
+    prompt = "USER: <image>\n" + "one two three " * 800 + "ASSISTANT:"
+    status, chunks = _stream(cluster.small.url, _payload(SMALL, image_b64, prompt=prompt))
+    assert status == 200 and len(chunks) == 1 and chunks[0]["error_code"] == 1
+    assert "144 image tokens, which fills the model's context of 2048 tokens" in chunks[0]["text"]
+
+
 # ---- Limits ------------------------------------------------------------------------------------------
 
 
@@ -350,3 +358,60 @@ def test_worker_killed_mid_stream(cluster):
     assert _post(cluster.controller.url, "/get_worker_address", {"model": PLAIN}) == {"address": ""}
     status, chunks = _stream(cluster.controller.url, _payload(SMALL, None, prompt="USER: Hi ASSISTANT:"))
     assert status == 200 and chunks[-1]["finished"]
+
+
+# ---- In-process: flags, compression switched on by flag, the admission gate ---------------------------
+
+
+def test_worker_flags_match_upstream_and_bad_values_are_refused(capsys):
+    """Upstream's flags and defaults parse; a bad limit exits with the parser's usage naming the flag."""
+    _missing_or_fail(SERVE_PACKAGES)
+    from llava.eval.vqa_common import parse_args
+    from llava.serve import model_worker
+
+    args = model_worker.build_parser().parse_args(["--multi-modal", "--no-register", "--load-8bit", "--use-flash-attn"])
+    assert (args.host, args.port, args.worker_address, args.controller_address) == (
+        "localhost", 21002, "http://localhost:21002", "http://localhost:21001")
+    assert (args.model_path, args.limit_model_concurrency, args.stream_interval) == ("facebook/opt-350m", 5, 1)
+    assert args.multi_modal and args.no_register and args.load_8bit and args.use_flash_attn
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(model_worker.build_parser(), ["--limit-model-concurrency", "0"], model_worker.check_args)
+    assert exit_info.value.code == 2
+    assert "--limit-model-concurrency must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_compression_flags_switch_a_plain_checkpoint_to_64_tokens(tiny_llava, image_b64):
+    """--use-token-compression --compression-output-size 8 on the uncompressed checkpoint: 64 image tokens
+    measured, as llava.serve.cli takes the flags; the slot is free again after the answer."""
+    _missing_or_fail(SERVE_PACKAGES)
+    from llava.eval.vqa_common import parse_args
+    from llava.serve import model_worker
+
+    argv = ["--model-path", str(tiny_llava), "--device", "cpu", "--no-register", "--use-token-compression",
+            "--compression-output-size", "8"]
+    worker = model_worker.load_worker(parse_args(model_worker.build_parser(), argv, model_worker.check_args))
+    request = worker.parse(_payload(worker.model_name, image_b64, max_new_tokens=6))
+    chunks = [json.loads(raw.rstrip(b"\0")) for raw in worker.stream(request, worker.admit())]
+    final = _check_answer(chunks, PROMPT)
+    assert final["image_tokens"] == 64 and worker.vision_tower.num_patches == 64
+    deadline = time.monotonic() + 10
+    while worker.gate.queue_length and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.gate.queue_length == 0
+
+
+def test_admission_gate_order_and_refusal():
+    """Slots first come first served, a bounded queue in order, a clear refusal beyond it; release is idempotent."""
+    _missing_or_fail(SERVE_PACKAGES)
+    from llava.serve.model_worker import AdmissionGate, QueueFull
+
+    gate = AdmissionGate(limit=1, max_queued=2)
+    first, second, third = gate.enter(), gate.enter(), gate.enter()
+    assert first.granted and not second.granted and (gate.position(second), gate.position(third)) == (1, 2)
+    with pytest.raises(QueueFull, match=r"1 requests are generating .* 2 are waiting .*--max-queued-requests"):
+        gate.enter()
+    gate.release(second)  # gave up while waiting
+    assert gate.position(third) == 1 and gate.queue_length == 2
+    gate.release(first)
+    gate.release(first)
+    assert gate.wait(third, 0) and gate.queue_length == 1

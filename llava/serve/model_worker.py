@@ -295,6 +295,7 @@ class PromptLengthProbe:
         decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def attach(self, job: Job) -> None:
+        """Record into ``job`` what the calling thread's next ``generate`` feeds the decoder."""
         with self._lock:
             self._jobs[threading.get_ident()] = job
 
@@ -385,6 +386,7 @@ class ModelWorker:
         return {"model_names": [self.model_name], "speed": 1, "queue_length": self.gate.queue_length}
 
     def parse(self, params: Any) -> GenerationRequest:
+        """``parse_request`` with this worker's model name and limits."""
         return parse_request(params, self.model_name, self.multimodal, self.limits.max_image_pixels)
 
     def admit(self) -> Ticket:
@@ -393,7 +395,8 @@ class ModelWorker:
         self.on_queue_change()
         return ticket
 
-    def _release_unless_generating(self, ticket: Ticket) -> None:
+    def release_unless_generating(self, ticket: Ticket) -> None:
+        """Give back ``ticket``'s slot or queue place, unless a generate thread holds it (that thread releases it)."""
         if not ticket.in_generation:
             self.gate.release(ticket)
             self.on_queue_change()
@@ -415,7 +418,7 @@ class ModelWorker:
                               f"See the worker's log.", ErrorCode.WORKER_ERROR)
         finally:
             cancel.set()  # the client is gone or the answer is complete: stop generating
-            self._release_unless_generating(ticket)
+            self.release_unless_generating(ticket)
 
     def _queue_chunks(self, request: GenerationRequest, ticket: Ticket) -> Iterator[bytes]:
         """While ``ticket`` waits for a slot: a chunk at once, then one every ``QUEUE_CHUNK_INTERVAL_S``."""
@@ -627,7 +630,7 @@ def create_app(worker: ModelWorker):
             return _refusal(str(err), ErrorCode.WORKER_BUSY, 503)
         chunks = worker.stream(parsed, ticket)
         # A response that never starts (client gone at once) never runs the generator's cleanup.
-        weakref.finalize(chunks, worker._release_unless_generating, ticket)
+        weakref.finalize(chunks, worker.release_unless_generating, ticket)
         return responses.StreamingResponse(chunks)
 
     @app.post("/worker_get_status")
