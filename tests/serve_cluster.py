@@ -23,6 +23,9 @@ API (stdlib only, so importing it never needs the ``serve`` extra)::
   ``.log_tail()``. Every service runs in its own process group (``start_new_session``), logging to
   ``<log_dir>/<name>.log``; a service that exits while being waited for raises with its log tail.
 - ``stop_all()``: stop every service still running (for fixture teardown).
+- Another service (the Gradio page): ``start_service(name, module, args, port, log_dir)`` runs
+  ``python -m module *args`` the same way, and ``wait_until(service, ready, what, timeout)`` polls
+  ``ready()`` (``_spawn`` and ``_wait`` are the same functions under their first names).
 """
 
 from __future__ import annotations
@@ -204,6 +207,10 @@ def wait_until_unlisted(controller: Service, name: str, timeout: float = 30) -> 
             return time.monotonic() - start
         time.sleep(0.2)
     raise TimeoutError(f"The controller still lists {name!r} after {timeout} s.\n{controller.log_tail(3000)}")
+
+
+start_service = _spawn
+wait_until = _wait
 
 
 def stop_all() -> None:
