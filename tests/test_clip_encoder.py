@@ -200,6 +200,8 @@ def test_load_token_compressor_and_record_compression(tiny_tower_336, make_args,
     )
 
 
+# A Python subprocess (a fresh interpreter is the only way to see what an import loads).
+@pytest.mark.slow
 def test_compression_off_does_not_import_the_compressor_package(tiny_tower_336):
     code = (
         "import sys; from types import SimpleNamespace as A;"

@@ -140,6 +140,8 @@ _CRASH_DURING_SECOND_SAVE = textwrap.dedent("""
 """)
 
 
+# Training subprocesses, one killed; the sampler's and run log's resume have fast tests in test_compressor_training_parts.
+@pytest.mark.slow
 def test_killed_run_keeps_its_last_checkpoint_and_resume_continues_exactly(tiny_tower_336, train_images, tmp_path):
     args = ["--epochs", "2", "--seed", "5"]
     crashed = tmp_path / "crashed"
@@ -177,6 +179,8 @@ def test_killed_run_keeps_its_last_checkpoint_and_resume_continues_exactly(tiny_
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=1e-6)
 
 
+# Two training processes (gloo), about 20 s of CPU.
+@pytest.mark.slow
 def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_tower_336, train_images, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

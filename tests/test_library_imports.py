@@ -10,6 +10,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Each test starts a fresh interpreter (the only way to see what an import loads), 3 s of CPU apiece.
+pytestmark = pytest.mark.slow
+
 LIBRARY_MODULES = {
     "vision_token_compression",
     "vision_token_compression.atomic",

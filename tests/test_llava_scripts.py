@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from llava.eval import model_vqa_loader, run_llava
+from llava.serve import cli as serve_cli
 from llava.standins import build_tiny_llava, make_images, save_images, write_question_file
 
 COMPRESS = ["--use-token-compression", "--compression-output-size", "12"]
@@ -88,6 +90,21 @@ def test_model_vqa_loader_chunks(model_path, image_folder, tmp_path):
     assert [a["question_id"] for a in _answers(answers_file)] == [3, 4]
 
 
+def test_cli_chats_over_stdin(model_path, image_folder, monkeypatch, capsys, caplog):
+    """Two turns read from stdin, a non-empty answer to each, then exit; in this process."""
+    folder, names = image_folder
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is this?\nAnd the colour?\n"))
+    with caplog.at_level(logging.INFO, logger="llava.model.builder"):
+        answers = serve_cli.main(common(model_path) + COMPRESS + [
+            "--image-file", str(folder / names[1]), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert out.count("USER: ") == 3 and out.count("ASSISTANT: ") == 2 and out.rstrip().endswith("exit...")
+    assert len(answers) == 2 and all(answer.strip() for answer in answers)
+    assert "switched on at load time" in caplog.text
+
+
+# `python -m llava.serve.cli` in a subprocess; test_cli_chats_over_stdin runs the same chat in-process.
+@pytest.mark.slow
 def test_cli_chats_over_piped_stdin(model_path, image_folder):
     folder, names = image_folder
     args = common(model_path) + COMPRESS + ["--image-file", str(folder / names[1]), "--max-new-tokens", "4"]

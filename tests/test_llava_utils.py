@@ -152,6 +152,8 @@ def test_declared_transformers_range_is_the_one_tested():
     assert Version(transformers.__version__) in requirement.specifier, (transformers.__version__, str(requirement))
 
 
+# Two Python subprocesses (a fresh interpreter is the only way to see what an import loads).
+@pytest.mark.slow
 def test_importing_the_vision_encoder_stays_light():
     code = ("import sys, llava.model.multimodal_encoder.clip_encoder; "
             "print(any(m.startswith('llava.model.language_model') for m in sys.modules))")

@@ -189,6 +189,8 @@ def test_text_only_model_refuses_image_token_in_text(assets):
     assert ds[1]["input_ids"].min() >= 0 and ds.num_skipped == 1
 
 
+# A full training loop (about 20 s of CPU); test_train_e2e's broken-sample tests keep the skip policy in the quick loop.
+@pytest.mark.slow
 def test_skip_policy_trains_past_every_malformed_sample(assets):
     """A tiny LLaVA trains on a file where every other sample is broken; every skip is reported."""
     from llava.standins import create_tiny_llava

@@ -133,6 +133,9 @@ def test_stage2_full_finetune_round_trip(ws, stage1):
     _check_stage2(ws, stage1, out, snap, trainer, model_base=None)
 
 
+# A LoRA stage 2 run, then loading and answering; test_train_reliability's LoRA tests and
+# test_llava_model's test_lora_checkpoint_with_model_base stay in the quick loop.
+@pytest.mark.slow
 def test_stage2_lora_round_trip(ws, stage1):
     out = ws.root / "llava-v1.5-tiny-toconv12-lora"
     snap = Snapshot()

@@ -361,7 +361,8 @@ class Interrupted(BaseException):
     """Stands in for a kill in the in-process tests (the slow tests below use real SIGKILLs)."""
 
 
-@pytest.mark.parametrize("when", ["checkpoint-2", "final"])
+# "final" trains 4 steps twice with a save each step (11 s of CPU); "checkpoint-2" is the quick case.
+@pytest.mark.parametrize("when", ["checkpoint-2", pytest.param("final", marks=pytest.mark.slow)])
 def test_interrupted_stage1_save_leaves_no_partial_file(ws, tmp_path, monkeypatch, when):
     out = tmp_path / "pretrain"
     flags = [*stage1_flags(ws, out), "--save_steps", "1"]
@@ -399,6 +400,8 @@ def test_interrupted_stage1_save_leaves_no_partial_file(ws, tmp_path, monkeypatc
 # ----------------------------------------------------------------------------------------------
 
 
+# Three LoRA training runs (about 17 s of CPU).
+@pytest.mark.slow
 def test_same_seed_gives_the_same_lora_run(ws, stage1, tmp_path):
     runs = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):

@@ -84,6 +84,8 @@ def test_deepspeed_configs(name, stage):
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+# Two Python subprocesses importing the training stack.
+@pytest.mark.slow
 def test_train_py_runs_as_a_script():
     """The DeepSpeed launcher runs llava/train/train.py by path, not as a module."""
     for entry in ("llava/train/train.py", "llava/train/train_mem.py"):
