@@ -162,6 +162,22 @@ def test_stream_without_image_and_stop_string(cluster):
     assert stop not in stopped and answer.startswith(stopped)
 
 
+def test_concurrent_requests_are_measured_apart(cluster, image_b64):
+    """Requests generating at once on one worker (with and without an image), twice over: each gets its
+    own image-token count and the greedy answer it gets alone (the vision tower runs one call at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with_image, text_only = _payload(SMALL, image_b64), _payload(SMALL, None, prompt="USER: Hi ASSISTANT:")
+    alone = {True: _stream(cluster.small.url, with_image)[1][-1], False: _stream(cluster.small.url, text_only)[1][-1]}
+    bodies = [with_image, text_only, with_image, with_image]
+    for _ in range(2):
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = [chunks[-1] for _, chunks in pool.map(lambda body: _stream(cluster.small.url, body), bodies)]
+        assert [c["image_tokens"] for c in together] == [144, 0, 144, 144]
+        assert [c["text"] for c in together] == [alone[bool(b["images"])]["text"] for b in bodies]
+        assert all(c["finished"] for c in together)
+
+
 # ---- Clients: upstream's test_message, ours, register_worker ---------------------------------------
 
 
