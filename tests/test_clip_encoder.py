@@ -322,3 +322,30 @@ def test_builder_picks_the_s2_tower_from_the_config(tiny_tower_336, make_args):
     cfg.s2 = False
     tower = build_vision_tower(cfg, delay_load=True)
     assert type(tower) is CLIPVisionTower and tower.num_patches == 144
+
+
+def test_concurrent_threads_get_the_features_they_get_alone(tiny_tower_336, make_args, caplog):
+    """A web-demo worker encodes several requests' images at once; the early stop must stay per call."""
+    import threading
+
+    tower = CLIPVisionTower(str(tiny_tower_336), make_args())
+    torch.manual_seed(0)
+    images = [torch.randn(1, 3, 336, 336) for _ in range(4)]
+    with torch.no_grad():
+        alone = [tower(image) for image in images]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+
+    def encode(worker: int) -> None:
+        with torch.no_grad():
+            for round_ in range(15):
+                results[worker, round_] = tower(images[worker])
+
+    with caplog.at_level("WARNING"):
+        threads = [threading.Thread(target=encode, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not [m for m in caplog.messages if "encoder.layers" in m]
+    for (worker, _), features in results.items():
+        torch.testing.assert_close(features, alone[worker], rtol=0, atol=0)

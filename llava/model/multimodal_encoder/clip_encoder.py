@@ -100,16 +100,21 @@ class CLIPEarlyStop:
         """
         num_layers = model.config.num_hidden_layers
         needed = self.layers_needed(select_layer, num_layers)
-        swap = None if needed is None else self._swap_for(model, needed, select_layer)
+        if needed is None:
+            return model(pixels, output_hidden_states=True)
+        with self._swap_lock:
+            # Looked up under the lock too: during another thread's call the model holds the short list,
+            # which the lookup would take for an unknown layout.
+            swap = self._swap_for(model, needed, select_layer)
+            if swap is not None:
+                parent, attribute, layers, head = swap
+                setattr(parent, attribute, head)
+                try:
+                    selected = model(pixels, return_dict=True).last_hidden_state  # (B, 1 + N, C)
+                finally:
+                    setattr(parent, attribute, layers)
         if swap is None:
             return model(pixels, output_hidden_states=True)
-        parent, attribute, layers, head = swap
-        with self._swap_lock:
-            setattr(parent, attribute, head)
-            try:
-                selected = model(pixels, return_dict=True).last_hidden_state  # (B, 1 + N, C)
-            finally:
-                setattr(parent, attribute, layers)
         return SimpleNamespace(hidden_states=(None,) * needed + (selected,) + (None,) * (num_layers - needed))
 
     def _swap_for(self, model: nn.Module, needed: int, select_layer: int):
