@@ -74,6 +74,10 @@ def _full_loss(tower: Path, images: Path, compressor: TokenCompressor) -> float:
     return losses["loss"].item()
 
 
+# Full-loss passes before and after, and the evaluator over every baseline (about 14 s of CPU). The
+# trained_run fixture (the run itself) and the evaluator stay in the quick loop through the two
+# checkpoint-loading tests below.
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_beats_random_init(trained_run, tiny_tower_336, train_images,
                                                          held_out_images, tmp_path, capsys):
     config = json.loads((trained_run / "config.json").read_text())
