@@ -342,28 +342,6 @@ class CancelCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def serialize_forward(module: torch.nn.Module) -> None:
-    """Let one thread at a time run ``module`` (a lock taken by a forward pre-hook, released by an always-called hook).
-
-    Concurrent requests run ``generate`` in parallel threads on one model, as upstream's worker does.
-    The vision tower is not safe for that: its early stop (``clip_encoder.CLIPEarlyStop``) swaps the CLIP
-    encoder's layer list during a call and looks the list up outside its lock, so a second thread may
-    find the short list, log "no unique '*encoder.layers' list", and encode its image wrongly (seen: a
-    greedy answer that differs from the one the request gets alone). Encoding an image takes
-    milliseconds to a second; the language model's decoding stays parallel.
-    """
-    lock = threading.RLock()
-
-    def acquire(*_) -> None:
-        lock.acquire()
-
-    def release(*_) -> None:
-        lock.release()
-
-    module.register_forward_pre_hook(acquire)
-    module.register_forward_hook(release, always_call=True)
-
-
 # ---- The worker ---------------------------------------------------------------------------------
 
 
@@ -394,8 +372,6 @@ class ModelWorker:
         self.limits = limits or WorkerLimits()
         get_tower = getattr(model, "get_vision_tower", None)
         self.vision_tower = get_tower() if get_tower is not None else None
-        if self.vision_tower is not None:
-            serialize_forward(self.vision_tower)
         self.gate = AdmissionGate(self.limits.limit_model_concurrency, self.limits.max_queued_requests)
         decoder = model.get_model() if hasattr(model, "get_model") else model
         self.probe = PromptLengthProbe(decoder)
