@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import threading
 import urllib.request
@@ -462,14 +463,19 @@ def test_a_template_that_needs_an_image_is_refused_on_the_page_and_nothing_is_se
     assert demo.worker_requests() == sent_before
 
 
+def _new_tokens(stats_line: str) -> int:
+    """The "N new tokens" count of a panel's measurements line (0 before the first token)."""
+    match = re.search(r"(\d+) new tokens", stats_line)
+    return int(match.group(1)) if match else 0
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_answer_gives_its_panel_an_error_and_leaves_the_controller(demo, browser, tmp_path):
     _open(browser, demo, [BASE, TOCONV])
     _upload(browser, _png(tmp_path))
     _set_parameters(browser, temperature=0.0, max_tokens=1024)  # greedy: the stand-ins write all 1024 tokens
     _ask(browser, "Describe the picture in detail.")
-    _wait_for(browser, lambda d: "144 image tokens" in _text(d, "stats-1") and "▌" in _text(d, "panel-1"),
-              "the compressed model's answer streaming")
+    _wait_for(browser, lambda d: 0 < _new_tokens(_text(d, "stats-1")) < 900, "the compressed model's answer streaming")
     demo.workers[TOCONV].kill()
     _wait_for(browser, lambda d: "Error:" in _text(d, "panel-1"), "an error in the killed worker's panel", timeout=60)
     _screenshot(browser, tmp_path, "web-demo-worker-killed.png")

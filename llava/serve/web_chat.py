@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +45,7 @@ CONTROLLER_TIMEOUT_S = 10
 # A worker stream: connect within 5 s, then a chunk at least every 60 s (queued requests get one every
 # few seconds), so a worker that hangs ends the answer with an error instead of a spinning page.
 STREAM_TIMEOUT_S = (5, 60)
+UPDATE_INTERVAL_S = 0.2  # the page shows the answers at most this often (5 updates a second)
 MODERATION_URL = "https://api.openai.com/v1/moderations"
 MODERATION_MESSAGE = "Your input violates the content moderation guidelines; please ask something else."
 
@@ -366,13 +368,17 @@ def stream_answer(client: ControllerClient, model_name: str, conv: Conversation,
 StreamFn = Callable[[str, Conversation, threading.Event], Iterator[Answer]]
 
 
-def stream_side_by_side(jobs: Sequence[tuple[str, Conversation]], stream: StreamFn) -> Iterator[list[Answer]]:
-    """Stream several answers at once, one thread each; yields every model's latest ``Answer`` on each change.
+def stream_side_by_side(jobs: Sequence[tuple[str, Conversation]], stream: StreamFn,
+                        update_interval_s: float = UPDATE_INTERVAL_S) -> Iterator[list[Answer]]:
+    """Stream several answers at once, one thread each; yields every model's latest ``Answer`` as they change.
 
     Args:
         jobs: ``(model name, conversation)`` for each panel, in panel order.
         stream: ``stream(model, conv, cancel)`` yielding that model's ``Answer`` as it grows
             (``stream_answer`` bound to a client and parameters).
+        update_interval_s: Changes within this many seconds of the first are yielded together: a
+            browser re-rendering three growing answers for every token falls behind (and so does
+            anything driving it).
     """
     updates: queue.Queue[tuple[int, Answer]] = queue.Queue()
     cancel = threading.Event()
@@ -397,9 +403,23 @@ def stream_side_by_side(jobs: Sequence[tuple[str, Conversation]], stream: Stream
         while not all(answer.done for answer in latest):
             index, answer = updates.get()
             latest[index] = answer
+            _drain(updates, latest, time.monotonic() + update_interval_s)
             yield list(latest)
     finally:
         cancel.set()
+
+
+def _drain(updates: queue.Queue, latest: list[Answer], deadline: float) -> None:
+    """Fold further updates into ``latest`` until ``deadline`` or until every answer is done."""
+    while not all(answer.done for answer in latest):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            index, answer = updates.get(timeout=remaining)
+        except queue.Empty:
+            return
+        latest[index] = answer
 
 
 # ---- The page's chat -------------------------------------------------------------------------------
