@@ -10,10 +10,13 @@ template that needs an image asked without one.
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import os
 import re
 import shutil
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ pytest.importorskip("requests")
 import serve_cluster  # noqa: E402  (tests/ is on sys.path: conftest imports it the same way)
 from llava.constants import DEFAULT_IMAGE_TOKEN  # noqa: E402
 from llava.serve import web_chat  # noqa: E402
-from llava.serve.protocol import ErrorCode  # noqa: E402
+from llava.serve.protocol import ErrorCode, encode_chunk  # noqa: E402
 from llava.serve.web_chat import Answer, ChatSession, InputError  # noqa: E402
 
 BASE = "llava-v1.5-tiny"
@@ -214,6 +217,72 @@ def test_messages_show_the_cursor_while_streaming_and_the_error_when_it_failed()
                                    {"role": "assistant", "content": "Hel▌"}]
     assert session.messages(1)[-1]["content"] == "He\n\nError: Lost the worker."
     assert session.status_line(1) == f"**{TOCONV}** · error" and session.messages(2) == []
+
+
+class _StubHandler(http.server.BaseHTTPRequestHandler):
+    """A controller and worker in one: the model name picks how ``/worker_generate_stream`` behaves."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        data = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
+        model = data.get("model") if isinstance(data, dict) else None
+        if self.path == "/get_worker_address":
+            address = "" if model == "gone" else f"http://127.0.0.1:{self.server.server_address[1]}"
+            return self._send(200, json.dumps({"address": address}).encode())
+        prompt = data["prompt"]
+        if model == "busy":
+            return self._send(503, encode_chunk({"text": "5 generating, 16 waiting.", "error_code": 4}))
+        first = encode_chunk({"text": prompt + " Half", "error_code": 0, "image_tokens": 144, "finished": False})
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(first), first))
+        if model == "dies":  # the connection drops mid-stream, as when the worker is killed
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        last = encode_chunk({"text": prompt + " Half done.", "error_code": 0, "image_tokens": 144, "finished": True})
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
+
+
+@pytest.fixture(scope="module")
+def stub_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("model, text, error", [
+    ("ok", "Half done.", None),
+    ("busy", "", "busy is busy: 5 generating, 16 waiting. Ask again in a moment"),
+    ("dies", "Half", "Lost the worker of dies at http://127.0.0.1:"),
+    ("gone", "", "No worker serves gone any more. Start one, then press Refresh models."),
+])
+def test_stream_answer_over_http_ends_every_failure_with_a_message(stub_url, model, text, error):
+    conv = web_chat.build_conversation("llava_v1", [web_chat.UserTurn("Hi")], [None])
+    answers = [replace(a) for a in web_chat.stream_answer(web_chat.ControllerClient(stub_url), model, conv,
+                                                          web_chat.GenerationParams())]
+    last = answers[-1]
+    assert last.done and last.text == text
+    assert (last.error is None) if error is None else last.error.startswith(error), last.error
+    if model in ("ok", "dies"):
+        assert answers[0].stats.image_tokens == 144
+    unreachable = list(web_chat.stream_answer(web_chat.ControllerClient("http://127.0.0.1:9"), "m", conv,
+                                              web_chat.GenerationParams()))
+    assert unreachable[-1].error.startswith("The controller at http://127.0.0.1:9 did not answer /get_worker_address")
 
 
 # ---- The page's handlers and flags (Gradio imported, no server) ------------------------------------

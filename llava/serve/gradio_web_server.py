@@ -15,11 +15,12 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
-from llava.conversation import conv_templates
+from llava.conversation import Conversation, conv_templates
 
 from .deps import require
 from .protocol import DEFAULT_CONTROLLER_ADDRESS
@@ -29,6 +30,7 @@ from .web_chat import (
     MAX_MODELS,
     MAX_NEW_TOKENS,
     MODERATION_MESSAGE,
+    Answer,
     ChatSession,
     ControllerClient,
     ControllerError,
@@ -159,7 +161,8 @@ class DemoPage:
             session.record(answers)
             yield self.render(session, notice)
 
-    def _stream_one(self, params: GenerationParams, model: str, conv, cancel) -> Iterator:
+    def _stream_one(self, params: GenerationParams, model: str, conv: Conversation,
+                    cancel: threading.Event) -> Iterator[Answer]:
         return stream_answer(self.client, model, conv, params, cancel)
 
     def on_clear(self) -> tuple[Any, ...]:
