@@ -102,6 +102,7 @@ def _post(url: str, path: str, body: dict | None = None) -> Any:
 # ---- Registry ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_controller_lists_workers_and_dispatches(cluster):
     """list_models, get_worker_address and each worker's status, as upstream's clients read them."""
     assert list_models(cluster.controller) == [PLAIN, SMALL]
@@ -126,6 +127,7 @@ def _check_answer(chunks: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
     return chunks[-1]
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_stream_reports_measured_image_tokens(cluster, image_b64):
     """Through each worker and through the controller's relay: 576 vs 144 image tokens, the prompt
     432 tokens shorter with compression, timings present, and greedy answers identical on both routes."""
@@ -147,6 +149,7 @@ def test_stream_reports_measured_image_tokens(cluster, image_b64):
         assert finals[name, "direct"]["output_tokens"] == finals[name, "relay"]["output_tokens"]
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_stream_without_image_and_stop_string(cluster):
     """A text-only prompt is answered by a LLaVA worker (0 image tokens); the stop string ends the answer."""
     prompt = "USER: Say something. ASSISTANT:"
@@ -162,6 +165,7 @@ def test_stream_without_image_and_stop_string(cluster):
     assert stop not in stopped and answer.startswith(stopped)
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_concurrent_requests_are_measured_apart(cluster, image_b64):
     """Requests generating at once on one worker (with and without an image), twice over: each gets its
     own image-token count and the greedy answer it gets alone (the vision tower runs one call at a time)."""
@@ -181,6 +185,7 @@ def test_concurrent_requests_are_measured_apart(cluster, image_b64):
 # ---- Clients: upstream's test_message, ours, register_worker ---------------------------------------
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_upstream_test_message_against_our_controller(cluster):
     """llava-torch 1.2.2.post1's own ``llava.serve.test_message`` gets the models, a worker and an answer."""
     python = UPSTREAM_VENV / "bin" / "python"
@@ -204,6 +209,7 @@ def test_upstream_test_message_against_our_controller(cluster):
     assert "USER:\nTell\nme\na\nstory." in result.stdout
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_our_test_message_prints_answer_and_measurements(cluster, tmp_path, capsys):
     """Ours, with an image: the worker it picked, the streamed answer and the 144-token measurement."""
     from llava.serve import test_message
@@ -221,6 +227,7 @@ def test_our_test_message_prints_answer_and_measurements(cluster, tmp_path, caps
     assert "no worker serves 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_register_worker_cli(cluster, capsys):
     """Upstream's manual registration: a running worker is taken, a dead address is refused with a reason."""
     from llava.serve import register_worker
@@ -259,6 +266,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_refused_before_generation(cluster, image_b64, case):
     """HTTP 400 and one error chunk naming the problem, at once, from the worker and through the relay."""
@@ -277,6 +285,7 @@ def test_bad_input_refused_before_generation(cluster, image_b64, case):
         assert chunks[0]["error_code"] == 1 and message in chunks[0]["text"], chunks[0]["text"]
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_unknown_model_and_non_json_body(cluster):
     """The relay names the models it has; a worker refuses a body that is not JSON."""
     import requests
@@ -290,6 +299,7 @@ def test_unknown_model_and_non_json_body(cluster):
     assert chunk["error_code"] == 1 and "not JSON" in chunk["text"]
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_prompt_longer_than_the_context(cluster, image_b64):
     """A prompt that leaves no room to answer gets an error chunk with the numbers, not a truncated answer."""
     prompt = "USER: <image>\n" + "one two three " * 800 + "ASSISTANT:"
@@ -301,6 +311,7 @@ def test_prompt_longer_than_the_context(cluster, image_b64):
 # ---- Limits ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_queue_then_answer_and_full_queue_refused(cluster):
     """One slot, one queue place: a second request waits (queue chunks at once) and is answered once the
     first client hangs up (its slot freed); a third is refused at once with 503, direct and via the controller."""
@@ -347,6 +358,7 @@ def _wait_for_queue_length(worker: Service, length: int, timeout: float = 30, at
 # ---- A worker lost mid-answer (last: it kills the uncompressed worker) ---------------------------------
 
 
+@pytest.mark.slow  # the module's controller and two worker processes
 def test_worker_killed_mid_stream(cluster):
     """The relay's client gets an error chunk saying the worker was lost; after the heartbeat expiry the
     controller lists the model no more, and the other worker keeps answering."""
