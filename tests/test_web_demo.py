@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -443,11 +444,12 @@ def _open(driver, demo: Demo, models: list[str]) -> None:
 
 
 def _set_parameters(driver, temperature: float, max_tokens: int) -> None:
-    """Open the Parameters accordion and type into the sliders' number boxes."""
+    """Type into the sliders' number boxes (opening the Parameters accordion if it is closed)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    driver.find_element(By.XPATH, "//button[.//span[text()='Parameters']]").click()
+    if not any(box.is_displayed() for box in driver.find_elements(By.CSS_SELECTOR, "#max-tokens input[type=number]")):
+        driver.find_element(By.XPATH, "//button[.//span[text()='Parameters']]").click()  # open the accordion
     for label, value in (("Temperature", temperature), ("Max output tokens", max_tokens)):
         box = _wait_for(driver, lambda d, label=label: d.find_element(
             By.XPATH, f"//*[text()='{label}']/ancestor::*[.//input[@type='number']][1]//input[@type='number']"),
@@ -554,3 +556,28 @@ def test_a_worker_killed_mid_answer_gives_its_panel_an_error_and_leaves_the_cont
     assert "Error" not in _text(browser, "panel-0")
     serve_cluster.wait_until_unlisted(demo.controller, TOCONV, timeout=30)
     assert serve_cluster.list_models(demo.controller) == [BASE]
+
+
+@pytest.mark.slow
+def test_regenerate_asks_again_and_clear_stops_a_streaming_answer(demo, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, demo, [BASE])
+    _upload(browser, _png(tmp_path))
+    _set_parameters(browser, temperature=0.0, max_tokens=8)
+    _ask(browser, "What colour is the square?")
+    _wait_for(browser, lambda d: _new_tokens(_text(d, "stats-0")) == 8, "the first answer")
+    first = _text(browser, "panel-0")
+    sent = demo.worker_requests()
+    browser.find_element(By.ID, "regenerate").click()
+    _wait_for(browser, lambda d: demo.worker_requests() == sent + 1 and _new_tokens(_text(d, "stats-0")) == 8
+              and "▌" not in _text(d, "panel-0"), "the regenerated answer")
+    assert _text(browser, "panel-0") == first, "greedy decoding regenerates the same single answer"
+    _set_parameters(browser, temperature=0.0, max_tokens=1024)
+    browser.find_element(By.ID, "regenerate").click()
+    _wait_for(browser, lambda d: 8 < _new_tokens(_text(d, "stats-0")) < 900, "the long answer streaming")
+    browser.find_element(By.ID, "clear").click()
+    _wait_for(browser, lambda d: "What colour" not in _text(d, "panel-0") and not _text(d, "stats-0"),
+              "empty panels after Clear", timeout=30)
+    time.sleep(2)  # a stream that went on would write the chat back
+    assert "What colour" not in _text(browser, "panel-0") and not _text(browser, "stats-0")

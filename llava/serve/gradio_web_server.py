@@ -228,13 +228,16 @@ def build_demo(page: DemoPage, embed: bool = False, concurrency_count: int = 16)
         chat_outputs = [state, *chatbots, *stats, notice, textbox]
         params = [c["temperature"], c["top_p"], c["max_tokens"]]
         ask_inputs = [state, textbox, c["image"], c["mode"], c["models"], c["template"], *params]
-        for trigger in (send.click, textbox.submit):
-            trigger(page.on_ask, ask_inputs, chat_outputs, concurrency_limit=concurrency_count)
-        regenerate.click(page.on_regenerate, [state, c["mode"], *params], chat_outputs,
-                         concurrency_limit=concurrency_count)
-        clear.click(page.on_clear, None, [*chat_outputs, c["image"]], queue=False)
+        # A second Send while answers stream is ignored ("once"); Clear or another model selection stops
+        # the streams first, so that they cannot write the old chat back over the new one.
+        ask = gr.on([send.click, textbox.submit], page.on_ask, ask_inputs, chat_outputs,
+                    concurrency_limit=concurrency_count, trigger_mode="once")
+        again = regenerate.click(page.on_regenerate, [state, c["mode"], *params], chat_outputs,
+                                 concurrency_limit=concurrency_count, trigger_mode="once")
+        clear.click(None, cancels=[ask, again]).then(page.on_clear, None, [*chat_outputs, c["image"]])
         c["refresh"].click(page.on_refresh, [c["models"]], [c["models"], notice], queue=False)
-        c["models"].change(page.on_models_changed, [c["models"]], [state, *columns, *chatbots, *stats], queue=False)
+        c["models"].change(None, cancels=[ask, again]).then(page.on_models_changed, [c["models"]],
+                                                             [state, *columns, *chatbots, *stats])
         demo.load(page.on_load, None, [state, c["models"], notice], queue=False)
     return demo
 
