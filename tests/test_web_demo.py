@@ -4,8 +4,8 @@ The fast tests cover ``llava.serve.web_chat`` without a browser or a server: eac
 side-by-side mode, the image limits, the refusals before sending, and the messages the page shows for
 error chunks, HTTP errors and streams cut off. The slow tests start the controller, two stand-in
 workers (576 and 144 image tokens) and the Gradio page (``tests/serve_cluster.py``), then drive the page
-through Selenium: a side-by-side answer with its measurements, a worker killed mid-answer, and a
-template that needs an image asked without one.
+through Selenium: a side-by-side answer with its measurements, a worker killed mid-answer, a
+template that needs an image asked without one, and Regenerate and Clear.
 """
 
 from __future__ import annotations
