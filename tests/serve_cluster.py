@@ -114,7 +114,7 @@ def post_json(url: str, path: str, data: dict | None = None, timeout: float = 10
         return json.loads(response.read() or b"null")
 
 
-def _spawn(name: str, module: str, args: Sequence[str], port: int, log_dir: Path) -> Service:
+def start_service(name: str, module: str, args: Sequence[str], port: int, log_dir: Path) -> Service:
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -128,7 +128,7 @@ def _spawn(name: str, module: str, args: Sequence[str], port: int, log_dir: Path
     return service
 
 
-def _wait(service: Service, ready, what: str, timeout: float) -> None:
+def wait_until(service: Service, ready, what: str, timeout: float) -> None:
     """Poll ``ready()`` until true; an error with the service's log if it exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -151,8 +151,8 @@ def start_controller(log_dir: Path, heart_beat_expiration: float = 30.0, extra_a
     port = free_port()
     args = ["--host", "127.0.0.1", "--port", str(port), "--heart-beat-expiration", str(heart_beat_expiration),
             *extra_args]
-    service = _spawn(f"controller-{port}", "llava.serve.controller", args, port, log_dir)
-    _wait(service, lambda: post_json(service.url, "/list_models", timeout=2) is not None, "answering", timeout)
+    service = start_service(f"controller-{port}", "llava.serve.controller", args, port, log_dir)
+    wait_until(service, lambda: post_json(service.url, "/list_models", timeout=2) is not None, "answering", timeout)
     return service
 
 
@@ -167,7 +167,7 @@ def start_worker(controller: Service, model_path: str | Path, model_name: str, l
             "--heart-beat-interval", str(heart_beat_interval), *extra_args]
     if "--device" not in extra_args:
         args += ["--device", "cpu"]
-    service = _spawn(f"worker-{model_name}-{port}", "llava.serve.model_worker", args, port,
+    service = start_service(f"worker-{model_name}-{port}", "llava.serve.model_worker", args, port,
                      log_dir or controller.log_path.parent)
     if wait:
         wait_for_models(controller, [model_name], timeout=timeout, workers=[service])
@@ -207,10 +207,6 @@ def wait_until_unlisted(controller: Service, name: str, timeout: float = 30) -> 
             return time.monotonic() - start
         time.sleep(0.2)
     raise TimeoutError(f"The controller still lists {name!r} after {timeout} s.\n{controller.log_tail(3000)}")
-
-
-start_service = _spawn
-wait_until = _wait
 
 
 def stop_all() -> None:

@@ -375,13 +375,13 @@ def _start_page(controller_url: str, log_dir: Path) -> Any:
             "--model-list-mode", "reload", "--concurrency-count", "4"]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        page = serve_cluster._spawn(f"web-page-{port}", "llava.serve.gradio_web_server", args, port, log_dir)
+        page = serve_cluster.start_service(f"web-page-{port}", "llava.serve.gradio_web_server", args, port, log_dir)
 
     def serving() -> bool:
         with urllib.request.urlopen(page.url + "/", timeout=5) as response:
             return response.status == 200
 
-    serve_cluster._wait(page, serving, "serving the page", timeout=180)
+    serve_cluster.wait_until(page, serving, "serving the page", timeout=180)
     return page
 
 
