@@ -431,7 +431,7 @@ def test_compression_flags_switch_a_plain_checkpoint_to_64_tokens(tiny_llava, im
 def test_admission_gate_order_and_refusal():
     """Slots first come first served, a bounded queue in order, a clear refusal beyond it; release is idempotent."""
     _missing_or_fail(SERVE_PACKAGES)
-    from llava.serve.model_worker import AdmissionGate, QueueFull
+    from llava.serve.admission import AdmissionGate, QueueFull
 
     gate = AdmissionGate(limit=1, max_queued=2)
     first, second, third = gate.enter(), gate.enter(), gate.enter()

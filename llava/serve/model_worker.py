@@ -20,23 +20,17 @@ error chunk saying what to change, before any generation.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import logging
-import math
 import sys
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from io import BytesIO
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteriaList
 
 from llava.constants import (
     DEFAULT_IM_END_TOKEN,
@@ -51,8 +45,11 @@ from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_i
 from llava.model.builder import load_pretrained_model
 from llava.utils import add_compression_args, check_compression_flags, compression_kwargs, images_to, resolve_device
 
+from .admission import AdmissionGate, QueueFull, Ticket
 from .deps import require
+from .measure import CancelCriteria, Job, PromptLengthProbe, TimedStreamer
 from .protocol import DEFAULT_CONTROLLER_ADDRESS, DEFAULT_WORKER_ADDRESS, HEADERS, ErrorCode, encode_chunk, error_chunk
+from .worker_request import GenerationRequest, RequestError, parse_request
 
 requests = require("requests", "llava.serve.model_worker")
 fastapi = require("fastapi", "llava.serve.model_worker")
@@ -62,284 +59,11 @@ Request = fastapi.Request  # at module level: FastAPI resolves the (string) anno
 
 logger = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS_CAP = 1024  # upstream's cap on max_new_tokens
-DEFAULT_MAX_NEW_TOKENS = 256  # upstream's defaults for missing parameters
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_QUEUED_REQUESTS = 16
 QUEUE_CHUNK_INTERVAL_S = 1.0  # a waiting request gets a queue chunk this often (keeps relays alive)
 HEART_BEAT_TIMEOUT_S = 5
 
-
-class RequestError(ValueError):
-    """A request the worker refuses before generating; the message says what to change."""
-
-
-class QueueFull(RuntimeError):
-    """Every slot and every queue place is taken."""
-
-
-# ---- Admission: slots and a bounded FIFO queue ------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One request's place: waiting, then granted a slot, then released."""
-
-    granted: bool = False
-    released: bool = False
-    in_generation: bool = False  # a generate thread holds the slot and releases it when it ends
-    arrived: float = field(default_factory=time.perf_counter)
-
-
-class AdmissionGate:
-    """``limit`` generation slots and a FIFO queue of at most ``max_queued`` waiting requests.
-
-    Args:
-        limit: Requests generating at once (``--limit-model-concurrency``).
-        max_queued: Requests allowed to wait for a slot; more are refused with ``QueueFull``.
-    """
-
-    def __init__(self, limit: int, max_queued: int) -> None:
-        self.limit = limit
-        self.max_queued = max_queued
-        self._running = 0
-        self._waiting: deque[Ticket] = deque()
-        self._cond = threading.Condition()
-
-    def enter(self) -> Ticket:
-        """A ticket holding a slot, or waiting in the queue; ``QueueFull`` when the queue is full too."""
-        ticket = Ticket()
-        with self._cond:
-            if self._running < self.limit and not self._waiting:
-                self._running += 1
-                ticket.granted = True
-            elif len(self._waiting) >= self.max_queued:
-                raise QueueFull(
-                    f"The worker is busy: {self._running} requests are generating (--limit-model-concurrency "
-                    f"{self.limit}) and {len(self._waiting)} are waiting (--max-queued-requests {self.max_queued}). "
-                    f"Retry in a moment, or start the worker with a larger --max-queued-requests."
-                )
-            else:
-                self._waiting.append(ticket)
-        return ticket
-
-    def wait(self, ticket: Ticket, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for ``ticket``'s slot; True once it holds one."""
-        with self._cond:
-            return self._cond.wait_for(lambda: ticket.granted, timeout)
-
-    def position(self, ticket: Ticket) -> int:
-        """1 for the next request to get a slot; 0 once ``ticket`` holds one (or left the queue)."""
-        with self._cond:
-            return self._waiting.index(ticket) + 1 if ticket in self._waiting else 0
-
-    def release(self, ticket: Ticket) -> None:
-        """Give back ``ticket``'s slot, or its place in the queue; calling it again does nothing."""
-        with self._cond:
-            if ticket.released:
-                return
-            ticket.released = True
-            if ticket.granted:
-                self._running -= 1
-            elif ticket in self._waiting:
-                self._waiting.remove(ticket)
-            while self._running < self.limit and self._waiting:
-                self._waiting.popleft().granted = True
-                self._running += 1
-            self._cond.notify_all()
-
-    @property
-    def queue_length(self) -> int:
-        """Requests generating plus requests waiting (upstream's ``queue_length``)."""
-        with self._cond:
-            return self._running + len(self._waiting)
-
-
-# ---- Requests -------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationRequest:
-    """A checked ``/worker_generate_stream`` request."""
-
-    prompt: str
-    images: list[Image.Image]
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    stop: str | None
-
-
-def _number(params: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool) -> float:
-    """``params[name]`` as a finite float in [low, high] (or (low, high]); ``RequestError`` naming it."""
-    value = params.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError(f"{name} must be a number, got {value!r}; send e.g. {default}.")
-    if value > high or value < low or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise RequestError(f"{name} must be in {bounds}, got {value}; send e.g. {default}.")
-    return float(value)
-
-
-def _max_new_tokens(params: dict[str, Any]) -> int:
-    """``max_new_tokens``: an integer ≥ 1, capped at upstream's 1024."""
-    value = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError(
-            f"max_new_tokens must be an integer >= 1, got {value!r}; send e.g. {DEFAULT_MAX_NEW_TOKENS} "
-            f"(the worker caps it at {MAX_NEW_TOKENS_CAP})."
-        )
-    return min(value, MAX_NEW_TOKENS_CAP)
-
-
-def decode_image(data: Any, index: int, max_pixels: int) -> Image.Image:
-    """The RGB image of a base64 string; ``RequestError`` for undecodable or oversized images."""
-    if not isinstance(data, str):
-        raise RequestError(f"images[{index}] must be a base64 string, got {type(data).__name__}.")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(f"images[{index}] is not valid base64 ({err}); send the image file's bytes "
-                           f"base64-encoded (e.g. base64.b64encode(open(path, 'rb').read()).decode()).") from err
-    try:
-        image = Image.open(BytesIO(raw))  # reads the header only: the size is known before decoding pixels
-    except (UnidentifiedImageError, OSError) as err:
-        raise RequestError(f"images[{index}] ({len(raw)} bytes) is not an image file PIL can read; "
-                           f"send a PNG, JPEG or WebP file.") from err
-    width, height = image.size
-    if width * height > max_pixels:
-        raise RequestError(f"images[{index}] is {width}×{height} = {width * height} pixels, over the worker's limit "
-                           f"of {max_pixels} (--max-image-pixels); downscale it first.")
-    try:
-        return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise RequestError(f"images[{index}] ({width}×{height}) could not be decoded: {err}.") from err
-
-
-def parse_request(params: Any, model_name: str, multimodal: bool, max_pixels: int) -> GenerationRequest:
-    """Check a ``/worker_generate_stream`` body; ``RequestError`` naming the field and the fix."""
-    if not isinstance(params, dict):
-        raise RequestError(f"The body must be a JSON object, got {type(params).__name__}.")
-    model = params.get("model")
-    if model is not None and model != model_name:
-        raise RequestError(f"This worker serves {model_name!r}, not {model!r}; ask the controller's "
-                           f"/get_worker_address for a worker of {model!r}.")
-    prompt = params.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(f"prompt must be a non-empty string, got {prompt!r}.")
-    images = params.get("images") or []
-    if not isinstance(images, list):
-        raise RequestError(f"images must be a list of base64 strings, got {type(images).__name__}.")
-    if images and not multimodal:
-        raise RequestError(f"{model_name!r} is a language-only model; send the request without images.")
-    n_tokens = prompt.count(DEFAULT_IMAGE_TOKEN) if multimodal else 0
-    if len(images) != n_tokens:
-        raise RequestError(
-            f"The prompt has {n_tokens} {DEFAULT_IMAGE_TOKEN} tokens but {len(images)} images came with it; "
-            f"send one image per {DEFAULT_IMAGE_TOKEN} (upload an image, or drop {DEFAULT_IMAGE_TOKEN} from the prompt)."
-        )
-    stop = params.get("stop")
-    if stop is not None and not isinstance(stop, str):
-        raise RequestError(f"stop must be a string or null, got {stop!r}.")
-    return GenerationRequest(
-        prompt=prompt, images=[decode_image(data, i, max_pixels) for i, data in enumerate(images)],
-        temperature=_number(params, "temperature", DEFAULT_TEMPERATURE, 0.0, 100.0, low_open=False),
-        top_p=_number(params, "top_p", DEFAULT_TOP_P, 0.0, 1.0, low_open=True),
-        max_new_tokens=_max_new_tokens(params), stop=stop or None,
-    )
-
-
-# ---- Measuring a generation -----------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """What one generation measured; written by its generate thread, read by the streaming response."""
-
-    started: float
-    queue_s: float
-    text_tokens: int
-    prompt_tokens: int | None = None  # the sequence the language model received (images spliced in)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    output_tokens: int = 0
-    error: BaseException | None = None
-
-    def stats(self, finished: bool) -> dict[str, Any]:
-        """The chunk fields of ``protocol.AnswerStats`` plus ``finished``."""
-        ttft = None if self.first_token_at is None else round(self.first_token_at - self.started, 4)
-        speed = None
-        if self.output_tokens > 1 and self.last_token_at and self.last_token_at > self.first_token_at:
-            speed = round((self.output_tokens - 1) / (self.last_token_at - self.first_token_at), 2)
-        image_tokens = None if self.prompt_tokens is None else self.prompt_tokens - self.text_tokens
-        return {"image_tokens": image_tokens, "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
-                "ttft_s": ttft, "tokens_per_s": speed, "queue_s": round(self.queue_s, 4), "finished": finished}
-
-
-class PromptLengthProbe:
-    """Records, for each generating thread, the length of the first sequence the language model receives.
-
-    A forward pre-hook on the decoder reads ``inputs_embeds`` (images already spliced in) on the
-    first step of ``generate``; threads are told apart so concurrent requests do not mix.
-    """
-
-    def __init__(self, decoder: torch.nn.Module) -> None:
-        self._jobs: dict[int, Job] = {}
-        self._lock = threading.Lock()
-        decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def attach(self, job: Job) -> None:
-        """Record into ``job`` what the calling thread's next ``generate`` feeds the decoder."""
-        with self._lock:
-            self._jobs[threading.get_ident()] = job
-
-    def detach(self) -> None:
-        with self._lock:
-            self._jobs.pop(threading.get_ident(), None)
-
-    def _hook(self, module, args, kwargs) -> None:
-        with self._lock:
-            job = self._jobs.get(threading.get_ident())
-        if job is None or job.prompt_tokens is not None:
-            return
-        sequence = kwargs.get("inputs_embeds")
-        if sequence is None:
-            sequence = kwargs.get("input_ids", args[0] if args else None)
-        if sequence is not None:
-            job.prompt_tokens = int(sequence.shape[1])
-
-
-class TimedStreamer(TextIteratorStreamer):
-    """``TextIteratorStreamer`` that also counts new tokens and times the first and the latest."""
-
-    def __init__(self, tokenizer, job: Job) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.job = job
-
-    def put(self, value: torch.Tensor) -> None:
-        if not (self.skip_prompt and self.next_tokens_are_prompt):
-            now = time.perf_counter()
-            if self.job.first_token_at is None:
-                self.job.first_token_at = now
-            self.job.last_token_at = now
-            self.job.output_tokens += int(value.numel())
-        super().put(value)
-
-
-class CancelCriteria(StoppingCriteria):
-    """Stops generation once ``event`` is set (client gone, stop string seen)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 # ---- The worker ---------------------------------------------------------------------------------
