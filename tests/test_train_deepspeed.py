@@ -1,6 +1,6 @@
 """Stage 1 and stage 2 under real DeepSpeed ZeRO-2 / ZeRO-3, two ranks, on the tiny stand-ins.
 
-Skipped where deepspeed cannot be imported (CI does not install it); ``tests/test_train_scripts.py``
+Skipped where deepspeed cannot be imported (the test extra installs it, so CI runs these); ``tests/test_train_scripts.py``
 covers the ZeRO-3 gathering with a simulated partitioning everywhere. Here DeepSpeed partitions for
 real, with the shipped ``scripts/zero2.json`` / ``scripts/zero3.json``:
 
@@ -43,6 +43,8 @@ from train_workspace import (  # noqa: E402  (after the importorskip)
     stage1_flags,
     stage2_flags,
 )
+
+pytestmark = pytest.mark.slow  # torchrun, two ranks, and a JIT-built comm op on first use
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # tiny stand-ins: CLIP hidden 32, LLM hidden 64, 24→12 (k=3) compressor
