@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +18,31 @@ def disable_torch_init() -> None:
     needed, and leaving torch's init alone keeps modules built later (a projector) initialised.
     """
     logger.debug("disable_torch_init: not needed with transformers >= 5; torch init left unchanged.")
+
+
+def resolve_source(model_path: str | os.PathLike, *, cache_dir: str | None = None, download: bool = False,
+                   download_flag: str | None = None) -> Path:
+    """A local folder as given, or a Hugging Face Hub id's snapshot folder in the local HF cache.
+
+    ``download`` fetches a Hub checkpoint that is not cached; ``download_flag`` is the caller's flag for
+    that, named in the error when the checkpoint is missing.
+    """
+    if os.path.isdir(model_path):
+        return Path(os.path.abspath(model_path))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model_path), cache_dir=cache_dir, local_files_only=not download))
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{model_path} is neither a local folder nor a Hugging Face Hub id ({err}).") from err
+    except LocalEntryNotFoundError as err:
+        flag = f"pass {download_flag}, " if download_flag else ""
+        raise FileNotFoundError(
+            f"{model_path} is not a local folder and is not in the Hugging Face cache "
+            f"({cache_dir or 'the default HF_HUB_CACHE'}). Download it first (hf download {model_path}), {flag}"
+            f"or pass a local folder."
+        ) from err
 
 
 # ---- Shared by the eval and serve entry points -------------------------------------------------

@@ -36,10 +36,11 @@ from vision_token_compression import (
 )
 
 from ..model.multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
+from ..utils import resolve_source
 from .chat_template import DEFAULT_CONV_MODE
 from .configuration import ToConvLlavaConfig
 from .processing import ToConvLlavaProcessor
-from .source import SourceParts, read_config, resolve_source, source_kind
+from .source import SourceParts, read_config, source_kind
 from .vocab import add_image_token, grow_rows, vocab_rows
 from .writer import DEFAULT_MAX_SHARD_BYTES, ConvertedCheckpoint, check_output, write_checkpoint
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,21 +63,6 @@ class SourceParts:
     def dtype(self) -> torch.dtype:
         """The language model's weight dtype: the converted checkpoint keeps it throughout."""
         return self.weights["lm_head.weight"].dtype
-
-
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A local folder as given, or a Hugging Face Hub id's snapshot in the local cache (nothing is downloaded)."""
-    if os.path.isdir(source):
-        return Path(os.path.abspath(source))
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(source), local_files_only=True))
-    except Exception as err:  # HFValidationError, LocalEntryNotFoundError, ...
-        raise FileNotFoundError(
-            f"SOURCE {os.fspath(source)!r} is neither a local folder nor a Hugging Face Hub id in the local cache "
-            f"({type(err).__name__}). Pass a checkpoint folder, or download it first (hf download {source})."
-        ) from err
 
 
 def read_config(folder: Path) -> dict:

@@ -61,6 +61,7 @@ from typing import Literal
 import torch
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
+from ..utils import resolve_source
 from .multimodal_encoder.clip_encoder import (
     DEFAULT_COMPRESSION_OUTPUT_SIZE,
     DEFAULT_MM_VISION_SELECT_FEATURE,
@@ -109,25 +110,6 @@ class _Plan:
 
 
 # ---- resolving the source ----------------------------------------------------------------------
-
-
-def resolve_source(model_path: str | os.PathLike, *, cache_dir: str | None = None, download: bool = False) -> Path:
-    """A local folder as given, or a Hugging Face Hub id's snapshot folder in the local HF cache."""
-    if os.path.isdir(model_path):
-        return Path(os.path.abspath(model_path))
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(model_path), cache_dir=cache_dir, local_files_only=not download))
-    except HFValidationError as err:
-        raise FileNotFoundError(f"{model_path} is neither a local folder nor a Hugging Face Hub id ({err}).") from err
-    except LocalEntryNotFoundError as err:
-        raise FileNotFoundError(
-            f"{model_path} is not a local folder and is not in the Hugging Face cache "
-            f"({cache_dir or 'the default HF_HUB_CACHE'}). Download it first (hf download {model_path}), pass "
-            f"--download, or pass a local folder."
-        ) from err
 
 
 def _read_config(source: Path) -> dict:
@@ -508,7 +490,7 @@ def compress_checkpoint(
         raise ValueError(f"link must be 'symlink' or 'hardlink', got {link!r}.")
     save_path = Path(os.path.abspath(save_path))
     _check_output(save_path)
-    source = resolve_source(model_path, cache_dir=cache_dir, download=download)
+    source = resolve_source(model_path, cache_dir=cache_dir, download=download, download_flag="--download")
     config = _read_config(source)
     tower = resolve_tower(config, vision_tower, cache_dir=cache_dir, download=download)
     if compression_output_size is None:
