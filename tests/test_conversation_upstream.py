@@ -22,6 +22,7 @@ from PIL import Image
 
 from llava import conversation
 from llava.conversation import conv_templates, get_conv_template
+from prerequisites import skip_or_fail_under_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "render_upstream_templates.py"
@@ -54,9 +55,7 @@ def upstream() -> dict[str, Any]:
             f"upstream LLaVA venv not found ({python} is missing); build it with "
             f"`bash scripts/check_upstream_dropin.sh` or point TOCONV_UPSTREAM_VENV at one"
         )
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}. CI builds it in .ci/run before pytest, so the comparison must run there.")
-        pytest.skip(reason)
+        skip_or_fail_under_ci(reason, "CI builds it in .ci/run before pytest, so the comparison must run there.")
     # From inside the venv and without PYTHONPATH, so this repository's llava/ cannot shadow upstream's.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(

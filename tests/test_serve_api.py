@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from prerequisites import skip_or_fail_under_ci
 from serve_cluster import Service, list_models, start_controller, start_worker, stop_all, wait_for_models
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "requests")
@@ -40,9 +41,7 @@ def _missing_or_fail(names) -> None:
     if not missing:
         return
     reason = f"the web demo needs {', '.join(missing)}: pip install -e '.[serve]'"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}. CI installs the test extra, so the serve tests must run there.")
-    pytest.skip(reason)
+    skip_or_fail_under_ci(reason, "CI installs the test extra, so the serve tests must run there.")
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +190,7 @@ def test_upstream_test_message_against_our_controller(cluster):
     python = UPSTREAM_VENV / "bin" / "python"
     if not python.exists():
         reason = f"upstream LLaVA venv not found ({python}); build it with `bash scripts/check_upstream_dropin.sh`"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}. CI builds it in .ci/run before pytest.")
-        pytest.skip(reason)
+        skip_or_fail_under_ci(reason, "CI builds it in .ci/run before pytest.")
     # From the venv and without PYTHONPATH, so this repository's llava/ cannot shadow upstream's.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(

@@ -20,7 +20,6 @@ fixture, and every test reads from them:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from benchmarks.vllm_server import (
     vllm_venv,
 )
 from benchmarks.vllm_standins import build_fork_checkpoint, convert_to_hf, strip_compression
+from prerequisites import skip_or_fail_under_ci
 
 pytestmark = pytest.mark.slow
 
@@ -61,9 +61,7 @@ def venv_python() -> Path:
             f"vLLM venv not found ({python} is missing); build it with `bash scripts/build_vllm_venv.sh` or point "
             f"TOCONV_VLLM_VENV at one"
         )
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}. CI builds it in .ci/run before pytest, so the vLLM tests must run there.")
-        pytest.skip(reason)
+        skip_or_fail_under_ci(reason, "CI builds it in .ci/run before pytest, so the vLLM tests must run there.")
     # The venv serves the checkout it was last built from (an editable install): it must be this one.
     found = subprocess.run(
         [str(python), "-c", "import llava; print(llava.__path__[0])"], cwd=vllm_venv(), env=subprocess_env(),

@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from prerequisites import skip_or_fail_under_ci
+
 pytest.importorskip("requests")
 
 import serve_cluster  # noqa: E402  (tests/ is on sys.path: conftest imports it the same way)
@@ -343,16 +345,14 @@ ANSWER_TIMEOUT_S = 120
 
 
 def _browser_or_skip() -> None:
-    """Skip without Chromium, chromedriver or Selenium; under CI (``CI=true``) that is a failure instead."""
+    """Skip without Chromium, chromedriver or Selenium; under CI (``$CI`` set) that is a failure instead."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
     if importlib.util.find_spec("selenium") is None:
         missing.append("the selenium package")
     if not missing:
         return
     reason = f"The browser tests need {', '.join(missing)}: {BROWSER_FIX}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}. CI must install them (.ci/run) so that the web demo is tested in a browser.")
-    pytest.skip(reason)
+    skip_or_fail_under_ci(reason, "CI must install them (.ci/run) so that the web demo is tested in a browser.")
 
 
 @dataclass
