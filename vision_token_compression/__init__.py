@@ -43,6 +43,7 @@ from .models import (
     choose_geometry,
     validate_grid_sizes,
 )
+from .towers import grid_side
 
 __all__ = [
     "GRID_SIZES_KEY",
@@ -57,6 +58,7 @@ __all__ = [
     "check_metadata",
     "choose_geometry",
     "expand_to_square",
+    "grid_side",
     "grid_to_tokens",
     "load_compressor",
     "load_compressor_into",
