@@ -121,24 +121,18 @@ def check_generation_args(args, flags: dict[str, str] | None = None) -> None:
 
 
 def check_compression_flags(args) -> None:
-    """The flags of ``add_compression_args``, by the tower's own check (``check_compression_settings``).
+    """The flags of ``add_compression_args``, by the library's one check (``CompressionSettings``).
 
-    Sizes or ``--token-compressor-path`` without ``--use-token-compression`` are refused: they would
-    be ignored, or (for a checkpoint trained without compression) refused only once loading began.
+    Values of the wrong type or out of range, and a missing ``--token-compressor-path`` with
+    ``--use-token-compression``, are refused before anything loads. Without that flag the
+    checkpoint's own setting decides (``load_pretrained_model`` warns about sizes it then ignores).
     """
-    from .model.multimodal_encoder.clip_encoder import (
-        DEFAULT_USE_TOKEN_COMPRESSION,
-        SettingNames,
-        check_compression_settings,
-    )
+    from vision_token_compression import CompressionSettings, SettingNames
 
+    names = SettingNames("--use-token-compression", "--compression-input-size", "--compression-output-size",
+                         "--token-compressor-path", switch_on="add --use-token-compression")
     try:
-        check_compression_settings(
-            getattr(args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION), getattr(args, "compression_input_size", None),
-            getattr(args, "compression_output_size", None), getattr(args, "token_compressor_path", None),
-            names=SettingNames("--use-token-compression", "--compression-input-size", "--compression-output-size",
-                               "--token-compressor-path", switch_on="add --use-token-compression"),
-        )
+        CompressionSettings.from_args(args, checkpoint_field="token_compressor_path", names=names, where="")
     except FileNotFoundError as err:  # a missing --token-compressor-path: a bad flag value like the others
         raise ValueError(str(err)) from err
 

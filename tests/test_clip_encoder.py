@@ -202,13 +202,16 @@ def test_load_token_compressor_and_record_compression(tiny_tower_336, make_args,
 
 # A Python subprocess (a fresh interpreter is the only way to see what an import loads).
 @pytest.mark.slow
-def test_compression_off_does_not_import_the_compressor_package(tiny_tower_336):
+def test_compression_off_imports_only_the_library_core(tiny_tower_336):
+    """The tower reads its settings through the library's core; the trainer and test fixtures stay unloaded."""
     code = (
         "import sys; from types import SimpleNamespace as A;"
         "from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower;"
         f"t = CLIPVisionTower({str(tiny_tower_336)!r}, A(mm_vision_select_layer=-2), delay_load=True);"
         "assert t.token_compressor is None;"
-        "assert not any(m.startswith('vision_token_compression') for m in sys.modules), 'imported'"
+        "heavy = [m for m in sys.modules if m.startswith(('vision_token_compression.training',"
+        " 'vision_token_compression.testing'))];"
+        "assert not heavy, heavy"
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -294,7 +294,7 @@ def test_a_trained_compressor_is_checked_against_its_config(tmp_path, tiny_llava
 def test_unsupported_projector_and_sizes_are_refused(tmp_path, tiny_tower_336, tiny_llava):
     linear = build_tiny_llava(tmp_path / "linear", tiny_tower_336, mm_projector_type="linear", num_hidden_layers=1)
     refused(ValueError, "mm_projector_type='linear' cannot be converted.*mlp2x_gelu", linear, tmp_path / "out")
-    refused(ValueError, "--compression-output-size 24 is out of range.*use 1..23", tiny_llava, tmp_path / "out",
+    refused(ValueError, "--compression-output-size=24 is out of range.*use 1..23", tiny_llava, tmp_path / "out",
             compression_output_size=24)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("")
@@ -339,9 +339,9 @@ def test_loading_refuses_a_compressor_that_does_not_fit_its_config(tmp_path, con
 def test_config_checks_its_compression_fields(converted):
     config = ToConvLlavaConfig.from_pretrained(converted("plain-24to12"))
     fields = {"vision_config": config.vision_config.to_dict(), "text_config": config.text_config.to_dict()}
-    with pytest.raises(ValueError, match="compression_input_size=16 but the vision tower gives a 24×24"):
+    with pytest.raises(ValueError, match="compression_input_size=16 but the vision tower .* produces a 24×24"):
         ToConvLlavaConfig(**fields, compression_input_size=16)
-    with pytest.raises(ValueError, match=r"must be smaller than input_grid_size \(24\)"):
+    with pytest.raises(ValueError, match=r"compression_output_size=24 is out of range for a 24×24 input grid"):
         ToConvLlavaConfig(**fields, compression_output_size=24)
     with pytest.raises(ValueError, match="image_seq_length=576 contradicts compression_output_size=12"):
         ToConvLlavaConfig(**fields, image_seq_length=576)

@@ -76,23 +76,46 @@ def test_builder_reads_s2_false_as_off(tiny_tower_336, make_args):
 OFF_WITH_EXTRAS = [
     (dict(compression_output_size=8), ["compression_output_size=8"]),
     (dict(use_token_compression=False, compression_input_size=24), ["compression_input_size=24"]),
-    (dict(use_token_compression="false", compression_output_size=8), ["compression_output_size=8", "'false'"]),
+    (dict(use_token_compression="false", compression_output_size=8), ["compression_output_size=8"]),
     (dict(use_token_compression=None, compression_input_size=24, compression_output_size=8),
      ["compression_input_size=24", "compression_output_size=8"]),
     ("CHECKPOINT", ["pretrain_token_compressor="]),
 ]
 
 
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+
 @pytest.mark.parametrize("fields, names", OFF_WITH_EXTRAS)
-def test_sizes_or_a_compressor_while_compression_is_off_are_refused_by_the_tower(
-        tiny_tower_336, make_args, compressor_file, fields, names):
+def test_valid_sizes_or_a_compressor_while_compression_is_off_are_ignored_with_one_warning(
+        tiny_tower_336, make_args, compressor_file, caplog, fields, names):
     if fields == "CHECKPOINT":
         fields = dict(pretrain_token_compressor=str(compressor_file))
-    with pytest.raises(ValueError) as exc:
-        _tower(tiny_tower_336, make_args(**fields))
-    message = str(exc.value)
-    assert all(name in message for name in names), message
+    tower = _tower(tiny_tower_336, make_args(**fields), delay_load=False)
+    assert tower.token_compressor is None and tower.num_patches == 576
+    (message,) = _warnings(caplog)  # once per tower ...
+    assert all(name in message for name in names) and "ignored" in message, message
     assert "use_token_compression=True" in message  # the fix
+    caplog.clear()
+    assert tower(torch.zeros(2, 3, 336, 336)).shape == (2, 576, 32)
+    assert not _warnings(caplog)  # ... not per forward
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    (dict(compression_output_size=0), "compression_output_size=0 is out of range"),
+    (dict(compression_output_size=-3), "compression_output_size=-3 is out of range"),
+    (dict(compression_output_size=24), "compression_output_size=24 is out of range for a 24×24"),
+    (dict(use_token_compression=False, compression_input_size=16), "compression_input_size=16 but"),
+    (dict(use_token_compression="false", compression_input_size=0), "compression_input_size=0 is out of range"),
+    (dict(use_token_compression=False, compression_output_size="12"), "'12'"),
+    (dict(use_token_compression=False, compression_output_size=12.0), "12.0"),
+    (dict(use_token_compression="off", compression_output_size=12), "use_token_compression='off'"),
+    (dict(pretrain_token_compressor=12), "pretrain_token_compressor must be a path"),
+])
+def test_invalid_values_while_compression_is_off_are_still_refused(tiny_tower_336, make_args, fields, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        _tower(tiny_tower_336, make_args(**fields))
 
 
 @pytest.mark.parametrize("fields", [
@@ -175,14 +198,15 @@ def no_model_load(monkeypatch):
     (dict(use_token_compression=False, compression_input_size=24), ["compression_input_size=24"]),
     (dict(use_token_compression="false", compression_output_size=8), ["compression_output_size=8"]),
     (dict(use_token_compression=False, token_compressor_path="CHECKPOINT"), ["token_compressor_path="]),
+    (dict(compression_output_size=12), ["compression_output_size=12", "not given, so that of"]),
 ])
-def test_load_time_extras_while_compression_is_off_are_refused(tiny_llava, compressor_file, no_model_load,
-                                                                kwargs, names):
+def test_load_time_extras_while_compression_is_off_are_ignored_with_a_warning(tiny_llava, compressor_file, caplog,
+                                                                            kwargs, names):
     if kwargs.get("token_compressor_path") == "CHECKPOINT":
         kwargs = {**kwargs, "token_compressor_path": str(compressor_file)}
-    with pytest.raises(ValueError) as exc:
-        _load(tiny_llava, **kwargs)
-    message = str(exc.value)
+    _, model, _, _ = _load(tiny_llava, **kwargs)
+    assert model.get_vision_tower().token_compressor is None and model.get_vision_tower().num_patches == 576
+    (message,) = [m for m in _warnings(caplog) if "ignored" in m]
     assert all(name in message for name in names) and "use_token_compression=True" in message, message
 
 
@@ -245,13 +269,26 @@ def test_upstream_config_without_compression_keys_loads(tiny_llava, tmp_path):
     assert model.get_vision_tower().num_patches == 576
 
 
+@pytest.mark.parametrize("edits, names", [
+    (dict(compression_output_size=8), ["compression_output_size=8"]),
+    (dict(use_token_compression="false", compression_input_size=24), ["compression_input_size=24"]),
+])
+def test_config_json_with_sizes_while_off_loads_uncompressed_with_one_warning(tiny_llava, tmp_path, caplog, edits,
+                                                                              names):
+    path = _edited_copy(tiny_llava, tmp_path / "ckpt", **edits)
+    _, model, _, _ = _load(path)
+    assert model.get_vision_tower().num_patches == 576
+    (message,) = [m for m in _warnings(caplog) if "ignored" in m]
+    assert all(name in message for name in names), message
+
+
 @pytest.mark.parametrize("edits, fragments", [
-    (dict(compression_output_size=8), ["config.json", "compression_output_size=8"]),
-    (dict(use_token_compression="false", compression_input_size=24), ["config.json", "compression_input_size=24"]),
+    (dict(compression_output_size=0), ["config.json", "compression_output_size=0"]),
+    (dict(use_token_compression="false", compression_input_size="24"), ["config.json", "compression_input_size"]),
     (dict(mm_vision_select_layer="-2"), ["mm_vision_select_layer", "'-2'"]),
     (dict(mm_vision_select_layer=-30), ["mm_vision_select_layer=-30", f"{TINY_LAYERS} layers"]),
 ])
-def test_config_json_with_settings_that_would_be_ignored_or_fail_late_is_refused(tiny_llava, tmp_path, edits,
+def test_config_json_with_invalid_settings_is_refused(tiny_llava, tmp_path, edits,
                                                                                  fragments):
     path = _edited_copy(tiny_llava, tmp_path / "ckpt", **edits)
     with pytest.raises(ValueError) as exc:
@@ -301,15 +338,18 @@ def test_repo_ids_missing_from_the_offline_cache_say_not_found(tmp_path):
 
 # ---- item 5: initialize_vision_modules on a model that already has a tower --------------------------
 
-def test_compressor_path_while_off_is_refused_for_an_existing_tower(tiny_tower_336, compressor_file, tmp_path):
+def test_compressor_path_while_off_is_ignored_with_a_warning_for_an_existing_tower(tiny_tower_336, compressor_file,
+                                                                                  tmp_path, caplog):
     tokenizer = build_tokenizer(tmp_path / "tokenizer")
     from transformers import AutoTokenizer
 
     model = create_tiny_llava(tiny_tower_336, AutoTokenizer.from_pretrained(tokenizer))
     args = VisionModelArgs(vision_tower=str(tiny_tower_336), pretrain_token_compressor=str(compressor_file))
-    with pytest.raises(ValueError) as exc:
-        model.get_model().initialize_vision_modules(args)
-    assert "pretrain_token_compressor=" in str(exc.value) and "use_token_compression=True" in str(exc.value)
+    caplog.clear()
+    model.get_model().initialize_vision_modules(args)
+    assert model.get_vision_tower().token_compressor is None
+    (message,) = [m for m in _warnings(caplog) if "ignored" in m]
+    assert "pretrain_token_compressor=" in message and "use_token_compression=True" in message
 
 
 # ---- item 6: command-line tools --------------------------------------------------------------------
@@ -335,9 +375,9 @@ def never_load(monkeypatch):
 
 # (flags, fragments of the message); "MISSING" stands for a file that does not exist.
 COMPRESSION_FLAG_CASES = [
-    (["--compression-output-size", "8"], ["--compression-output-size=8", "--use-token-compression"]),
-    (["--compression-input-size", "24"], ["--compression-input-size=24", "--use-token-compression"]),
-    (["--token-compressor-path", "c.safetensors"], ["--token-compressor-path=", "--use-token-compression"]),
+    (["--compression-output-size", "0"], ["--compression-output-size=0", "out of range"]),
+    (["--compression-input-size", "1"], ["--compression-input-size=1", "out of range"]),
+    (["--compression-input-size", "24", "--compression-output-size", "30"], ["--compression-output-size=30"]),
     (["--use-token-compression", "--compression-output-size", "0"], ["--compression-output-size=0"]),
     (["--use-token-compression", "--compression-input-size", "24", "--compression-output-size", "24"],
      ["--compression-output-size=24"]),

@@ -11,6 +11,8 @@ LLaVA's vision tower uses these names and nothing below them:
   checkpoint), ``load_compressor_into`` (a checked checkpoint into an existing compressor),
   ``load_compressor`` (from a checkpoint's own metadata), ``save_compressor``, ``read_metadata``,
   ``check_metadata``, ``CompressorMetadata``, ``non_finite_tensors`` / ``warn_non_finite``;
+- the settings a host reads: ``CompressionSettings`` (fields, defaults, the one check; off means off),
+  ``parse_bool_setting``, ``SettingNames``, ``DEFAULT_COMPRESSION_OUTPUT_SIZE``; a tower's grid: ``grid_side``;
 - helpers shared with the trainer: ``tokens_to_grid`` / ``grid_to_tokens`` / ``window_mean``,
   ``expand_to_square``, and the atomic writes ``atomic_write`` / ``atomic_write_text`` /
   ``publish_file`` / ``publish_folder``.
@@ -43,9 +45,23 @@ from .models import (
     choose_geometry,
     validate_grid_sizes,
 )
+from .settings import (
+    DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    DEFAULT_USE_TOKEN_COMPRESSION,
+    MODEL_ARG_NAMES,
+    CompressionSettings,
+    SettingNames,
+    parse_bool_setting,
+)
 from .towers import grid_side
 
 __all__ = [
+    "DEFAULT_COMPRESSION_OUTPUT_SIZE",
+    "DEFAULT_USE_TOKEN_COMPRESSION",
+    "MODEL_ARG_NAMES",
+    "CompressionSettings",
+    "SettingNames",
+    "parse_bool_setting",
     "GRID_SIZES_KEY",
     "CompressorMetadata",
     "ConvGeometry",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
-from vision_token_compression import validate_grid_sizes
+from vision_token_compression import DEFAULT_COMPRESSION_OUTPUT_SIZE, CompressionSettings, grid_side
 
 from .native import RegisteredNatively
 
@@ -30,7 +30,7 @@ class ToConvLlavaConfig(RegisteredNatively, LlavaConfig):
     model_type = MODEL_TYPE
 
     compression_input_size: int | None = None
-    compression_output_size: int = 12
+    compression_output_size: int = DEFAULT_COMPRESSION_OUTPUT_SIZE
     image_seq_length: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -40,20 +40,17 @@ class ToConvLlavaConfig(RegisteredNatively, LlavaConfig):
     @property
     def tower_grid_size(self) -> int:
         """Side of the vision tower's own patch grid (24 for CLIP ViT-L/14-336)."""
-        return self.vision_config.image_size // self.vision_config.patch_size
+        return grid_side(self.vision_config)
 
     def _check_compression(self) -> None:
         grid = self.tower_grid_size
-        if self.compression_input_size is None:
-            self.compression_input_size = grid
-        elif self.compression_input_size != grid:
-            raise ValueError(
-                f"compression_input_size={self.compression_input_size} but the vision tower gives a {grid}×{grid} "
-                f"patch grid (image_size {self.vision_config.image_size} / patch_size "
-                f"{self.vision_config.patch_size}). Set compression_input_size to {grid} in config.json, or "
-                f"convert the checkpoint again with toconv-convert-to-hf."
-            )
-        validate_grid_sizes(self.compression_input_size, self.compression_output_size)
+        vision = self.vision_config
+        settings = CompressionSettings.check(
+            True, self.compression_input_size, self.compression_output_size, grid=grid,
+            tower=f"the vision tower (image_size {vision.image_size} / patch_size {vision.patch_size})",
+            where="ToConvLlavaConfig (config.json): ",
+        ).resolved(grid)
+        self.compression_input_size = settings.input_size
         tokens = self.compression_output_size**2
         if self.image_seq_length is None:
             self.image_seq_length = tokens

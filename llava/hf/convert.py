@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 from vision_token_compression import (
+    DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    CompressionSettings,
+    SettingNames,
     TokenCompressor,
     build_compressor,
     check_metadata,
@@ -35,7 +38,6 @@ from vision_token_compression import (
     warn_non_finite,
 )
 
-from ..model.multimodal_encoder.clip_encoder import DEFAULT_COMPRESSION_OUTPUT_SIZE
 from ..utils import resolve_source
 from .chat_template import DEFAULT_CONV_MODE
 from .configuration import ToConvLlavaConfig
@@ -53,12 +55,10 @@ _EMBEDDINGS = ("lm_head.weight", "model.language_model.embed_tokens.weight")
 # ---- the compressor ------------------------------------------------------------------------------
 
 
-def _check_output_size(size, grid: int, where: str = "--compression-output-size") -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size < grid:
-        raise ValueError(
-            f"{where} {size!r} is out of range for the vision tower's {grid}×{grid} patch grid: use 1..{grid - 1} "
-            f"(12 gives 144 image tokens, 8 gives 64)."
-        )
+def _check_output_size(size, parts: SourceParts, where: str = "", flag: str = "--compression-output-size") -> None:
+    """``size`` against the tower's grid, by the library's one check (named as ``flag`` in messages)."""
+    CompressionSettings.check(True, None, size, grid=parts.grid, tower=f"the vision tower {parts.tower_name}",
+                              names=SettingNames(output_size=flag), where=where)
 
 
 def _trained_compressor(parts: SourceParts, output_size: int | None, token_compressor_path) -> TokenCompressor:
@@ -80,7 +80,7 @@ def _trained_compressor(parts: SourceParts, output_size: int | None, token_compr
             f"{parts.tower_name} has a {parts.grid}×{parts.grid} patch grid: it is not the tower the checkpoint was "
             f"trained with. Pass the right one as --vision-tower."
         )
-    _check_output_size(trained_out, parts.grid, where=f"{parts.folder}'s compression_output_size")
+    _check_output_size(trained_out, parts, where=f"{parts.folder}'s config: ", flag="compression_output_size")
     compressor = build_compressor(parts.grid, trained_out, parts.vision_config.hidden_size)
     warn_non_finite(parts.compressor_weights, parts.folder)
     try:
@@ -126,7 +126,7 @@ def resolve_compressor(
             if output_size is None:
                 output_size = read_metadata(token_compressor_path).output_grid_size
         output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
-        _check_output_size(output_size, parts.grid)
+        _check_output_size(output_size, parts)
         compressor = build_compressor(
             parts.grid, output_size, parts.vision_config.hidden_size, token_compressor_path,
             vision_tower=parts.tower_name, select_layer=parts.select_layer, select_feature="patch",

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from vision_token_compression import CompressionSettings, parse_bool_setting
+
 from ..constants import CONFIG_DEFAULTS
 from ..model.multimodal_encoder.clip_encoder import (
     DEFAULT_MM_VISION_SELECT_FEATURE,
     CLIPImageProcessor,
-    parse_bool_setting,
 )
 from .chat_template import chat_template
 from .source import SourceParts
@@ -185,10 +186,11 @@ def read_llava_checkpoint(
     weights.update({f"model.vision_tower.{key}": value.to(dtype) for key, value in tower.items()})
 
     sizes = None
-    if parse_bool_setting(config.get("use_token_compression"), "use_token_compression"):
+    settings = CompressionSettings.from_config(config, where=f"{folder / 'config.json'}: ")
+    if settings.enabled:
         if not compressor:
             raise ValueError(f"{folder} sets use_token_compression but holds no {COMPRESSOR_PREFIX}* weights.")
-        sizes = (config.get("compression_input_size"), config.get("compression_output_size"))
+        sizes = (settings.input_size, settings.output_size)
     generation_file = folder / "generation_config.json"
     return SourceParts(
         folder=folder, kind="llava", text_config=text_config, vision_config=vision_config,

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
-from vision_token_compression import GRID_SIZES_KEY, warn_non_finite
+from vision_token_compression import GRID_SIZES_KEY, CompressionSettings, SettingNames, warn_non_finite
 
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
@@ -35,16 +35,7 @@ from ..constants import (
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import check_compressor_weights, load_adapter_weights
-from .multimodal_encoder.clip_encoder import (
-    DEFAULT_COMPRESSION_OUTPUT_SIZE,
-    DEFAULT_USE_TOKEN_COMPRESSION,
-    MODEL_ARG_NAMES,
-    SettingNames,
-    check_compression_settings,
-    not_found_error,
-    parse_bool_setting,
-    require_pretrained,
-)
+from .multimodal_encoder.clip_encoder import not_found_error, require_pretrained
 from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
@@ -108,29 +99,25 @@ def apply_compression_settings(
 ) -> bool:
     """Apply load-time compression switches to a LLaVA config; True if compression is switched on here.
 
-    ``use_token_compression=None`` keeps the checkpoint's setting. Both the config's fields and
-    the switches go through the tower's one check (``check_compression_settings``): a string
-    "false" is off, sizes or a compressor path while compression stays off are an error, and so
-    are sizes that contradict a checkpoint trained with compression (its compressor has fixed shapes).
-    ``source`` names the config in messages (e.g. its config.json).
+    ``use_token_compression=None`` keeps the checkpoint's setting. Both the config's fields and the
+    switches go through the library's one check (``CompressionSettings``): a string "false" is off,
+    sizes or a compressor path while compression stays off are ignored with a warning, and sizes
+    that contradict a checkpoint trained with compression are an error (its compressor has fixed
+    shapes). ``source`` names the config in messages (e.g. its config.json).
     """
-    trained = check_compression_settings(
-        getattr(config, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION), getattr(config, "compression_input_size", None),
-        getattr(config, "compression_output_size", None), names=MODEL_ARG_NAMES, where=f"{source}: ",
-        unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
-    )
+    # The tower warns about the config's own ignored sizes when it is built from it.
+    trained = CompressionSettings.from_args(config, checkpoint_field=None, where=f"{source}: ")
     if hasattr(config, "use_token_compression"):
         config.use_token_compression = trained.enabled  # a string "false" in config.json becomes False
     names = LOADER_NAMES
     if use_token_compression is None:
         use_token_compression = trained.enabled
         names = replace(names, use_token_compression=f"use_token_compression (not given, so that of {source})")
-    else:
-        use_token_compression = parse_bool_setting(use_token_compression, "use_token_compression")
-    check_compression_settings(
+    asked = CompressionSettings.check(
         use_token_compression, compression_input_size, compression_output_size, token_compressor_path, names=names,
     )
-    if not use_token_compression:
+    asked.warn_ignored(logger)
+    if not asked.enabled:
         if trained.enabled:
             logger.warning(
                 "The checkpoint was trained with token compression (%s→%s); loading it without compression as asked.",

@@ -60,13 +60,11 @@ from typing import Literal
 
 import torch
 
+from vision_token_compression import DEFAULT_COMPRESSION_OUTPUT_SIZE, CompressionSettings, grid_side
+
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from ..utils import resolve_source
-from .multimodal_encoder.clip_encoder import (
-    DEFAULT_COMPRESSION_OUTPUT_SIZE,
-    DEFAULT_MM_VISION_SELECT_FEATURE,
-    compression_fields,
-)
+from .multimodal_encoder.clip_encoder import DEFAULT_MM_VISION_SELECT_FEATURE
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +154,7 @@ def resolve_tower(
         ) from err
     return TowerInfo(
         name=name,
-        grid=clip.image_size // clip.patch_size,
+        grid=grid_side(clip),
         hidden_size=clip.hidden_size,
         select_layer=config.get("mm_vision_select_layer"),
         select_feature=config.get("mm_vision_select_feature") or DEFAULT_MM_VISION_SELECT_FEATURE,
@@ -171,17 +169,7 @@ def _check_output(save_path: Path) -> None:
 
 
 def _check_sizes(tower: TowerInfo, compression_input_size: int | None, compression_output_size: int) -> None:
-    if compression_input_size is not None and compression_input_size != tower.grid:
-        raise ValueError(
-            f"compression_input_size={compression_input_size} but {tower.name} produces a {tower.grid}×{tower.grid} "
-            f"patch grid: pass {tower.grid} or leave it unset."
-        )
-    size = compression_output_size
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size < tower.grid:
-        raise ValueError(
-            f"compression_output_size={size!r} is out of range for {tower.name}'s {tower.grid}×{tower.grid} patch "
-            f"grid: use 1..{tower.grid - 1} (12 → 144 image tokens, 8 → 64)."
-        )
+    CompressionSettings.check(True, compression_input_size, compression_output_size, grid=tower.grid, tower=tower.name)
 
 
 # ---- the compressor ----------------------------------------------------------------------------
@@ -364,7 +352,8 @@ def plan_output(source: Path, config: dict, tower: TowerInfo, compressor) -> _Pl
             f"{BIN_INDEX}, {MM_PROJECTOR_FILE} (projector only) or {NON_LORA_FILE} (LoRA)."
         )
     _plan_other_files(source, handled, plan)
-    new_config = {**config, **compression_fields(compressor)}
+    settings = CompressionSettings(True, compressor.input_grid_size, compressor.output_grid_size)
+    new_config = {**config, **settings.config_fields()}
     plan.writes[CONFIG_NAME] = _write_json(new_config)
     return plan
 

@@ -27,6 +27,7 @@ from transformers import initialization as hf_init
 
 from vision_token_compression import (
     GRID_SIZES_KEY,
+    CompressionSettings,
     TokenCompressor,
     read_metadata,
     warn_non_finite,
@@ -43,12 +44,7 @@ from ..constants import (
 )
 from ..mm_utils import get_anyres_image_grid_shape
 from .multimodal_encoder.builder import build_vision_tower
-from .multimodal_encoder.clip_encoder import (
-    DEFAULT_COMPRESSION_OUTPUT_SIZE,
-    DEFAULT_MM_VISION_SELECT_FEATURE,
-    DEFAULT_USE_TOKEN_COMPRESSION,
-    check_compression_settings,
-)
+from .multimodal_encoder.clip_encoder import DEFAULT_MM_VISION_SELECT_FEATURE
 from .multimodal_projector.builder import build_vision_projector
 from .weights_io import load_weights_file
 
@@ -146,14 +142,9 @@ class LlavaMetaModel:
         ``pretrain_token_compressor``) and, when present, ``s2``/``s2_scales``. The adapter file may
         hold the token compressor too (under ``...token_compressor.``); both are loaded.
         """
-        # Checked before the config is touched: sizes or a compressor path with compression off are an
-        # error here too, also when the tower already exists (the tower checks them when it is built).
-        settings = check_compression_settings(
-            getattr(model_args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION),
-            getattr(model_args, "compression_input_size", None), getattr(model_args, "compression_output_size", None),
-            getattr(model_args, "pretrain_token_compressor", None), where=f"{type(model_args).__name__}: ",
-            unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
-        )
+        # Checked before the config is touched, also when the tower already exists (a new tower checks
+        # them again against its grid, and warns once about sizes ignored while compression is off).
+        settings = CompressionSettings.from_args(model_args)
         config = self.config
         config.mm_vision_tower = model_args.vision_tower
         config.mm_vision_select_layer = model_args.mm_vision_select_layer
@@ -168,8 +159,8 @@ class LlavaMetaModel:
             vision_tower = build_vision_tower(model_args)
             self.vision_tower = [vision_tower] if fsdp else vision_tower
         else:
-            wanted_output_size = getattr(model_args, "compression_output_size", None)
-            self._check_tower_matches(vision_tower, settings.enabled, wanted_output_size)
+            settings.warn_ignored(logger)
+            self._check_tower_matches(vision_tower, settings.enabled, getattr(model_args, "compression_output_size", None))
             vision_tower.load_model()
             if settings.checkpoint:  # given only with compression on, which the tower then has
                 vision_tower.load_token_compressor(settings.checkpoint)

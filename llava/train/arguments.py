@@ -24,13 +24,12 @@ import transformers
 
 from llava.constants import CONFIG_DEFAULTS
 from llava.model.multimodal_encoder.clip_encoder import (
-    DEFAULT_COMPRESSION_OUTPUT_SIZE,
     DEFAULT_MM_VISION_SELECT_FEATURE,
     DEFAULT_S2,
     DEFAULT_S2_SCALES,
     DEFAULT_UNFREEZE_MM_VISION_TOWER,
-    DEFAULT_USE_TOKEN_COMPRESSION,
 )
+from vision_token_compression import DEFAULT_COMPRESSION_OUTPUT_SIZE, DEFAULT_USE_TOKEN_COMPRESSION
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +85,11 @@ class ModelArguments:
     compression_input_size: int | None = field(
         default=None, metadata={"help": "Side of CLIP's patch grid (24 for ViT-L/14-336); default: read from the tower."}
     )
-    compression_output_size: int = field(
-        default=DEFAULT_COMPRESSION_OUTPUT_SIZE, metadata={"help": "Side of the compressed grid: 12 → 144 tokens, 8 → 64."}
+    # None ("not given"): the settings fill in 12 only with compression on, so flipping use_token_compression
+    # alone switches compression either way.
+    compression_output_size: int | None = field(
+        default=None, metadata={"help": f"Side of the compressed grid: 12 → 144 tokens, 8 → 64 (default "
+                                        f"{DEFAULT_COMPRESSION_OUTPUT_SIZE} with compression on)."}
     )
     pretrain_token_compressor: str | None = field(
         default=None, metadata={"help": "A token compressor checkpoint (.safetensors with metadata) to start from."}

@@ -9,8 +9,10 @@ switched on by fields of the ``args`` object LLaVA already passes in:
 - ``compression_output_size`` (default 12)
 - ``pretrain_token_compressor`` (optional path of a compressor checkpoint)
 
-Those fields, ``mm_vision_select_layer`` and the tower's path are checked once, at construction, by
-the functions under "Settings" below; LLaVA's loader and command-line tools reuse the same checks.
+Those fields are checked once, at construction, by ``vision_token_compression.CompressionSettings``
+(with compression off, valid sizes or a path are ignored with one warning); ``mm_vision_select_layer``
+and the tower's path by the functions under "Settings" below. LLaVA's loader and command-line tools
+reuse the same checks.
 CLIP stops at the selected layer (``CLIPEarlyStop``, the speed-up of this file, with its measured gain).
 """
 
@@ -20,7 +22,6 @@ import logging
 import os
 import re
 import threading
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -28,17 +29,24 @@ import transformers
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+try:
+    from vision_token_compression import CompressionSettings, build_compressor, grid_side, load_compressor_into
+    from vision_token_compression import parse_bool_setting as parse_bool_setting
+except ImportError as err:  # this file travels into forks with the library beside it
+    raise ImportError(
+        "clip_encoder.py needs the vision_token_compression package (its compression settings and compressor): "
+        "install this project (pip install -e .) or copy vision_token_compression/ beside llava/."
+    ) from err
+
 logger = logging.getLogger(__name__)
 
-# Defaults of the fields the tower reads, kept here once: LLaVA's args/config objects may lack them.
-# This file travels alone into forks, so llava/ imports these from here; llava/constants.py keeps the
-# defaults of LLaVA's other config fields. compression_input_size defaults to the tower's own grid.
+# Defaults of the tower fields LLaVA's args/config objects may lack, kept here once (llava/ imports them
+# from here; llava/constants.py keeps those of LLaVA's other config fields). The compression fields'
+# defaults and checks are the library's (vision_token_compression.CompressionSettings).
 DEFAULT_MM_VISION_SELECT_FEATURE = "patch"
 DEFAULT_UNFREEZE_MM_VISION_TOWER = False
 DEFAULT_S2 = False
 DEFAULT_S2_SCALES = "336,672,1008"
-DEFAULT_USE_TOKEN_COMPRESSION = False
-DEFAULT_COMPRESSION_OUTPUT_SIZE = 12
 
 # transformers 5 makes CLIPImageProcessor depend on torchvision; its PIL twin is what 4.x called
 # CLIPImageProcessor and preprocesses exactly as upstream LLaVA was trained.
@@ -160,150 +168,7 @@ class CLIPEarlyStop:
         return parent, attribute, getattr(parent, attribute)
 
 
-# ---- Settings: the compression fields, the select layer and the tower path, checked once ------------
-# The tower, LLaVA's loader (llava.model.builder) and its command-line tools (llava.utils) all call
-# these, each naming the fields as its caller spells them (SettingNames). They live in this file so
-# that a fork that copies only clip_encoder.py (and vision_token_compression) gets them too.
-
-_TRUE_STRINGS = ("true", "1", "yes")
-_FALSE_STRINGS = ("false", "0", "no")
-
-
-def parse_bool_setting(value, name: str) -> bool:
-    """A bool setting, also when a hand-edited config or YAML file gives it as a string.
-
-    ``None`` (a missing field) is False; the unambiguous strings ``"true"``/``"false"``, ``"1"``/``"0"``,
-    ``"yes"``/``"no"`` (any case) and the ints 1/0 are converted; anything else is a ``ValueError``,
-    so ``"false"`` can never switch a feature on.
-    """
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
-        return value.strip().lower() in _TRUE_STRINGS
-    raise ValueError(
-        f"{name}={value!r} is not a boolean: use true or false (the strings 'true'/'false', '1'/'0' and "
-        f"'yes'/'no' are accepted too)."
-    )
-
-
-@dataclass(frozen=True)
-class SettingNames:
-    """How a caller spells the compression settings in its messages, and how to switch compression on."""
-
-    use_token_compression: str = "use_token_compression"
-    input_size: str = "compression_input_size"
-    output_size: str = "compression_output_size"
-    checkpoint: str = "pretrain_token_compressor"
-    switch_on: str = "set use_token_compression=True"
-
-
-# The fields of LLaVA's model args and model config.
-MODEL_ARG_NAMES = SettingNames()
-
-
-@dataclass(frozen=True)
-class CompressionSettings:
-    """Checked compression settings: ``input_size`` is None when off or left to the tower's grid."""
-
-    enabled: bool
-    input_size: int | None
-    output_size: int
-    checkpoint: str | None
-
-
-def _check_grid_side(value, name: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(
-            f"{name} must be an int (a grid side such as 12 or 8), got {value!r} ({type(value).__name__})."
-        )
-
-
-def _ignored_while_off(given: list[str], use_token_compression, names: SettingNames, where: str) -> ValueError:
-    """The error for settings (``given``, as ``name=value``) that compression, being off, would ignore."""
-    one = len(given) == 1
-    return ValueError(
-        f"{where}{', '.join(given)} {'needs' if one else 'need'} token compression, but "
-        f"{names.use_token_compression} is off ({use_token_compression!r}), so "
-        f"{'it' if one else 'they'} would be ignored: {names.switch_on} to compress, or "
-        f"remove {'it' if one else 'them'}."
-    )
-
-
-def _check_grid_sizes(input_size, output_size: int, grid: int | None, tower: str, names: SettingNames,
-                      where: str) -> None:
-    """With compression on: ``input_size`` is the tower's ``grid`` (when both are known), ``1 <= output_size < input``."""
-    if grid is not None and input_size is not None and input_size != grid:
-        raise ValueError(
-            f"{where}{names.input_size}={input_size} but {tower} produces a {grid}×{grid} patch grid. "
-            f"Set {names.input_size}={grid} or leave it unset."
-        )
-    side = grid if grid is not None else input_size
-    if output_size < 1 or (side is not None and output_size >= side):
-        allowed = f"1..{side - 1}" if side is not None else "at least 1"
-        raise ValueError(
-            f"{where}{names.output_size}={output_size} is out of range"
-            f"{f' for a {side}×{side} input grid' if side is not None else ''}: use {allowed} "
-            f"(12 gives 144 tokens, 8 gives 64)."
-        )
-
-
-def check_compression_settings(
-    use_token_compression,
-    input_size=None,
-    output_size=None,
-    checkpoint=None,
-    *,
-    grid: int | None = None,
-    tower: str = "the vision tower",
-    names: SettingNames = MODEL_ARG_NAMES,
-    where: str = "",
-    unset_output_sizes: tuple = (None,),
-) -> CompressionSettings:
-    """Check the compression settings; returns them with the defaults filled in.
-
-    Args:
-        use_token_compression: A bool, or a string/int that ``parse_bool_setting`` accepts.
-        input_size / output_size: Grid sides (ints, not floats or strings); with compression on,
-            ``1 <= output_size < input_size`` and ``input_size`` equals ``grid`` when that is known.
-        checkpoint: Path of a compressor checkpoint; must be an existing file.
-        grid: The tower's own patch grid side, when known; ``tower`` names it in messages.
-        names: How the caller spells the settings (model args, function arguments or CLI flags).
-        where: Prefix of every message, naming the file or object the settings came from.
-        unset_output_sizes: Output sizes that mean "not given" while compression is off: the
-            default that args dataclasses carry (``compression_output_size=12``) cannot be told from
-            a given 12.
-
-    Raises:
-        ValueError: a value of the wrong type or out of range, or sizes / a checkpoint given while
-            compression is off (they would be ignored).
-        FileNotFoundError: the checkpoint does not exist.
-    """
-    enabled = parse_bool_setting(use_token_compression, names.use_token_compression)
-    _check_grid_side(input_size, names.input_size)
-    _check_grid_side(output_size, names.output_size)
-    checkpoint = os.fspath(checkpoint) if checkpoint else None
-    if not enabled:
-        given = [
-            f"{name}={value!r}" for name, value, unset in (
-                (names.input_size, input_size, (None,)),
-                (names.output_size, output_size, unset_output_sizes),
-                (names.checkpoint, checkpoint, (None,)),
-            ) if value not in unset
-        ]
-        if given:
-            raise _ignored_while_off(given, use_token_compression, names, where)
-        return CompressionSettings(False, None, DEFAULT_COMPRESSION_OUTPUT_SIZE, None)
-
-    output_size = DEFAULT_COMPRESSION_OUTPUT_SIZE if output_size is None else output_size
-    _check_grid_sizes(input_size, output_size, grid, tower, names, where)
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
-            f"{where}{names.checkpoint}={checkpoint!r} not found (no such file). Pass a token compressor "
-            f"checkpoint (.safetensors, written by vision_token_compression's save_compressor or trainer)."
-        )
-    return CompressionSettings(True, input_size, output_size, checkpoint)
+# ---- Settings: the select layer and the tower path, checked once (compression: the library's CompressionSettings)
 
 
 def check_select_layer(layer, num_layers: int, tower: str) -> int:
@@ -368,33 +233,6 @@ def load_tower_config(vision_tower: str) -> CLIPVisionConfig:
         raise not_found_error(vision_tower, "Vision tower", _TOWER_FIX, err) from err
 
 
-def _compression_library():
-    """The ``vision_token_compression`` package, imported only when compression is on."""
-    try:
-        import vision_token_compression
-    except ImportError as err:
-        raise ImportError(
-            "use_token_compression=True needs the vision_token_compression package: install this project "
-            "(pip install -e .) or copy vision_token_compression/ beside llava/."
-        ) from err
-    return vision_token_compression
-
-
-def compression_fields(compressor) -> dict:
-    """A model config's compression fields for a tower with ``compressor`` (None: compression off).
-
-    What LLaVA records in a config so that a saved checkpoint rebuilds the same tower
-    (``CLIPVisionTower.record_compression``, and the checkpoint converter's config.json).
-    """
-    if compressor is None:
-        return {"use_token_compression": False, "compression_input_size": None, "compression_output_size": None}
-    return {
-        "use_token_compression": True,
-        "compression_input_size": compressor.input_grid_size,
-        "compression_output_size": compressor.output_grid_size,
-    }
-
-
 class CLIPVisionTower(nn.Module):
     """CLIP vision encoder returning LLaVA's selected features, optionally compressed.
 
@@ -420,19 +258,15 @@ class CLIPVisionTower(nn.Module):
         self.select_layer = check_select_layer(
             args.mm_vision_select_layer, self.cfg_only.num_hidden_layers, self.vision_tower_name
         )
-        grid = self.cfg_only.image_size // self.cfg_only.patch_size
-        settings = check_compression_settings(
-            getattr(args, "use_token_compression", DEFAULT_USE_TOKEN_COMPRESSION),
-            getattr(args, "compression_input_size", None),
-            getattr(args, "compression_output_size", None),
-            getattr(args, "pretrain_token_compressor", None),
-            grid=grid, tower=f"{self.vision_tower_name} (image_size {self.cfg_only.image_size} / patch_size "
-            f"{self.cfg_only.patch_size})", where=f"{type(args).__name__}: ",
-            unset_output_sizes=(None, DEFAULT_COMPRESSION_OUTPUT_SIZE),
+        settings = CompressionSettings.from_args(
+            args, grid=grid_side(self.cfg_only), tower=f"{self.vision_tower_name} (image_size "
+            f"{self.cfg_only.image_size} / patch_size {self.cfg_only.patch_size})",
         )
+        settings.warn_ignored(logger)
+        self.compression = settings.resolved(grid_side(self.cfg_only))
         self.use_token_compression = settings.enabled
-        self.compression_input_size = settings.input_size
-        self.compression_output_size = settings.output_size
+        self.compression_input_size = self.compression.input_size
+        self.compression_output_size = self.compression.output_size
 
         if not delay_load or parse_bool_setting(
             getattr(args, "unfreeze_mm_vision_tower", DEFAULT_UNFREEZE_MM_VISION_TOWER), "unfreeze_mm_vision_tower"
@@ -463,17 +297,15 @@ class CLIPVisionTower(nn.Module):
     @property
     def tower_grid_size(self) -> int:
         """Side of CLIP's own patch grid (24 for ViT-L/14-336)."""
-        return self.config.image_size // self.config.patch_size
+        return grid_side(self.config)
 
     def _build_compressor(self, checkpoint: str | None) -> None:
         """Build ``token_compressor`` (None with compression off), loading ``checkpoint`` into it when given."""
         self.token_compressor = None
         if not self.use_token_compression:
             return
-        grid = self.tower_grid_size  # compression_input_size, when given, was checked against it
-        self.compression_input_size = grid
-        out = self.compression_output_size
-        self.token_compressor = _compression_library().build_compressor(grid, out, self.config.hidden_size)
+        grid, out = self.compression_input_size, self.compression_output_size
+        self.token_compressor = build_compressor(grid, out, self.config.hidden_size)
         if checkpoint:
             self.load_token_compressor(checkpoint)
         logger.info("ToConv Token Compression enabled: %dx%d → %dx%d", grid, grid, out, out)
@@ -491,19 +323,18 @@ class CLIPVisionTower(nn.Module):
                 f"{os.fspath(checkpoint)!r} is a token compressor checkpoint, but {self.vision_tower_name} was built "
                 f"with use_token_compression off: set use_token_compression=True to use it."
             )
-        _compression_library().load_compressor_into(
+        load_compressor_into(
             self.token_compressor, checkpoint, vision_tower=self.vision_tower_name,
             select_layer=self.select_layer, select_feature=self.select_feature,
         )
 
     def record_compression(self, config) -> None:
-        """Write this tower's compression fields into a model config, so a saved checkpoint rebuilds the same tower.
+        """Write this tower's compression fields into a model config (object or dict).
 
-        ``use_token_compression``, ``compression_input_size`` and ``compression_output_size``, as
-        ``compression_fields`` gives them (sizes None with compression off).
+        ``use_token_compression``, ``compression_input_size`` and ``compression_output_size`` (sizes None
+        with compression off), so that a saved checkpoint rebuilds the same tower.
         """
-        for name, value in compression_fields(self.token_compressor).items():
-            setattr(config, name, value)
+        self.compression.write_config(config)
 
     def feature_select(self, image_forward_outs) -> torch.Tensor:
         image_features = image_forward_outs.hidden_states[self.select_layer]
