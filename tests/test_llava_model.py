@@ -220,9 +220,12 @@ def test_plain_checkpoint_loads_uncompressed_by_default(plain_path):
     assert model.config.use_token_compression is False
 
 
-def test_load_time_compression_arguments_are_checked(tmp_path, plain_path, tiny_tower_336, tokenizer):
-    with pytest.raises(ValueError, match="use_token_compression"):
-        load(plain_path, compression_output_size=8)
+def test_load_time_compression_arguments_are_checked(tmp_path, plain_path, tiny_tower_336, tokenizer, caplog):
+    _, model, _, _ = load(plain_path, compression_output_size=8)  # off (the checkpoint's): ignored, with a warning
+    assert model.get_vision_tower().num_patches == 576
+    assert "compression_output_size=8 is ignored" in caplog.text
+    with pytest.raises(ValueError, match="compression_output_size=30 is out of range"):
+        load(plain_path, use_token_compression=True, compression_output_size=30)
     compressed = build_tiny_llava(tmp_path / "c12", tiny_tower_336, compression_output_size=12,
                                   tokenizer_path=plain_path)
     with pytest.raises(ValueError, match="compression_output_size=12"):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from vision_token_compression import grid_side
+
 CONFIG_NAME = "config.json"
 
 
@@ -57,7 +59,7 @@ class SourceParts:
     @property
     def grid(self) -> int:
         """Side of the tower's patch grid."""
-        return self.vision_config.image_size // self.vision_config.patch_size
+        return grid_side(self.vision_config)
 
     @property
     def dtype(self) -> torch.dtype:
