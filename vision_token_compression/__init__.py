@@ -1,4 +1,4 @@
-"""ToConv token compression for CLIP vision towers: the library. Independent of LLaVA (never imports it).
+"""ToConv token compression for ViT vision towers (CLIP, SigLIP): the library. Independent of LLaVA (never imports it).
 
 Needs torch and safetensors only (``expand_to_square`` imports Pillow when called). A host such as
 LLaVA's vision tower uses these names and nothing below them:
@@ -11,6 +11,9 @@ LLaVA's vision tower uses these names and nothing below them:
   checkpoint), ``load_compressor_into`` (a checked checkpoint into an existing compressor),
   ``load_compressor`` (from a checkpoint's own metadata), ``save_compressor``, ``read_metadata``,
   ``check_metadata``, ``CompressorMetadata``, ``non_finite_tensors`` / ``warn_non_finite``;
+- the tower (``towers``): ``grid_side``, the families ``TowerFamily`` / ``CLIP`` / ``SIGLIP`` /
+  ``tower_family`` / ``load_image_processor``, ``check_select_layer`` / ``check_select_feature`` /
+  ``select_features`` / ``grid_tokens``, and ``EarlyExit`` (run only the layers a select layer needs);
 - helpers shared with the trainer: ``tokens_to_grid`` / ``grid_to_tokens`` / ``window_mean``,
   ``expand_to_square``, and the atomic writes ``atomic_write`` / ``atomic_write_text`` /
   ``publish_file`` / ``publish_folder``.
@@ -43,9 +46,31 @@ from .models import (
     choose_geometry,
     validate_grid_sizes,
 )
-from .towers import grid_side
+from .towers import (
+    CLIP,
+    SIGLIP,
+    EarlyExit,
+    TowerFamily,
+    check_select_feature,
+    check_select_layer,
+    grid_side,
+    grid_tokens,
+    load_image_processor,
+    select_features,
+    tower_family,
+)
 
 __all__ = [
+    "CLIP",
+    "SIGLIP",
+    "EarlyExit",
+    "TowerFamily",
+    "check_select_feature",
+    "check_select_layer",
+    "grid_tokens",
+    "load_image_processor",
+    "select_features",
+    "tower_family",
     "GRID_SIZES_KEY",
     "CompressorMetadata",
     "ConvGeometry",
