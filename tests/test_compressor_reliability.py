@@ -115,7 +115,7 @@ NONSENSE = [
     (["--output-sizes", "0"], ["--output-sizes", "got 0", "≥ 1"]),
     (["--output-sizes", "12", "12"], ["--output-sizes", "[12, 12]", "distinct"]),
     (["--output-sizes", "24"], ["--output-sizes", "got 24", "[1, 23]"]),
-    (["--select-layer", "7"], ["--select-layer", "got 7", "[-3, 2]"]),
+    (["--select-layer", "7"], ["--select-layer", "got 7", "-3..2"]),
     (["--window-weight", "0", "--distribution", "none"], ["No loss term", "--window-weight", "=0.0", "'none'"]),
     (["--window-weight", "0", "--distribution-weight", "0"], ["No loss term", "--distribution-weight", "=0.0"]),
 ]
@@ -127,7 +127,7 @@ def test_nonsense_settings_are_refused_before_clip_loads(flags, fragments, tiny_
     def no_clip(*args, **kwargs):
         raise AssertionError("CLIP was loaded: the settings were not checked first")
 
-    monkeypatch.setattr(train_module, "FrozenCLIPFeatures", no_clip)
+    monkeypatch.setattr(train_module, "FrozenTowerFeatures", no_clip)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         train_main(_train_args(tiny_tower_336, train_images, out, *flags))

@@ -1,4 +1,4 @@
-"""ToConv token compression for CLIP vision towers: the library. Independent of LLaVA (never imports it).
+"""ToConv token compression for ViT vision towers (CLIP, SigLIP): the library. Independent of LLaVA (never imports it).
 
 Needs torch and safetensors only (``expand_to_square`` imports Pillow when called). A host such as
 LLaVA's vision tower uses these names and nothing below them:
@@ -12,7 +12,10 @@ LLaVA's vision tower uses these names and nothing below them:
   ``load_compressor`` (from a checkpoint's own metadata), ``save_compressor``, ``read_metadata``,
   ``check_metadata``, ``CompressorMetadata``, ``non_finite_tensors`` / ``warn_non_finite``;
 - the settings a host reads: ``CompressionSettings`` (fields, defaults, the one check; off means off),
-  ``parse_bool_setting``, ``SettingNames``, ``DEFAULT_COMPRESSION_OUTPUT_SIZE``; a tower's grid: ``grid_side``;
+  ``parse_bool_setting``, ``SettingNames``, ``DEFAULT_COMPRESSION_OUTPUT_SIZE``;
+- the tower (``towers``): ``grid_side``, the families ``TowerFamily`` / ``CLIP`` / ``SIGLIP`` /
+  ``tower_family`` / ``load_image_processor``, ``check_select_layer`` / ``check_select_feature`` /
+  ``select_features`` / ``grid_tokens``, and ``EarlyExit`` (run only the layers a select layer needs);
 - helpers shared with the trainer: ``tokens_to_grid`` / ``grid_to_tokens`` / ``window_mean``,
   ``expand_to_square``, and the atomic writes ``atomic_write`` / ``atomic_write_text`` /
   ``publish_file`` / ``publish_folder``.
@@ -53,9 +56,31 @@ from .settings import (
     SettingNames,
     parse_bool_setting,
 )
-from .towers import grid_side
+from .towers import (
+    CLIP,
+    SIGLIP,
+    EarlyExit,
+    TowerFamily,
+    check_select_feature,
+    check_select_layer,
+    grid_side,
+    grid_tokens,
+    load_image_processor,
+    select_features,
+    tower_family,
+)
 
 __all__ = [
+    "CLIP",
+    "SIGLIP",
+    "EarlyExit",
+    "TowerFamily",
+    "check_select_feature",
+    "check_select_layer",
+    "grid_tokens",
+    "load_image_processor",
+    "select_features",
+    "tower_family",
     "DEFAULT_COMPRESSION_OUTPUT_SIZE",
     "DEFAULT_USE_TOKEN_COMPRESSION",
     "MODEL_ARG_NAMES",

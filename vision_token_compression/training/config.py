@@ -35,7 +35,8 @@ class TrainConfig:
     Args:
         data: Image folders (searched recursively for jpg/jpeg/png/webp).
         output_dir: Where checkpoints, logs and the final compressors go.
-        vision_tower: Hub name or local path of the CLIP vision model LLaVA uses.
+        vision_tower: Hub name or local path of the vision model LLaVA uses (CLIP, or SigLIP
+            when its name or config says so).
         select_layer: LLaVA's ``mm_vision_select_layer``.
         select_feature: LLaVA's ``mm_vision_select_feature`` (recorded; only patch tokens are compressed).
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5) or ``"crop"`` preprocessing.
@@ -166,22 +167,17 @@ def check_against_tower(config: TrainConfig) -> None:
 
     Reads only the tower's config.json, so bad values stop the run before the weights load.
     """
-    from transformers import CLIPVisionConfig
+    from vision_token_compression.towers import check_select_layer, grid_side, tower_family
 
-    tower = CLIPVisionConfig.from_pretrained(config.vision_tower)
-    grid = tower.image_size // tower.patch_size
+    tower = tower_family(config.vision_tower).config_type().from_pretrained(config.vision_tower)
+    grid = grid_side(tower)
     for size in config.output_sizes:
         if not 1 <= size < grid:
             raise ValueError(
                 f"{flag('output_sizes')} must be grid sides in [1, {grid - 1}]: {config.vision_tower} has a "
                 f"{grid}×{grid} patch grid, which the compressor only reduces; got {size} in {config.output_sizes}."
             )
-    layers = tower.num_hidden_layers
-    if not -(layers + 1) <= config.select_layer <= layers:
-        raise ValueError(
-            f"{flag('select_layer')} must be in [{-(layers + 1)}, {layers}] for {config.vision_tower} "
-            f"(embeddings + {layers} layers), got {config.select_layer}; LLaVA-1.5 uses -2."
-        )
+    check_select_layer(config.select_layer, tower.num_hidden_layers, config.vision_tower, flag("select_layer"))
 
 
 # ---- the command line: every option maps onto a TrainConfig or LossConfig field ----------------------

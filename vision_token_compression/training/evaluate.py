@@ -53,7 +53,7 @@ from vision_token_compression import (
 )
 
 from .data import ImageFolderDataset
-from .features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
+from .features import FrozenTowerFeatures, ImagePreprocessor, load_image_processor
 from .losses import random_directions, sliced_wasserstein, window_cosine
 from .projector import load_projector
 
@@ -148,10 +148,10 @@ def _resolve_source(
     return _Source(tower, layer, aspect)
 
 
-def _load_extractor(source: _Source, device: torch.device) -> FrozenCLIPFeatures:
+def _load_extractor(source: _Source, device: torch.device) -> FrozenTowerFeatures:
     """The frozen tower (float16 on a GPU); a random-weight stand-in is named in a warning."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    extractor = FrozenCLIPFeatures(source.tower, source.select_layer, "patch", dtype=dtype).to(device)
+    extractor = FrozenTowerFeatures(source.tower, source.select_layer, "patch", dtype=dtype).to(device)
     if getattr(extractor.config, "standin_of", None):
         logger.warning("%s is a random-weight stand-in of %s: these numbers test the pipeline, not a model.",
                        source.tower, extractor.config.standin_of)
@@ -192,7 +192,7 @@ def _directions(
 
 
 def _metric_sums(
-    loader: DataLoader, extractor: FrozenCLIPFeatures, methods: dict[str, dict[str, Compress]],
+    loader: DataLoader, extractor: FrozenTowerFeatures, methods: dict[str, dict[str, Compress]],
     geometries: dict[str, ConvGeometry], directions: tuple[torch.Tensor, torch.Tensor | None],
     projector: nn.Module | None,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], int]:

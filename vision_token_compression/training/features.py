@@ -1,14 +1,10 @@
-"""Frozen CLIP features exactly as LLaVA's vision tower selects them, for training compressors.
+"""Frozen tower features exactly as LLaVA's vision tower selects them, for training compressors.
 
-``vision_token_compression`` never imports ``llava``, so this is a small, self-contained twin of
-``CLIPVisionTower``'s encoder half: the same model and image processor classes, the same hidden
-state (``select_layer``, -2 in LLaVA-1.5) and the same ``patch`` / ``cls_patch`` selection.
-
-The tower is private to this module and never trains, so the layers after the selected one are
-dropped once at load time (23 of 24 run for layer -2): the encoder's ``*encoder.layers`` list,
-where transformers 4.x and 5.x both keep it, is cut to its first layers, and the model's own
-forward returns the selected hidden state as its ``last_hidden_state`` (CLIP applies its final
-norm to the pooled token only). Any other layout runs every layer and indexes ``hidden_states``.
+``vision_token_compression`` never imports ``llava``; both LLaVA's towers and this module call the
+library's ``towers``: the same model and image processor classes per family (CLIP, SigLIP), the same
+hidden state (``select_layer``, -2 in LLaVA-1.5 and LLaVA-OneVision), the same ``patch`` /
+``cls_patch`` selection and the same early exit (``EarlyExit``: 23 of 24 CLIP layers run for -2,
+26 of 27 SigLIP layers and no pooling head).
 """
 
 from __future__ import annotations
@@ -17,25 +13,27 @@ import logging
 from typing import Literal
 
 import torch
-import transformers
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionModel
 
 from vision_token_compression import expand_to_square
+from vision_token_compression.towers import (
+    EarlyExit,
+    check_select_feature,
+    check_select_layer,
+    grid_side,
+    grid_tokens,
+    load_image_processor,
+    select_features,
+    tower_family,
+)
 
 logger = logging.getLogger(__name__)
 
 SelectFeature = Literal["patch", "cls_patch"]
 AspectMode = Literal["pad", "crop"]
 
-# transformers 5 makes CLIPImageProcessor depend on torchvision; its PIL twin preprocesses as 4.x did.
-CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-
-
-def load_image_processor(tower: str):
-    """The CLIP image processor saved with ``tower`` (hub name or local path)."""
-    return CLIPImageProcessor.from_pretrained(tower)
+__all__ = ["FrozenCLIPFeatures", "FrozenTowerFeatures", "ImagePreprocessor", "load_image_processor"]
 
 
 class ImagePreprocessor:
@@ -60,13 +58,14 @@ class ImagePreprocessor:
         return self.image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]  # (3, H, W)
 
 
-class FrozenCLIPFeatures(nn.Module):
-    """A frozen CLIP vision model returning LLaVA's selected features (B, N, C).
+class FrozenTowerFeatures(nn.Module):
+    """A frozen vision tower (CLIP or SigLIP) returning LLaVA's selected features (B, N, C).
 
     Args:
-        tower: Hub name or local path of a CLIP vision model (with its preprocessor config).
+        tower: Hub name or local path of a vision model (with its preprocessor config); its family
+            follows ``tower_family`` (SigLIP when the name or config says so, else CLIP).
         select_layer: Index into ``hidden_states`` (LLaVA's ``mm_vision_select_layer``).
-        select_feature: ``"patch"`` drops the CLS token, ``"cls_patch"`` keeps it in front.
+        select_feature: ``"patch"`` gives the grid tokens alone, ``"cls_patch"`` keeps CLIP's CLS token in front.
         dtype: dtype to hold the weights in (e.g. ``torch.bfloat16`` on a GPU).
     """
 
@@ -78,39 +77,18 @@ class FrozenCLIPFeatures(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}.")
+        self.family = tower_family(tower)
+        self.select_feature = check_select_feature(select_feature, self.family, tower, "select_feature")
         self.tower_name = tower
-        self.select_layer = select_layer
-        self.select_feature = select_feature
         # Load in the saved dtype, then cast: the dtype keyword differs between transformers 4 and 5.
-        self.model = CLIPVisionModel.from_pretrained(tower).to(dtype)
+        self.model = self.family.model_type().from_pretrained(tower).to(dtype)
         self.model.requires_grad_(False)
         self.model.eval()
         layers = self.config.num_hidden_layers
-        if not -(layers + 1) <= select_layer <= layers:
-            raise ValueError(
-                f"select_layer={select_layer} is out of range for {tower}, which has {layers + 1} hidden "
-                f"states (embeddings + {layers} layers); LLaVA-1.5 uses -2."
-            )
-        self.layers_run = self._drop_unused_layers(select_layer % (layers + 1))
-
-    def _drop_unused_layers(self, needed: int) -> int | None:
-        """Keep only the first ``needed`` encoder layers; return ``needed``, or None if the layout is unknown."""
-        total = self.config.num_hidden_layers
-        found = [
-            name for name, module in self.model.named_modules()
-            if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList) and len(module) == total
-        ]
-        if len(found) != 1:
-            logger.warning("%s: no unique '*encoder.layers' list of %d layers; running all of them.",
-                           self.tower_name, total)
-            return None
-        parent_name, _, attribute = found[0].rpartition(".")
-        parent = self.model.get_submodule(parent_name)
-        setattr(parent, attribute, nn.ModuleList(list(getattr(parent, attribute))[:needed]))
-        logger.info("%s: running %d of %d layers (select_layer=%d)", self.tower_name, needed, total, self.select_layer)
-        return needed
+        self.select_layer = check_select_layer(select_layer, layers, tower, "select_layer")
+        self.early_exit = EarlyExit(tower)
+        self.layers_run = self.early_exit.layers_needed(select_layer, layers) or layers
+        logger.info("%s: running %d of %d layers (select_layer=%d)", tower, self.layers_run, layers, select_layer)
 
     @property
     def config(self):
@@ -118,8 +96,8 @@ class FrozenCLIPFeatures(nn.Module):
 
     @property
     def grid_size(self) -> int:
-        """Side of the patch grid (24 for ViT-L/14-336)."""
-        return self.config.image_size // self.config.patch_size
+        """Side of the patch grid (24 for CLIP ViT-L/14-336, 27 for SigLIP-so400m-384)."""
+        return grid_side(self.config)
 
     @property
     def hidden_size(self) -> int:
@@ -133,7 +111,7 @@ class FrozenCLIPFeatures(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def train(self, mode: bool = True) -> FrozenCLIPFeatures:
+    def train(self, mode: bool = True) -> FrozenTowerFeatures:
         """Stay in eval mode: the tower is frozen (no dropout, whatever the caller's mode)."""
         return super().train(False)
 
@@ -141,12 +119,12 @@ class FrozenCLIPFeatures(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels → (B, N, C) selected hidden states, N = grid² (+1 with ``cls_patch``)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        if self.layers_run is None:
-            hidden = self.model(pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
-        else:
-            hidden = self.model(pixel_values).last_hidden_state  # (B, 1 + N, C): the selected layer's output
-        return hidden[:, 1:] if self.select_feature == "patch" else hidden
+        hidden = self.early_exit.selected(self.model, pixel_values, self.select_layer)
+        return select_features(hidden, self.select_feature, self.family.has_cls_token)
 
     def patch_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """The grid tokens of ``forward``'s output: drops the CLS token under ``cls_patch``."""
-        return features[:, 1:] if self.select_feature == "cls_patch" else features
+        return grid_tokens(features, self.select_feature)
+
+
+FrozenCLIPFeatures = FrozenTowerFeatures  # its name from before SigLIP towers

@@ -1,6 +1,6 @@
 """What one pretraining run holds (tower, compressors, data, optimizer, progress) and one optimizer step.
 
-Images → frozen CLIP tower (LLaVA's select layer and feature) → one ``TokenCompressor`` per
+Images → frozen vision tower (CLIP or SigLIP, at LLaVA's select layer and feature) → one ``TokenCompressor`` per
 output grid, all fed by the same forward pass. The loss keeps each compressed token close to the
 tokens of its window (cosine) and the compressed set in the distribution of the original tokens
 (sliced Wasserstein or entropic OT). Only the compressors train. The epochs are ``loop.run``'s.
@@ -26,7 +26,7 @@ from .config import TrainConfig, check_against_tower
 from .data import ImageFolderDataset, ShardedShuffleSampler
 from .distributed import setup_distributed
 from .feature_cache import build_feature_cache, files_digest
-from .features import FrozenCLIPFeatures, ImagePreprocessor, load_image_processor
+from .features import FrozenTowerFeatures, ImagePreprocessor, load_image_processor
 from .losses import compression_loss
 from .optim import build_optimizer
 from .precision import autocast, grad_scaler, resolve_precision
@@ -76,10 +76,10 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _build_models(self) -> None:
-        """The frozen CLIP tower and one compressor per output size (wrapped in DDP across processes)."""
+        """The frozen vision tower and one compressor per output size (wrapped in DDP across processes)."""
         config = self.config
-        logger.info("Loading CLIP tower %s (select_layer=%d)", config.vision_tower, config.select_layer)
-        self.extractor = FrozenCLIPFeatures(
+        logger.info("Loading vision tower %s (select_layer=%d)", config.vision_tower, config.select_layer)
+        self.extractor = FrozenTowerFeatures(
             config.vision_tower, config.select_layer, config.select_feature, dtype=self.autocast_dtype or torch.float32,
         ).to(self.dist.device)
         standin_of = getattr(self.extractor.config, "standin_of", None)
@@ -147,7 +147,7 @@ class Trainer:
         )
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels → (B, grid², C) frozen CLIP patch tokens."""
+        """(B, 3, H, W) pixels → (B, grid², C) frozen tower patch tokens."""
         return self.extractor.patch_tokens(self.extractor(pixels.to(self.dist.device, non_blocking=True)))
 
     # -- one step -------------------------------------------------------------------------------
