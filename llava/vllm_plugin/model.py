@@ -31,7 +31,10 @@ from vision_token_compression import TokenCompressor, build_compressor, load_com
 
 from .processing import ToConvLlavaProcessingInfo
 
-CONVERT_HINT = "convert the checkpoint again with `toconv-convert-to-hf SOURCE OUTPUT --compression-output-size N`"
+CONVERT_FIX = (
+    "Convert the checkpoint again with `toconv-convert-to-hf SOURCE OUTPUT --compression-output-size N` (it adds "
+    "the average-initialised compressor, or one you give with --token-compressor-path)."
+)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -82,6 +85,5 @@ class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Check the checkpoint's compressor against this model's geometry, then load it."""
         load_compressor_tensors(
             self.token_compressor, state, self._source, features="CLIP features (vision_config.hidden_size)",
-            fix=f"{CONVERT_HINT} (it adds the average-initialised compressor, or one you give with "
-            f"--token-compressor-path).",
+            fix=CONVERT_FIX,
         )
