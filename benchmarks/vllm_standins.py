@@ -20,9 +20,10 @@ import os
 import shutil
 from pathlib import Path
 
+from llava.model.compressor_layout import HF_HUB
+
 # vLLM's CPU attention needs a supported head dimension: 256 / 4 heads = 64.
 DECODER_HIDDEN_SIZE = 256
-_COMPRESSOR_KEY = "token_compressor."
 _TOCONV_CONFIG_KEYS = ("compression_input_size", "compression_output_size", "auto_map")
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
            "chat_template.jinja")
@@ -74,7 +75,7 @@ def strip_compression(converted: str | os.PathLike, out_dir: str | os.PathLike) 
     tensors = {}
     for file in sorted(converted.glob("*.safetensors")):
         with safe_open(file, "pt") as weights:
-            names = [k for k in weights.keys() if not k.startswith(_COMPRESSOR_KEY)]  # noqa: SIM118 (not a dict)
+            names = [k for k in weights.keys() if not HF_HUB.owns(k)]  # noqa: SIM118 (not a dict)
             tensors.update({k: weights.get_tensor(k) for k in names})
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
 

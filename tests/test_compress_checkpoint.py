@@ -373,7 +373,7 @@ def test_refuses_a_vision_tower_it_cannot_find_and_takes_a_local_copy(tmp_path, 
     ({"output": 8}, r"output_grid_size: checkpoint 8 vs expected 12"),
     ({"hidden": 64}, r"hidden_dim: checkpoint 64 vs expected 32"),
     ({"vision_tower": "openai/clip-vit-base-patch16"}, r"vision_tower: checkpoint 'openai/clip-vit-base-patch16'"),
-    ({"select_layer": -1}, r"select_layer: checkpoint -1 vs mm_vision_select_layer -2"),
+    ({"select_layer": -1}, r"select_layer: checkpoint -1 vs -2"),
 ])
 def test_refuses_a_compressor_checkpoint_that_does_not_fit(tmp_path, tiny_llava, tiny_tower_336, mismatch, match):
     from vision_token_compression import TokenCompressor, save_compressor

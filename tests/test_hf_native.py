@@ -274,7 +274,7 @@ def test_compressor_checkpoints_that_do_not_fit_the_tower_are_refused(tmp_path, 
     refused(ValueError, r"PartialConv\(k=5, s=2, p=1\) but this version builds k=3", tiny_llava, tmp_path / "out",
             token_compressor_path=tmp_path / "kernel5.safetensors")
     other_layer = save_compressor(build_compressor(24, 12, 32), tmp_path / "layer.safetensors", select_layer=-1)
-    refused(ValueError, "fitted to other features.*select_layer: -1 vs -2", tiny_llava, tmp_path / "out",
+    refused(ValueError, "fitted to other features.*select_layer: checkpoint -1 vs -2", tiny_llava, tmp_path / "out",
             token_compressor_path=other_layer)
 
 

@@ -16,6 +16,11 @@ LLaVA's vision tower uses these names and nothing below them:
 - the tower (``towers``): ``grid_side``, the families ``TowerFamily`` / ``CLIP`` / ``SIGLIP`` /
   ``tower_family`` / ``load_image_processor``, ``check_select_layer`` / ``check_select_feature`` /
   ``select_features`` / ``grid_tokens``, and ``EarlyExit`` (run only the layers a select layer needs);
+- a host's weights (``weights``): ``load_compressor_tensors`` / ``check_compressor_tensors`` (a
+  compressor's tensors found in a host's own files: grid-size record, names, shapes, non-finite
+  values), ``check_weights_in_place`` (after a framework loaded them into the module itself),
+  ``check_provenance`` (a converter's check of a compressor checkpoint against the model it goes
+  into), ``compressor_shapes``, ``provenance_differences``;
 - helpers shared with the trainer: ``tokens_to_grid`` / ``grid_to_tokens`` / ``window_mean``,
   ``expand_to_square``, and the atomic writes ``atomic_write`` / ``atomic_write_text`` /
   ``publish_file`` / ``publish_folder``.
@@ -33,6 +38,7 @@ from .checkpoint import (
     load_compressor,
     load_compressor_into,
     non_finite_tensors,
+    provenance_differences,
     read_metadata,
     save_compressor,
     warn_non_finite,
@@ -69,6 +75,13 @@ from .towers import (
     select_features,
     tower_family,
 )
+from .weights import (
+    check_compressor_tensors,
+    check_provenance,
+    check_weights_in_place,
+    compressor_shapes,
+    load_compressor_tensors,
+)
 
 __all__ = [
     "CLIP",
@@ -96,14 +109,20 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "build_compressor",
+    "check_compressor_tensors",
     "check_metadata",
+    "check_provenance",
+    "check_weights_in_place",
     "choose_geometry",
+    "compressor_shapes",
     "expand_to_square",
     "grid_side",
     "grid_to_tokens",
     "load_compressor",
     "load_compressor_into",
+    "load_compressor_tensors",
     "non_finite_tensors",
+    "provenance_differences",
     "publish_file",
     "publish_folder",
     "read_metadata",

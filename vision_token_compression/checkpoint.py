@@ -233,6 +233,28 @@ def read_metadata(path: str | os.PathLike) -> CompressorMetadata:
     return _read_header(Path(path))[0]
 
 
+def provenance_differences(
+    meta: CompressorMetadata,
+    vision_tower: str | None = None,
+    select_layer: int | None = None,
+    select_feature: str | None = None,
+) -> list[str]:
+    """What a checkpoint was fitted to that differs from the given tower, select layer and feature.
+
+    ``"select_layer: checkpoint -1 vs -2"``, one string a difference. Fields unknown on
+    either side are not compared; towers are compared by their last path part (a local copy of
+    ``openai/clip-vit-large-patch14-336`` is the same tower).
+    """
+    diffs = []
+    if vision_tower and meta.vision_tower and Path(vision_tower).name != Path(meta.vision_tower).name:
+        diffs.append(f"vision_tower: checkpoint {meta.vision_tower!r} vs {vision_tower!r}")
+    if select_layer is not None and meta.select_layer is not None and select_layer != meta.select_layer:
+        diffs.append(f"select_layer: checkpoint {meta.select_layer} vs {select_layer}")
+    if select_feature and meta.select_feature and select_feature != meta.select_feature:
+        diffs.append(f"select_feature: checkpoint {meta.select_feature!r} vs {select_feature!r}")
+    return diffs
+
+
 def check_metadata(
     meta: CompressorMetadata,
     path: str | os.PathLike,
@@ -259,13 +281,7 @@ def check_metadata(
             f"or set compression_input_size/compression_output_size to "
             f"{meta.input_grid_size}/{meta.output_grid_size}."
         )
-    soft = []
-    if vision_tower and meta.vision_tower and Path(vision_tower).name != Path(meta.vision_tower).name:
-        soft.append(f"vision_tower: checkpoint {meta.vision_tower!r} vs {vision_tower!r}")
-    if select_layer is not None and meta.select_layer is not None and select_layer != meta.select_layer:
-        soft.append(f"select_layer: checkpoint {meta.select_layer} vs {select_layer}")
-    if select_feature and meta.select_feature and select_feature != meta.select_feature:
-        soft.append(f"select_feature: checkpoint {meta.select_feature!r} vs {select_feature!r}")
+    soft = provenance_differences(meta, vision_tower, select_layer, select_feature)
     if soft:
         logger.warning("Token compressor checkpoint %s was fitted to other features: %s", path, "; ".join(soft))
 

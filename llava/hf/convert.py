@@ -33,11 +33,12 @@ from vision_token_compression import (
     SettingNames,
     TokenCompressor,
     build_compressor,
-    check_metadata,
+    check_provenance,
+    load_compressor_tensors,
     read_metadata,
-    warn_non_finite,
 )
 
+from ..model.compressor_layout import HF_MODULE
 from ..utils import resolve_source
 from .chat_template import DEFAULT_CONV_MODE
 from .configuration import ToConvLlavaConfig
@@ -48,7 +49,6 @@ from .writer import DEFAULT_MAX_SHARD_BYTES, ConvertedCheckpoint, check_output, 
 
 logger = logging.getLogger(__name__)
 
-COMPRESSOR_MODULE = "model.multi_modal_projector.token_compressor."
 _EMBEDDINGS = ("lm_head.weight", "model.language_model.embed_tokens.weight")
 
 
@@ -82,35 +82,19 @@ def _trained_compressor(parts: SourceParts, output_size: int | None, token_compr
         )
     _check_output_size(trained_out, parts, where=f"{parts.folder}'s config: ", flag="compression_output_size")
     compressor = build_compressor(parts.grid, trained_out, parts.vision_config.hidden_size)
-    warn_non_finite(parts.compressor_weights, parts.folder)
-    try:
-        compressor.load_state_dict(parts.compressor_weights)  # refuses a grid-size record of other sizes
-    except RuntimeError as err:  # shapes: another hidden size
-        raise ValueError(
-            f"{parts.folder}'s token compressor does not fit the vision tower {parts.tower_name} "
-            f"(hidden size {parts.vision_config.hidden_size}): {str(err).strip().splitlines()[-1].strip()} Pass the "
-            f"tower the checkpoint was trained with as --vision-tower."
-        ) from err
+    load_compressor_tensors(  # refuses a grid-size record of other sizes, or another tower's width
+        compressor, parts.compressor_weights, parts.folder, features=f"features of {parts.tower_name}",
+        fix="Pass the tower the checkpoint was trained with as --vision-tower.",
+    )
     return compressor
 
 
 def _check_provenance(path, parts: SourceParts) -> None:
     """Refuse a compressor checkpoint that does not fit the tower, or was fitted to other features."""
-    meta = read_metadata(path)
-    check_metadata(meta, path, input_grid_size=parts.grid, output_grid_size=meta.output_grid_size,
-                   hidden_dim=parts.vision_config.hidden_size)
-    diffs = []
-    if parts.tower_name and meta.vision_tower and Path(meta.vision_tower).name != Path(parts.tower_name).name:
-        diffs.append(f"vision_tower: {meta.vision_tower!r} vs {parts.tower_name!r}")
-    if meta.select_layer is not None and meta.select_layer != parts.select_layer:
-        diffs.append(f"select_layer: {meta.select_layer} vs {parts.select_layer}")
-    if meta.select_feature and meta.select_feature != "patch":
-        diffs.append(f"select_feature: {meta.select_feature!r} vs 'patch'")
-    if diffs:
-        raise ValueError(
-            f"Token compressor checkpoint {path} was fitted to other features than {parts.folder}'s "
-            f"({'; '.join(diffs)}). Use a compressor trained on the same tower at the same select layer/feature."
-        )
+    check_provenance(
+        read_metadata(path), path, input_grid_size=parts.grid, hidden_dim=parts.vision_config.hidden_size,
+        vision_tower=parts.tower_name, select_layer=parts.select_layer, select_feature="patch",
+    )
 
 
 def resolve_compressor(
@@ -159,7 +143,7 @@ def assemble(
 
     image_token_id, grown = _vocabulary(parts)
     weights = {**parts.weights, **grown}
-    weights.update({COMPRESSOR_MODULE + key: value for key, value in compressor.state_dict().items()})
+    weights.update(HF_MODULE.place(compressor.state_dict()))
     config = ToConvLlavaConfig(
         text_config=parts.text_config, vision_config=parts.vision_config, image_token_index=image_token_id,
         vision_feature_select_strategy="default", vision_feature_layer=parts.select_layer,

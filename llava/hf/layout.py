@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..model.compressor_layout import HF_HUB, HF_MODULE
+
 # (Hub prefix, transformers 5 module prefix). transformers applies the renamings in this order on load
 # and reversed on save: with the compressor's after the projector's, save_pretrained writes
 # token_compressor.* (tested on 5.16 and 5.24). module_to_hub_key sorts by itself.
@@ -21,7 +23,7 @@ HUB_TO_MODULE = (
     ("language_model.model.", "model.language_model."),
     ("vision_tower.vision_model.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("token_compressor.", "model.multi_modal_projector.token_compressor."),
+    (HF_HUB.prefix, HF_MODULE.prefix),
 )
 # What transformers 5's save_pretrained writes for the same modules (loaded too).
 SAVED_BY_TRANSFORMERS_5 = (("vision_tower.", "model.vision_tower."),)

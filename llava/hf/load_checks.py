@@ -2,8 +2,8 @@
 
 Before loading (local folders): the stored conv must have the shape the config's tower and grid
 sizes give (C×C×k×k); transformers would otherwise stop on a size mismatch without naming a fix.
-After loading: the grid-size record must name the config's sizes (``TokenCompressor.check_grid_sizes``,
-the library's public check): 24→12 and 24→8 weights have kernels of the same shape.
+After loading: the grid-size record must name the config's sizes (the library's
+``check_weights_in_place``): 24→12 and 24→8 weights have kernels of the same shape.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from vision_token_compression import GRID_SIZES_KEY, choose_geometry
+from vision_token_compression import GRID_SIZES_KEY, check_weights_in_place, choose_geometry
 
+from ..model.compressor_layout import HF_HUB
 from .writer import SAFE_INDEX, SAFE_WEIGHTS
 
-CONV_WEIGHT = "token_compressor.conv.weight"
+CONV_WEIGHT = HF_HUB.key("conv.weight")
+RECORD = HF_HUB.key(GRID_SIZES_KEY)
 _FIX = (
     "Convert the source checkpoint again with toconv-convert-to-hf (average init, or --token-compressor-path with a "
     "compressor trained for this tower and these sizes), or undo the edit of config.json."
@@ -48,7 +50,7 @@ def check_stored_compressor(path: str | os.PathLike, config) -> None:
     folder = Path(path)
     if not folder.is_dir():
         return  # a Hub id: transformers' own size check and check_loaded_compressor still apply
-    stored = _stored(folder, (CONV_WEIGHT, f"token_compressor.{GRID_SIZES_KEY}"))
+    stored = _stored(folder, (CONV_WEIGHT, RECORD))
     if CONV_WEIGHT not in stored:
         return
     hidden = config.vision_config.hidden_size
@@ -57,7 +59,7 @@ def check_stored_compressor(path: str | os.PathLike, config) -> None:
     shape = tuple(stored[CONV_WEIGHT].get_shape())
     if shape == wanted:
         return
-    record = stored.get(f"token_compressor.{GRID_SIZES_KEY}")
+    record = stored.get(RECORD)
     recorded = f" (its grid-size record says {record[:].tolist()})" if record is not None else ""
     raise ValueError(
         f"{folder}: the token compressor's conv weight has shape {shape}{recorded}, but the config describes "
@@ -70,6 +72,5 @@ def check_stored_compressor(path: str | os.PathLike, config) -> None:
 def check_loaded_compressor(loaded, source) -> None:
     """After ``from_pretrained``: the compressor's grid-size record must name the config's sizes."""
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-    compressor = model.token_compressor
-    compressor.check_grid_sizes(source=os.fspath(source))
-    compressor.restore_weight_layout()  # from_pretrained materialises the weights itself (a speed-up only)
+    # from_pretrained wrote the weights into the module itself, past load_state_dict's record check.
+    check_weights_in_place(model.token_compressor, source)

@@ -16,6 +16,7 @@ import torch
 from vision_token_compression import CompressionSettings, parse_bool_setting
 
 from ..constants import CONFIG_DEFAULTS
+from ..model.compressor_layout import FORK
 from ..model.multimodal_encoder.clip_encoder import (
     DEFAULT_MM_VISION_SELECT_FEATURE,
     CLIPImageProcessor,
@@ -35,7 +36,6 @@ _RENAMES = (
     ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
 )
-COMPRESSOR_PREFIX = "model.vision_tower.token_compressor."
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 # Saved by LLaVA but unused by a flat-merge LLaVA-1.5, and rotary caches of old transformers.
 _UNUSED = ("model.image_newline",)
@@ -102,11 +102,10 @@ def text_config_of(config: dict, folder: Path):
 
 def _split_weights(tensors: dict[str, torch.Tensor], folder: Path):
     """(weights in module names, compressor weights in its own names, saved tower weights in CLIPVisionModel names)."""
-    weights, compressor, tower, unknown = {}, {}, {}, []
+    weights, tower, unknown = {}, {}, []
+    compressor, tensors = FORK.split(tensors)
     for key, tensor in tensors.items():
-        if key.startswith(COMPRESSOR_PREFIX):
-            compressor[key[len(COMPRESSOR_PREFIX):]] = tensor
-        elif key.startswith(TOWER_PREFIX):
+        if key.startswith(TOWER_PREFIX):
             tower[key[len(TOWER_PREFIX):].removeprefix("vision_model.")] = tensor  # transformers 4 kept vision_model.
         elif key in _UNUSED or key.endswith(_UNUSED_SUFFIXES):
             continue
@@ -189,7 +188,7 @@ def read_llava_checkpoint(
     settings = CompressionSettings.from_config(config, where=f"{folder / 'config.json'}: ")
     if settings.enabled:
         if not compressor:
-            raise ValueError(f"{folder} sets use_token_compression but holds no {COMPRESSOR_PREFIX}* weights.")
+            raise ValueError(f"{folder} sets use_token_compression but holds no {FORK.prefix}* weights.")
         sizes = (settings.input_size, settings.output_size)
     generation_file = folder / "generation_config.json"
     return SourceParts(

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
-from vision_token_compression import GRID_SIZES_KEY, CompressionSettings, SettingNames, warn_non_finite
+from vision_token_compression import GRID_SIZES_KEY, CompressionSettings, SettingNames, check_weights_in_place
 
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
@@ -32,6 +32,7 @@ from ..constants import (
     NON_LORA_FILE,
     config_value,
 )
+from .compressor_layout import FORK
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import check_compressor_weights, load_adapter_weights
@@ -172,14 +173,9 @@ def _load_extra_weights(model, weights: dict[str, torch.Tensor], source: str) ->
     compressor's grid-size record when it was found beside the file.
     """
     compressor = model.get_vision_tower().token_compressor
-    if compressor is None:
-        weights = {k: v for k, v in weights.items() if "token_compressor." not in k}
-    else:
-        names = [k for k in weights if "token_compressor." in k]
-        if names:
-            prefix = names[0][: names[0].index("token_compressor.") + len("token_compressor.")]
-            own = check_compressor_weights(compressor, {k[len(prefix):]: weights[k] for k in names}, source)
-            weights = {**weights, **{prefix + k: v for k, v in own.items()}}
+    own, weights = FORK.split(weights)  # both files name the compressor as the model does
+    if compressor is not None and own:
+        weights.update(FORK.place(check_compressor_weights(compressor, own, source)))
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ValueError(
@@ -203,19 +199,15 @@ def _finish_compressor(model, switched_on: bool, token_compressor_path: str | No
     tower.record_compression(model.config)
     if compressor is None:
         return
-    record_missing = any(k.endswith("token_compressor." + GRID_SIZES_KEY) for k in missing)
+    record_missing = FORK.key(GRID_SIZES_KEY) in missing
     loaded = len(missing) == int(record_missing)  # every weight came from a file (the record may not have)
     if token_compressor_path:
         tower.load_token_compressor(token_compressor_path)
         source = token_compressor_path
     elif loaded and checked:
         source = "the checkpoint"
-    elif loaded:
-        if record_missing:
-            compressor.accept_unrecorded_grid_sizes(source)
-        else:
-            compressor.check_grid_sizes(source=source)
-        warn_non_finite(compressor.state_dict(), source)
+    elif loaded:  # from_pretrained wrote them into the module itself
+        check_weights_in_place(compressor, source, recorded=not record_missing)
         source = "the checkpoint"
     else:
         if not switched_on:
@@ -344,7 +336,7 @@ def load_pretrained_model(
     tokenizer, model, info, extra = _load_llava(model_cls, config, model_path, model_base, model_name, lora, kwargs)
     compressor_missing = _check_missing_weights(info["missing_keys"], extra, model_path)
     _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
-                       checked=any("token_compressor." in k for k in extra))
+                       checked=bool(FORK.keys_in(extra)))
     _add_image_tokens(tokenizer, model)
     image_processor = _load_vision_tower(model, kwargs["device_map"])
     return tokenizer, model, image_processor, config_value(model.config, "max_sequence_length")
@@ -406,7 +398,7 @@ def _check_missing_weights(missing_keys: list[str], extra: dict[str, torch.Tenso
             f"projector-only checkpoint needs mm_projector.bin, a LoRA one non_lora_trainables.bin with the "
             f"projector in it (re-save it with this fork's training, which keeps a frozen projector there)."
         )
-    return [k for k in missing_keys if "token_compressor." in k and k not in extra]
+    return [k for k in FORK.keys_in(missing_keys) if k not in extra]
 
 
 def _add_image_tokens(tokenizer, model) -> None:

@@ -64,6 +64,7 @@ from vision_token_compression import DEFAULT_COMPRESSION_OUTPUT_SIZE, Compressio
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from ..utils import resolve_source
+from .compressor_layout import FORK, MM_PROJECTOR, NON_LORA, CompressorLayout, is_compressor_key
 from .multimodal_encoder.clip_encoder import DEFAULT_MM_VISION_SELECT_FEATURE
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,6 @@ _FORMATS = {
     "safetensors": (SAFE_WEIGHTS, SAFE_INDEX, "model-00001-of-00001.safetensors", "model-token_compressor.safetensors"),
     "bin": (BIN_WEIGHTS, BIN_INDEX, "pytorch_model-00001-of-00001.bin", "pytorch_model-token_compressor.bin"),
 }
-# What precedes "mm_projector." / "vision_tower." in each file's names when it holds no projector to copy from.
-FULL_PREFIX = "model."
-PEFT_PREFIX = "base_model.model.model."
-COMPRESSOR_MODULE = "vision_tower.token_compressor."
 
 
 @dataclass(frozen=True)
@@ -175,65 +172,40 @@ def _check_sizes(tower: TowerInfo, compression_input_size: int | None, compressi
 # ---- the compressor ----------------------------------------------------------------------------
 
 
-def _check_provenance(meta, path: Path, tower: TowerInfo) -> None:
-    """Refuse a compressor fitted to other features (tower, select layer or feature) than this checkpoint's.
-
-    ``vision_token_compression.check_metadata`` only warns about these at load time; a written checkpoint
-    keeps the mismatch for good, so it is an error here.
-    """
-    diffs = []
-    if meta.vision_tower and Path(meta.vision_tower).name != Path(tower.name).name:
-        diffs.append(f"vision_tower: checkpoint {meta.vision_tower!r} vs {tower.name!r}")
-    if meta.select_layer is not None and tower.select_layer is not None and meta.select_layer != tower.select_layer:
-        diffs.append(f"select_layer: checkpoint {meta.select_layer} vs mm_vision_select_layer {tower.select_layer}")
-    if meta.select_feature and meta.select_feature != tower.select_feature:
-        diffs.append(f"select_feature: checkpoint {meta.select_feature!r} vs {tower.select_feature!r}")
-    if diffs:
-        raise ValueError(
-            f"Token compressor checkpoint {path} was fitted to other features than this checkpoint's "
-            f"({'; '.join(diffs)}). Use a compressor trained on {tower.name} at the same select layer/feature."
-        )
-
-
 def build_compressor(tower: TowerInfo, output_size: int, token_compressor_path: str | os.PathLike | None = None):
-    """The compressor to write: the average init, or ``token_compressor_path`` checked against the tower."""
-    from vision_token_compression import build_compressor, check_metadata, read_metadata
+    """The compressor to write: the average init, or ``token_compressor_path`` checked against the tower.
+
+    A written checkpoint keeps a compressor fitted to other features for good, so another tower,
+    select layer or feature is an error here (``check_provenance``), not the warning of loading.
+    """
+    from vision_token_compression import build_compressor, check_provenance, read_metadata
 
     if token_compressor_path:
-        # Shape-defining fields first (their error says which differ and what fits), then provenance.
-        meta = read_metadata(token_compressor_path)
-        check_metadata(meta, token_compressor_path, input_grid_size=tower.grid, output_grid_size=output_size,
-                       hidden_dim=tower.hidden_size)
-        _check_provenance(meta, Path(token_compressor_path), tower)
+        check_provenance(
+            read_metadata(token_compressor_path), token_compressor_path, input_grid_size=tower.grid,
+            output_grid_size=output_size, hidden_dim=tower.hidden_size, vision_tower=tower.name,
+            select_layer=tower.select_layer, select_feature=tower.select_feature,
+        )
     return build_compressor(
         tower.grid, output_size, tower.hidden_size, token_compressor_path, vision_tower=tower.name,
         select_layer=tower.select_layer, select_feature=tower.select_feature,
     )
 
 
-def _compressor_tensors(compressor, prefix: str) -> dict[str, torch.Tensor]:
-    """The compressor's state dict under a model's names, contiguous; weights float32 (any loader casts them).
+def _compressor_tensors(compressor, layout: CompressorLayout) -> dict[str, torch.Tensor]:
+    """The compressor's state dict under ``layout``'s names, contiguous; weights float32 (any loader casts them).
 
     The integer ``grid_sizes`` record stays an integer: with it, a loader refuses the weights for
     another geometry (e.g. after an edit of ``compression_output_size`` in the written config).
     """
-    return {
-        f"{prefix}{COMPRESSOR_MODULE}{name}":
-            tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
+    return layout.place({
+        name: tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
         for name, tensor in compressor.state_dict().items()
-    }
-
-
-def _prefix_of(keys, default: str) -> str:
-    """What precedes ``mm_projector.`` in a weight file's names (``model.``, ``base_model.model.model.``)."""
-    for key in keys:
-        if "mm_projector." in key:
-            return key[: key.index("mm_projector.")]
-    return default
+    })
 
 
 def _refuse_compressor_keys(keys, where: str) -> None:
-    found = [k for k in keys if "token_compressor." in k]
+    found = [k for k in keys if is_compressor_key(k)]
     if found:
         raise ValueError(
             f"{where} holds token compressor weights ({found[:2]}) but its config has use_token_compression "
@@ -313,7 +285,7 @@ def _plan_full_weights(source: Path, fmt: str, compressor, plan: _Plan) -> set[s
         plan.links.update({shard: source / shard for shard in shards})
         handled = {index_name, *shards}
     _refuse_compressor_keys(weight_map, f"{source}'s weights")
-    tensors = _compressor_tensors(compressor, _prefix_of(weight_map, FULL_PREFIX))
+    tensors = _compressor_tensors(compressor, FORK)
     weight_map.update(dict.fromkeys(tensors, compressor_file))
     if "total_size" in metadata:
         metadata["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -322,11 +294,11 @@ def _plan_full_weights(source: Path, fmt: str, compressor, plan: _Plan) -> set[s
     return handled
 
 
-def _plan_adapter_file(source: Path, name: str, compressor, default_prefix: str, plan: _Plan) -> None:
+def _plan_adapter_file(source: Path, name: str, compressor, layout: CompressorLayout, plan: _Plan) -> None:
     """A new ``mm_projector.bin`` / ``non_lora_trainables.bin``: the source's tensors plus the compressor's."""
     weights = torch.load(source / name, map_location="cpu", weights_only=True)
     _refuse_compressor_keys(weights, str(source / name))
-    tensors = _compressor_tensors(compressor, _prefix_of(weights, default_prefix))
+    tensors = _compressor_tensors(compressor, layout)
     plan.writes[name] = _write_tensors({**weights, **tensors}, "bin")
 
 
@@ -338,10 +310,10 @@ def plan_output(source: Path, config: dict, tower: TowerInfo, compressor) -> _Pl
     if fmt is not None:
         handled |= _plan_full_weights(source, fmt, compressor, plan)
     if (source / MM_PROJECTOR_FILE).is_file():
-        _plan_adapter_file(source, MM_PROJECTOR_FILE, compressor, FULL_PREFIX, plan)
+        _plan_adapter_file(source, MM_PROJECTOR_FILE, compressor, MM_PROJECTOR, plan)
         plan.writes[TOKEN_COMPRESSOR_FILE] = _write_portable(compressor, tower)
     if (source / NON_LORA_FILE).is_file():
-        _plan_adapter_file(source, NON_LORA_FILE, compressor, PEFT_PREFIX, plan)
+        _plan_adapter_file(source, NON_LORA_FILE, compressor, NON_LORA, plan)
     elif (source / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(
             f"{source} is a LoRA checkpoint without {NON_LORA_FILE} (its projector): nothing to add the compressor to."

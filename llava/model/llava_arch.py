@@ -29,8 +29,8 @@ from vision_token_compression import (
     GRID_SIZES_KEY,
     CompressionSettings,
     TokenCompressor,
+    check_compressor_tensors,
     read_metadata,
-    warn_non_finite,
 )
 
 from ..constants import (
@@ -43,6 +43,7 @@ from ..constants import (
     config_value,
 )
 from ..mm_utils import get_anyres_image_grid_shape
+from .compressor_layout import MM_PROJECTOR
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_encoder.clip_encoder import DEFAULT_MM_VISION_SELECT_FEATURE
 from .multimodal_projector.builder import build_vision_projector
@@ -209,7 +210,7 @@ class LlavaMetaModel:
         projector = select_weights(weights, "mm_projector")
         if not projector:
             raise ValueError(f"{path} holds no mm_projector weights (keys: {sorted(weights)[:8]}...).")
-        compressor_weights = select_weights(weights, "token_compressor")
+        compressor_weights = MM_PROJECTOR.extract(weights)
         compressor = self.get_vision_tower().token_compressor
         if compressor_weights:
             if compressor is None:
@@ -250,22 +251,16 @@ def check_compressor_weights(
 ) -> dict[str, torch.Tensor]:
     """Check compressor ``weights`` (its own key names) from ``source`` before they load; returns them.
 
-    Weights recorded as trained for other grid sizes are refused (``GridSizeMismatchError``); without
-    a record of their own, the one in ``token_compressor.safetensors`` beside ``source`` is used and
+    The library's check (``vision_token_compression.check_compressor_tensors``). Without a grid-size
+    record of their own, the one in ``token_compressor.safetensors`` beside ``source`` is used and
     added to the returned weights; with neither, the geometry cannot be checked (logged once).
-    Non-finite values are logged as a warning.
     """
-    warn_non_finite(weights, source)
-    if GRID_SIZES_KEY in weights:
-        compressor.check_grid_sizes(weights[GRID_SIZES_KEY], source=source)
-        return weights
-    beside = sibling_grid_sizes(source)
-    if beside is None:
-        compressor.accept_unrecorded_grid_sizes(source)
-        return weights
-    grid_sizes, sibling = beside
-    compressor.check_grid_sizes(grid_sizes, source=f"{source} (grid sizes recorded in {sibling})")
-    return {**weights, GRID_SIZES_KEY: torch.tensor(grid_sizes)}
+    beside = None if GRID_SIZES_KEY in weights else sibling_grid_sizes(source)  # the file's own record decides
+    recorded, sibling = beside if beside else (None, None)
+    return check_compressor_tensors(
+        compressor, weights, source, recorded_grid_sizes=recorded, record_source=sibling,
+        fix="Load weights trained with this model's vision tower and compression settings.",
+    )
 
 
 class LlavaMetaForCausalLM(ABC):

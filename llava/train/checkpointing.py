@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vision_token_compression import GRID_SIZES_KEY, TokenCompressor
+from vision_token_compression import GRID_SIZES_KEY, TokenCompressor, check_compressor_tensors
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
+from ..model.compressor_layout import COMPRESSOR_ATTRIBUTE, CompressorLayout, module_prefix
 from ..model.weights_io import (
     CheckpointError,
     load_weights_file,
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 # Substrings of the parameter names that stage 1 trains and saves.
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")
-COMPRESSOR_KEYS = ("token_compressor",)
+COMPRESSOR_KEYS = (COMPRESSOR_ATTRIBUTE,)
 IM_START_END_KEYS = ("embed_tokens", "embed_in")
 # Name ending of the compressor's grid-size record, saved beside its weights.
 GRID_SIZES_SUFFIX = f"{COMPRESSOR_KEYS[0]}.{GRID_SIZES_KEY}"
@@ -183,22 +184,22 @@ def grid_size_records(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.detach().to("cpu").clone() for n, b in model.named_buffers() if is_grid_size_record(n)}
 
 
-def check_grid_size_records(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Check the grid-size record that ``state`` (keys as ``model`` names them) holds for each token compressor.
+def check_compressor_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Check the tensors ``state`` (keys as ``model`` names them) holds for each token compressor, before they load.
 
-    A record of other grid sizes is a ``GridSizeMismatchError`` naming both geometries and ``source``;
-    compressor weights without a record (files saved before it existed) load, with the compressor's
-    warning that their grid sizes cannot be checked.
+    The library's check (``vision_token_compression.check_compressor_tensors``): a grid-size record of
+    other sizes is a ``GridSizeMismatchError`` naming both geometries and ``source``; weights without
+    a record (files saved before it existed) load, with a warning that their grid sizes cannot be
+    checked; another width is refused; non-finite values are warned about.
     """
     for name, module in model.named_modules():
         if not isinstance(module, TokenCompressor):
             continue
-        prefix = f"{name}." if name else ""
-        key = prefix + GRID_SIZES_KEY
-        if key in state:
-            module.check_grid_sizes(state[key], source=source)
-        elif any(k.startswith(prefix) for k in state):
-            module.accept_unrecorded_grid_sizes(source)
+        # The layout of this file is the model's own names: under peft, NON_LORA's prefix.
+        tensors = CompressorLayout(source, f"{name}.").extract(state)
+        if tensors:
+            check_compressor_tensors(module, tensors, source, fix="Resume with the model flags (vision tower, "
+                                     "compression) of the run that wrote it.")
 
 
 def mm_adapter_state(model: nn.Module, use_im_start_end: bool = False) -> dict[str, torch.Tensor]:
@@ -221,7 +222,7 @@ def load_non_lora_trainables(model: nn.Module, checkpoint: str | os.PathLike) ->
     Every parameter that ``get_peft_state_non_lora_maybe_zero_3`` saves must be in the file, and
     nothing else but the compressor's grid-size record: a LoRA resume that restored the adapter but
     not these would continue the optimizer with the projector and compressor of stage 1. The record
-    is checked before anything loads (``check_grid_size_records``); files written before it existed
+    is checked before anything loads (``check_compressor_weights``); files written before it existed
     load with a warning.
     """
     path = Path(checkpoint) / NON_LORA_FILE
@@ -241,7 +242,7 @@ def load_non_lora_trainables(model: nn.Module, checkpoint: str | os.PathLike) ->
             f"{unknown or 'nothing'}. Resume with the model flags (vision tower, compression, LoRA) of the run "
             f"that wrote it."
         )
-    check_grid_size_records(model, state, str(path))
+    check_compressor_weights(model, state, str(path))
     with torch.no_grad():
         for name, tensor in state.items():
             if name in records:
@@ -303,11 +304,10 @@ def _save_compressor_file(model: nn.Module, compressor_state: dict[str, torch.Te
     compressor = tower.token_compressor
     if any(is_partitioned(p) for p in compressor.parameters()):
         # Under ZeRO-3 the live module holds only a shard: save a twin holding the gathered weights.
-        prefix = os.path.commonprefix(list(compressor_state))
-        prefix = prefix[: prefix.rfind("token_compressor.") + len("token_compressor.")]
+        layout = CompressorLayout(MM_PROJECTOR_FILE, module_prefix(next(iter(compressor_state))))
         twin = type(compressor)(compressor.input_grid_size, compressor.output_grid_size, compressor.hidden_dim)
         twin.load_state_dict({
-            n[len(prefix):]: t.float() if t.is_floating_point() else t for n, t in compressor_state.items()
+            n: t.float() if t.is_floating_point() else t for n, t in layout.extract(compressor_state).items()
         })
         compressor = twin
     save_compressor(

@@ -13,7 +13,6 @@ geometry is refused at load, naming the fix.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -27,19 +26,15 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava.hf import ToConvLlavaConfig
-from vision_token_compression import GRID_SIZES_KEY, TokenCompressor, build_compressor, warn_non_finite
+from llava.model.compressor_layout import VLLM
+from vision_token_compression import TokenCompressor, build_compressor, load_compressor_tensors
 
 from .processing import ToConvLlavaProcessingInfo
 
-logger = logging.getLogger(__name__)
-
-COMPRESSOR = "token_compressor"
-# Where checkpoints keep the compressor: the Hub layout's top level (toconv-convert-to-hf), or inside the
-# projector, as llava.hf's modules name it (a ToConvLlavaForConditionalGeneration saved by transformers 5).
-_COMPRESSOR_PREFIXES = (
-    f"{COMPRESSOR}.", f"multi_modal_projector.{COMPRESSOR}.", f"model.multi_modal_projector.{COMPRESSOR}.",
+CONVERT_FIX = (
+    "Convert the checkpoint again with `toconv-convert-to-hf SOURCE OUTPUT --compression-output-size N` (it adds "
+    "the average-initialised compressor, or one you give with --token-compressor-path)."
 )
-CONVERT_HINT = "convert the checkpoint again with `toconv-convert-to-hf SOURCE OUTPUT --compression-output-size N`"
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -74,42 +69,21 @@ class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         def llava_weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
-                prefix = next((p for p in _COMPRESSOR_PREFIXES if name.startswith(p)), None)
-                if prefix is None:
+                own = VLLM.compressor_name(name)  # the Hub layout's top level, or transformers 5's names
+                if own is None:
                     yield name, tensor
                 else:
-                    compressor_state[name.removeprefix(prefix)] = tensor
+                    compressor_state[own] = tensor
 
         loaded = super().load_weights(llava_weights())
         if isinstance(self.token_compressor, TokenCompressor):  # not a placeholder (image limit 0)
             self._load_compressor(compressor_state)
-            loaded |= {f"{COMPRESSOR}.{name}" for name in compressor_state}
+            loaded |= set(VLLM.place(compressor_state))
         return loaded
 
     def _load_compressor(self, state: dict[str, torch.Tensor]) -> None:
         """Check the checkpoint's compressor against this model's geometry, then load it."""
-        compressor, source = self.token_compressor, self._source
-        if not any(name.startswith("conv.") for name in state):
-            raise ValueError(
-                f"{source} has no {COMPRESSOR}.* weights, but its config asks for a {compressor.name} token "
-                f"compressor: {CONVERT_HINT} (it adds the average-initialised compressor or one you give with "
-                f"--token-compressor-path)."
-            )
-        if GRID_SIZES_KEY in state:
-            compressor.check_grid_sizes(state[GRID_SIZES_KEY], source=source)
-        else:
-            compressor.accept_unrecorded_grid_sizes(source=source)
-        expected = {name: tuple(tensor.shape) for name, tensor in compressor.state_dict().items()}
-        misfits = [  # in the module's order: conv.weight, conv.bias, then anything it does not have
-            f"{name} is {tuple(state[name].shape)}, expected {shape}"
-            for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape
-        ] + [f"unexpected {name}" for name in sorted(set(state) - set(expected))]
-        if misfits:  # e.g. a compressor over another tower's hidden size
-            raise ValueError(
-                f"The {COMPRESSOR} weights in {source} do not fit a {compressor.name} compressor over "
-                f"{compressor.hidden_dim}-channel CLIP features (vision_config.hidden_size): {'; '.join(misfits)}. "
-                f"They were made for another vision tower; {CONVERT_HINT}."
-            )
-        warn_non_finite(state, source)
-        compressor.load_state_dict(state, strict=True)
-        logger.info("Loaded token compressor [%s] from %s", compressor.name, source)
+        load_compressor_tensors(
+            self.token_compressor, state, self._source, features="CLIP features (vision_config.hidden_size)",
+            fix=CONVERT_FIX,
+        )
