@@ -196,7 +196,7 @@ def check_compressor_weights(model: nn.Module, state: dict[str, torch.Tensor], s
         if not isinstance(module, TokenCompressor):
             continue
         # The layout of this file is the model's own names: under peft, NON_LORA's prefix.
-        tensors = CompressorLayout(source, f"{name}.").extract(state)
+        tensors = CompressorLayout(source, f"{name}." if name else "").extract(state)
         if tensors:
             check_compressor_tensors(module, tensors, source, fix="Resume with the model flags (vision tower, "
                                      "compression) of the run that wrote it.")
