@@ -258,6 +258,26 @@ def refused(error, match, source, output, **options):
     assert not output.exists() and not list(output.parent.glob(f".{output.name}*"))
 
 
+def test_siglip_towers_are_refused_until_hf_and_vllm_serve_them(tmp_path, tiny_llava):
+    """Both source formats: a fork checkpoint whose mm_vision_tower is SigLIP, a llava-hf one with a SigLIP vision_config."""
+    from transformers import LlavaConfig, SiglipVisionConfig
+
+    fork = tmp_path / "fork-siglip"
+    fork.mkdir()
+    for path in tiny_llava.iterdir():
+        (fork / path.name).symlink_to(path)
+    config = json.loads((tiny_llava / "config.json").read_text())
+    (fork / "config.json").unlink()
+    (fork / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "google/siglip-so400m-patch14-384"}))
+    refused(ValueError, "'google/siglip-so400m-patch14-384' .* is a SigLIP tower.*CLIP towers only.*later work",
+            fork, tmp_path / "out")
+    hf = tmp_path / "llava-hf-siglip"
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=384, patch_size=14)
+    LlavaConfig(vision_config=vision, text_config={"model_type": "llama", "hidden_size": 32}).save_pretrained(hf)
+    refused(ValueError, "vision_config is a SigLIP tower.*later work", hf, tmp_path / "out")
+
+
 def test_compressor_checkpoints_that_do_not_fit_the_tower_are_refused(tmp_path, tiny_llava):
     other_grid = save_compressor(build_compressor(16, 8, 32), tmp_path / "grid16.safetensors")
     refused(ValueError, "does not fit this vision tower.*input_grid_size: checkpoint 16 vs expected 24", tiny_llava,

@@ -92,3 +92,17 @@ def source_kind(config: dict, folder: Path) -> str:
         f"mm_vision_tower) nor a Hugging Face-format LLaVA (model_type llava); model_type is {model_type!r}. "
         f"LLaVA-1.6 (llava_next) and other architectures are not converted."
     )
+
+
+def refuse_siglip(family: str, what: str) -> None:
+    """Refuse a SigLIP tower (``family`` is a tower family's name or a vision config's model_type).
+
+    The HF-native and vLLM models are LLaVA-1.5's (CLIP, with a CLS token to drop); SigLIP towers
+    run in the fork only, for now.
+    """
+    if family.startswith("siglip"):
+        raise ValueError(
+            f"{what} is a SigLIP tower: toconv-convert-to-hf converts LLaVA models with CLIP towers only; "
+            f"Hugging Face-native and vLLM serving of SigLIP models are later work. Run this model with the fork "
+            f"itself (llava.model.builder.load_pretrained_model, llava.eval.*, llava.serve.*), compression included."
+        )

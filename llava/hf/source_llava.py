@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vision_token_compression import CompressionSettings, parse_bool_setting
+from vision_token_compression import CompressionSettings, parse_bool_setting, tower_family
 
 from ..constants import CONFIG_DEFAULTS
 from ..model.compressor_layout import FORK
@@ -22,7 +22,7 @@ from ..model.multimodal_encoder.clip_encoder import (
     CLIPImageProcessor,
 )
 from .chat_template import chat_template
-from .source import SourceParts
+from .source import SourceParts, refuse_siglip
 from .weight_files import read_weights
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ def read_llava_checkpoint(
     check_settings(config, folder)
     text_config = text_config_of(config, folder)
     tower_name = vision_tower or config["mm_vision_tower"]
+    refuse_siglip(tower_family(tower_name).name, f"{folder}'s vision tower {tower_name!r} (mm_vision_tower)")
     vision_config = _load_tower_config(tower_name)
     weights, compressor, saved_tower = _split_weights(read_weights(folder), folder)
     _check_tower_fits(weights, config, vision_config, tower_name)

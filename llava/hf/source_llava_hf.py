@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .source import SourceParts
+from .source import SourceParts, refuse_siglip
 
 
 def _check_config(config, folder: Path) -> None:
@@ -20,6 +20,7 @@ def _check_config(config, folder: Path) -> None:
             f"patch tokens of one layer ('default' strategy, an int layer)."
         )
     vision = config.vision_config
+    refuse_siglip(str(getattr(vision, "model_type", "")), f"{folder}'s vision_config")
     if vision.image_size % vision.patch_size:
         raise ValueError(
             f"{folder}: the vision tower's image_size {vision.image_size} is not a multiple of its patch_size "
