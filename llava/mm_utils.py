@@ -105,14 +105,21 @@ def get_anyres_image_grid_shape(
     return width // patch_size, height // patch_size
 
 
+def _size_field(size, key: str):
+    """``key`` of a processor's size: a dict in transformers 4, a ``SizeDict`` in 5; None when absent."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 def _crop_side(image_processor) -> int:
-    crop = image_processor.crop_size
-    return crop["height"] if isinstance(crop, dict) else crop.height
+    """Side of the square a processor outputs: CLIP's centre crop, or SigLIP's square resize (it has no crop)."""
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    return _size_field(crop, "height")
 
 
 def _shortest_edge(image_processor) -> int:
-    size = image_processor.size
-    return size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+    """The edge anyres resizes the whole image to: CLIP's ``shortest_edge``, else the square side (SigLIP)."""
+    edge = _size_field(image_processor.size, "shortest_edge")
+    return edge if edge is not None else _crop_side(image_processor)
 
 
 def _pixel_values(image_processor, images) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Everything here has real structure and random weights: a byte-level BPE tokenizer with Llama's
 special tokens, a tiny Llama or Mistral LLaVA assembled through ``initialize_vision_modules``
-(the path training takes), a CLIP stand-in with the real 336px / patch-14 geometry (24×24 grid),
+(the path training takes), a CLIP stand-in with the real 336px / patch-14 geometry (24×24 grid), a
+SigLIP one with so400m's 384px / patch-14 geometry (27×27 grid, no CLS token),
 and generated images. Outputs are meaningless; shapes, token counts and code paths are real.
 
 Typical use::
@@ -131,6 +132,20 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, hidden_size: int = 32, num_hi
     )
 
 
+def build_tiny_siglip(out_dir: str | os.PathLike, *, hidden_size: int = 32, num_hidden_layers: int = 2, seed: int = 0) -> Path:
+    """A random SigLIP so400m-384 stand-in shrunk to ``hidden_size`` channels: 384px, patch 14, a 27×27 grid, no CLS.
+
+    Pass a folder whose name contains ``siglip``, or any folder: ``build_vision_tower`` also reads its
+    config.json, so a LLaVA built on it gets a ``SigLipVisionTower``.
+    """
+    from vision_token_compression.testing import build_siglip_standin
+
+    return build_siglip_standin(
+        "google/siglip-so400m-patch14-384", out_dir, num_hidden_layers=num_hidden_layers, seed=seed,
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=2,
+    )
+
+
 def tiny_language_config(
     language_model: Literal["llama", "mistral"] = "llama",
     *,
@@ -221,7 +236,7 @@ def build_tiny_llava(
 
     Args:
         out_dir: Folder to save to (``save_pretrained`` layout, loadable by ``load_pretrained_model``).
-        vision_tower_path: A CLIP vision model folder, e.g. from ``build_tiny_clip``.
+        vision_tower_path: A CLIP or SigLIP vision model folder, e.g. from ``build_tiny_clip`` / ``build_tiny_siglip``.
         tokenizer_path: An existing tokenizer folder; None builds the BPE stand-in in ``out_dir``.
         **options: ``create_tiny_llava`` options:
             compression_output_size (compressed grid side: 12 → 144 tokens, 8 → 64; None: no compression),

@@ -300,7 +300,8 @@ def preprocess_v1(conversation: Sequence[dict], tokenizer, template: Conversatio
 
 
 def _crop_size(image_processor) -> tuple[int, int]:
-    crop = image_processor.crop_size
+    """(height, width) a processor outputs: CLIP's centre crop, or SigLIP's resize (it has no crop)."""
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
     if isinstance(crop, dict):
         return crop["height"], crop["width"]
     return crop.height, crop.width
