@@ -229,3 +229,15 @@ def test_real_so400m_geometry(tmp_path):  # so400m's real width, 2 of its 27 lay
     assert tower.config.intermediate_size == 4304 and tower.config.num_attention_heads == 16
     with torch.no_grad():
         assert tower(torch.randn(1, 3, 384, 384)).shape == (1, 196, 1152)
+
+
+def test_trainer_cli_refuses_cls_patch_on_a_siglip_tower_before_loading_it(siglip, tmp_path, capsys):
+    from vision_token_compression.training.cli import main as train_main
+
+    (tmp_path / "images").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--data", str(tmp_path / "images"), "--output-dir", str(tmp_path / "run"), "--vision-tower",
+                    str(siglip), "--select-feature", "cls_patch"])
+    assert exc.value.code == 2
+    message = capsys.readouterr().err
+    assert "--select-feature" in message and "'cls_patch'" in message and "='patch'" in message, message

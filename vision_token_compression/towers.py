@@ -102,17 +102,21 @@ SIGLIP = TowerFamily("siglip", "SiglipVisionConfig", "SiglipVisionModel", "Sigli
 
 def tower_family(tower: str | os.PathLike) -> TowerFamily:
     """SigLIP when the tower's name or path contains ``siglip`` (LLaVA-NeXT's rule) or its local
-    config.json says so; CLIP otherwise."""
+    config.json is a SigLIP (not SigLIP 2) config; CLIP otherwise."""
     name = os.fspath(tower)
     if "siglip" in name.lower():
         return SIGLIP
-    config_file = os.path.join(name, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as file:
-            model_type = str(json.load(file).get("model_type", ""))
-        if model_type.startswith("siglip"):
-            return SIGLIP
-    return CLIP
+    return SIGLIP if _local_model_type(name) in ("siglip", "siglip_vision_model") else CLIP
+
+
+def _local_model_type(folder: str) -> str | None:
+    """``model_type`` of ``folder``/config.json; None without a readable one (the config loader reports that)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def load_image_processor(tower: str | os.PathLike, family: TowerFamily | None = None):
@@ -177,17 +181,16 @@ class _SkippedHead(nn.Module):
 class _Layout:
     """Where a model keeps what an early exit swaps: its encoder, the encoder's layer list, a pooling head."""
 
-    encoder: nn.Module
-    layers_owner: nn.Module  # the module holding the layer list (the encoder itself in CLIP and SigLIP)
+    encoder: nn.Module  # holds the layer list as ``layers_attribute``; its output is the selected state
     layers_attribute: str
     layers: nn.ModuleList
     head_owner: nn.Module | None  # the module holding a ``head`` beside the encoder (SigLIP), else None
-    heads: dict  # {layers run: ModuleList of the first layers}, built once per count
+    prefixes: dict  # {layers run: ModuleList of the first layers}, built once per count
 
     def first(self, count: int) -> nn.ModuleList:
-        if count not in self.heads:
-            self.heads[count] = nn.ModuleList(list(self.layers)[:count])
-        return self.heads[count]
+        if count not in self.prefixes:
+            self.prefixes[count] = nn.ModuleList(list(self.layers)[:count])
+        return self.prefixes[count]
 
 
 class EarlyExit:
@@ -262,7 +265,7 @@ class EarlyExit:
         """The encoder's output after its first ``count`` layers, the pooling head skipped."""
         captured = []
         hook = layout.encoder.register_forward_hook(lambda module, args, output: captured.append(output))
-        setattr(layout.layers_owner, layout.layers_attribute, layout.first(count))
+        setattr(layout.encoder, layout.layers_attribute, layout.first(count))
         if layout.head_owner is not None:
             head = layout.head_owner.head
             layout.head_owner.head = self._skipped_head
@@ -270,7 +273,7 @@ class EarlyExit:
             model(pixels, return_dict=True)
         finally:
             hook.remove()
-            setattr(layout.layers_owner, layout.layers_attribute, layout.layers)
+            setattr(layout.encoder, layout.layers_attribute, layout.layers)
             if layout.head_owner is not None:
                 layout.head_owner.head = head
         output = captured[-1]
@@ -282,7 +285,7 @@ class EarlyExit:
         stale = found is None or found[0] is not model
         if not stale and found[1] is not None:
             layout = found[1]
-            stale = getattr(layout.layers_owner, layout.layers_attribute) is not layout.layers
+            stale = getattr(layout.encoder, layout.layers_attribute) is not layout.layers
         if stale:
             layout = _find_layout(model, model.config.num_hidden_layers)
             if layout is None:
@@ -308,4 +311,4 @@ def _find_layout(model: nn.Module, num_layers: int) -> _Layout | None:
     encoder = model.get_submodule(encoder_name)
     encoder_owner = model.get_submodule(encoder_name.rpartition(".")[0])
     has_head = isinstance(getattr(encoder_owner, "head", None), nn.Module)
-    return _Layout(encoder, encoder, attribute, getattr(encoder, attribute), encoder_owner if has_head else None, {})
+    return _Layout(encoder, attribute, getattr(encoder, attribute), encoder_owner if has_head else None, {})

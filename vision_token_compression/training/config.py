@@ -163,13 +163,15 @@ class TrainConfig:
 
 
 def check_against_tower(config: TrainConfig) -> None:
-    """Check the settings that depend on the tower (output sizes, select layer) from its config alone.
+    """Check the settings that depend on the tower (output sizes, select layer and feature) from its config alone.
 
     Reads only the tower's config.json, so bad values stop the run before the weights load.
     """
-    from vision_token_compression.towers import check_select_layer, grid_side, tower_family
+    from vision_token_compression.towers import check_select_feature, check_select_layer, grid_side, tower_family
 
-    tower = tower_family(config.vision_tower).config_type().from_pretrained(config.vision_tower)
+    family = tower_family(config.vision_tower)
+    check_select_feature(config.select_feature, family, config.vision_tower, flag("select_feature"))
+    tower = family.config_type().from_pretrained(config.vision_tower)
     grid = grid_side(tower)
     for size in config.output_sizes:
         if not 1 <= size < grid:
