@@ -62,6 +62,23 @@ def make_args():
     return make
 
 
+@pytest.fixture
+def image_tokens(monkeypatch) -> list[int]:
+    """Image tokens per image of each ``encode_images`` call: what the LLM is fed, call by call."""
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+
+    counts: list[int] = []
+    encode = LlavaMetaForCausalLM.encode_images
+
+    def counting(self, images):
+        features = encode(self, images)
+        counts.append(features.shape[1])
+        return features
+
+    monkeypatch.setattr(LlavaMetaForCausalLM, "encode_images", counting)
+    return counts
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory, tiny_tower_336) -> Path:
     """Stand-in LLaVA-1.5 checkpoint trained without compression (576 image tokens), random weights.

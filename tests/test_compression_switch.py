@@ -18,7 +18,6 @@ import torch
 
 from llava.eval import run_llava
 from llava.model.builder import load_pretrained_model
-from llava.model.llava_arch import LlavaMetaForCausalLM
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.standins import make_images, save_images
 from llava.train.arguments import ModelArguments
@@ -79,20 +78,6 @@ def off_with_sizes(tmp_path, tiny_llava_compressed):
     return folder
 
 
-def _image_tokens(monkeypatch) -> list[int]:
-    """Records the image tokens per image each ``encode_images`` call hands the LLM."""
-    counts: list[int] = []
-    encode = LlavaMetaForCausalLM.encode_images
-
-    def counting(self, images):
-        features = encode(self, images)
-        counts.append(features.shape[1])
-        return features
-
-    monkeypatch.setattr(LlavaMetaForCausalLM, "encode_images", counting)
-    return counts
-
-
 def test_saved_checkpoint_with_the_flag_off_and_sizes_set_loads_with_576_tokens(off_with_sizes, caplog):
     _, model, _, _ = load_pretrained_model(str(off_with_sizes), None, "llava-v1.5-tiny", device="cpu")
     tower = model.get_vision_tower()
@@ -101,18 +86,16 @@ def test_saved_checkpoint_with_the_flag_off_and_sizes_set_loads_with_576_tokens(
     assert "compression_input_size=24" in message and "compression_output_size=12" in message, message
 
 
-def test_load_time_switch_turns_such_a_checkpoint_to_144_tokens(off_with_sizes, monkeypatch):
-    counts = _image_tokens(monkeypatch)
+def test_load_time_switch_turns_such_a_checkpoint_to_144_tokens(off_with_sizes, image_tokens):
     _, model, processor, _ = load_pretrained_model(
         str(off_with_sizes), None, "llava-v1.5-tiny", device="cpu", use_token_compression=True,
     )
     assert model.get_vision_tower().num_patches == 144
     model.encode_images(torch.zeros(1, 3, 336, 336))
-    assert counts == [144]
+    assert image_tokens == [144]
 
 
-def test_run_llava_with_compression_switched_on_feeds_144_image_tokens(off_with_sizes, tmp_path, monkeypatch, caplog):
-    counts = _image_tokens(monkeypatch)
+def test_run_llava_with_compression_switched_on_feeds_144_image_tokens(off_with_sizes, tmp_path, image_tokens, caplog):
     (image,) = save_images(make_images(1, size=[(400, 300)], seed=0), tmp_path)
     with caplog.at_level(logging.INFO):
         answer = run_llava.main([
@@ -121,5 +104,5 @@ def test_run_llava_with_compression_switched_on_feeds_144_image_tokens(off_with_
             "--query", "What is in the image?", "--max_new_tokens", "4",
         ])
     assert isinstance(answer, str)
-    assert counts == [144]
+    assert image_tokens == [144]
     assert not _ignored_warnings(caplog)  # on: nothing is ignored

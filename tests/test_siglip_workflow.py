@@ -17,7 +17,6 @@ import torch
 
 from llava.eval import model_vqa_loader, run_llava
 from llava.model.builder import load_pretrained_model
-from llava.model.llava_arch import LlavaMetaForCausalLM
 from llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower
 from llava.standins import build_tiny_llava, build_tiny_siglip, write_question_file
 from train_workspace import losses, stage1_flags, stage2_flags
@@ -37,21 +36,6 @@ def _on_siglip(flags: list[str], tower) -> list[str]:
         if flag in swap:
             out[i + 1] = swap[flag]
     return out
-
-
-@pytest.fixture
-def image_tokens(monkeypatch) -> list[int]:
-    """Image tokens per image of each ``encode_images`` call (what the LLM is fed)."""
-    counts: list[int] = []
-    encode = LlavaMetaForCausalLM.encode_images
-
-    def counting(self, images):
-        features = encode(self, images)
-        counts.append(features.shape[1])
-        return features
-
-    monkeypatch.setattr(LlavaMetaForCausalLM, "encode_images", counting)
-    return counts
 
 
 @pytest.fixture(scope="module")
