@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import logging
 import math
+import re
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -39,19 +41,65 @@ def expand2square(pil_img: Image.Image, background_color: tuple[int, ...]) -> Im
     return expand_to_square(pil_img, background_color)
 
 
-def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]]) -> list[Resolution]:
-    """``image_grid_pinpoints`` as a list of (width, height); configs store it as a list or its repr."""
+# LLaVA-NeXT's shorthand: "(1x1),...,(3x3)" is every grid from 1×1 to 3×3 tiles (columns × rows).
+_TILE_GRID = re.compile(r"\((\d+)x(\d+)\)")
+_PINPOINTS_FIX = ("write it as a list of [width, height] pairs in pixels, multiples of the tile size, such as "
+                  "[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] (LLaVA-1.6), or as LLaVA-NeXT's "
+                  "tile grids '(1x1),...,(3x3)'")
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_grid_pinpoints(text: str, tile: int | None) -> tuple[Resolution, ...]:
+    """LLaVA-NeXT's ``"(1x1),...,(3x3)"``: every grid from the first entry to the last, times ``tile`` pixels.
+
+    Upstream (LLaVA-VL/LLaVA-NeXT ``llava/mm_utils.py``) reads only the first and last entries as the
+    corners of a range; entries in between that fall outside it are refused rather than dropped.
+    """
+    grids = [(int(c), int(r)) for c, r in _TILE_GRID.findall(text)]
+    if not grids:
+        raise ValueError(f"image_grid_pinpoints {text!r} has no (COLSxROWS) entries: {_PINPOINTS_FIX}.")
+    if tile is None:
+        raise ValueError(f"image_grid_pinpoints {text!r} counts tiles; the tile size (the vision tower's image "
+                         f"size) is needed to turn it into pixels.")
+    (c0, r0), (c1, r1) = grids[0], grids[-1]
+    if min(c0, r0) < 1 or c1 < c0 or r1 < r0:
+        raise ValueError(f"image_grid_pinpoints {text!r} must run from a smaller grid to a larger one, each at "
+                         f"least (1x1), as in '(1x1),...,(3x3)'.")
+    outside = [f"({c}x{r})" for c, r in grids if not (c0 <= c <= c1 and r0 <= r <= r1)]
+    if outside:
+        raise ValueError(f"image_grid_pinpoints {text!r}: LLaVA-NeXT reads only the first and last entries, as a "
+                         f"range, so {', '.join(outside)} would be ignored; {_PINPOINTS_FIX}.")
+    return tuple((c * tile, r * tile) for c in range(c0, c1 + 1) for r in range(r0, r1 + 1))
+
+
+def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]], tile: int | None = None) -> list[Resolution]:
+    """``image_grid_pinpoints`` as a list of (width, height) in pixels.
+
+    Configs store a list, its repr, or LLaVA-NeXT's ``"(1x1),...,(3x3)"`` tile grids (multiplied by
+    ``tile``, as upstream does). With ``tile`` given, every resolution must be a multiple of it: anyres
+    cuts the canvas into tile-sized crops, and a remainder would be cut off.
+    """
+    if isinstance(grid_pinpoints, str) and "x" in grid_pinpoints:
+        return list(_tile_grid_pinpoints(grid_pinpoints, tile))
     if isinstance(grid_pinpoints, str):
         try:
             grid_pinpoints = ast.literal_eval(grid_pinpoints)
         except (ValueError, SyntaxError) as err:
-            raise ValueError(
-                f"image_grid_pinpoints must be a list of [width, height] pairs such as "
-                f"'[[336, 672], [672, 336], [672, 672]]', got {grid_pinpoints!r}."
-            ) from err
+            raise ValueError(f"image_grid_pinpoints {grid_pinpoints!r} cannot be read: {_PINPOINTS_FIX}.") from err
     if not grid_pinpoints:
-        raise ValueError("image_grid_pinpoints is empty: anyres needs at least one [width, height] resolution.")
-    return [(int(w), int(h)) for w, h in grid_pinpoints]
+        raise ValueError(f"image_grid_pinpoints is empty: anyres needs at least one resolution; {_PINPOINTS_FIX}.")
+    resolutions = []
+    for entry in grid_pinpoints:
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry)):
+            raise ValueError(f"image_grid_pinpoints entry {entry!r} is not a [width, height] pair of positive "
+                             f"integers: {_PINPOINTS_FIX}.")
+        if tile is not None and (entry[0] % tile or entry[1] % tile):
+            raise ValueError(f"image_grid_pinpoints entry {list(entry)} is not a multiple of the tile size {tile} "
+                             f"(the vision tower's image size), so anyres would cut off part of the canvas: "
+                             f"{_PINPOINTS_FIX}.")
+        resolutions.append((entry[0], entry[1]))
+    return resolutions
 
 
 def select_best_resolution(original_size: Resolution, possible_resolutions: Sequence[Resolution]) -> Resolution:
@@ -100,8 +148,11 @@ def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
 def get_anyres_image_grid_shape(
     image_size: Resolution, grid_pinpoints: str | Sequence[Sequence[int]], patch_size: int
 ) -> tuple[int, int]:
-    """(columns, rows) of crops that anyres cuts an image of ``image_size`` (width, height) into."""
-    width, height = select_best_resolution(image_size, parse_grid_pinpoints(grid_pinpoints))
+    """(columns, rows) of crops that anyres cuts an image of ``image_size`` (width, height) into.
+
+    ``patch_size`` is the tile (crop) side in pixels, the vision tower's image size, as upstream names it.
+    """
+    width, height = select_best_resolution(image_size, parse_grid_pinpoints(grid_pinpoints, patch_size))
     return width // patch_size, height // patch_size
 
 
@@ -130,19 +181,41 @@ def process_anyres_image(
     image: Image.Image, processor, grid_pinpoints: str | Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """(1 + crops, 3, S, S): the whole image resized to the tower's size, then the crops row by row."""
-    best = select_best_resolution(image.size, parse_grid_pinpoints(grid_pinpoints))
-    crops = divide_to_patches(resize_and_pad_image(image, best), _crop_side(processor))
+    tile = _crop_side(processor)
+    best = select_best_resolution(image.size, parse_grid_pinpoints(grid_pinpoints, tile))
+    crops = divide_to_patches(resize_and_pad_image(image, best), tile)
     edge = _shortest_edge(processor)
     base = image.resize((edge, edge))
     return _pixel_values(processor, [base, *crops])
+
+
+def check_image_size(size: Resolution, index: int = 0, max_pixels: int | None = None) -> None:
+    """Refuse an image of ``size`` (width, height) with no pixels or more than ``max_pixels``.
+
+    ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb limit, read at
+    call time so raising it there raises it here; None there means no limit).
+    """
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"Image {index} is {width}×{height} pixels: an image needs a non-zero width and height; "
+                         f"check that the file decodes to a real picture.")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is not None and width * height > limit:
+        raise ValueError(f"Image {index} is {width}×{height} = {width * height} pixels, over the limit of {limit} "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS): downscale it first (anyres resizes to at most the "
+                         f"largest image_grid_pinpoints resolution anyway), or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         f"for images you trust.")
 
 
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor | list[torch.Tensor]:
     """Tensors for ``images`` according to ``model_cfg.image_aspect_ratio``.
 
     ``pad`` and the default give one (3, S, S) image each; ``anyres`` gives (1 + crops, 3, S, S)
-    per image. Returns a stacked tensor when all shapes agree, else a list.
+    per image. Returns a stacked tensor when all shapes agree, else a list. Images with no pixels or
+    over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused (``ValueError``) before any processing.
     """
+    for index, image in enumerate(images):
+        check_image_size(image.size, index)
     aspect_ratio = config_value(model_cfg, "image_aspect_ratio")
     if aspect_ratio == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)

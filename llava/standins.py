@@ -40,6 +40,8 @@ COLORS = {
     "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
+# LLaVA-1.6's image_grid_pinpoints (its config.json): 1×2, 2×1, 2×2, 3×1 and 1×3 tiles of 336 pixels.
+LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 _CORPUS = [
     (

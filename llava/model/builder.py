@@ -32,6 +32,7 @@ from ..constants import (
     NON_LORA_FILE,
     config_value,
 )
+from ..mm_utils import parse_grid_pinpoints
 from .compressor_layout import FORK
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
@@ -333,12 +334,15 @@ def load_pretrained_model(
         config, use_token_compression, compression_input_size, compression_output_size, token_compressor_path,
         source=f"{model_path}/config.json",
     )
+    # The form of image_grid_pinpoints is checked before the weights load; multiples of the tile once the tower is known.
+    _anyres_pinpoints(config, 1, f"{model_path}/config.json")
     tokenizer, model, info, extra = _load_llava(model_cls, config, model_path, model_base, model_name, lora, kwargs)
     compressor_missing = _check_missing_weights(info["missing_keys"], extra, model_path)
     _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
                        checked=bool(FORK.keys_in(extra)))
     _add_image_tokens(tokenizer, model)
     image_processor = _load_vision_tower(model, kwargs["device_map"])
+    _resolve_grid_pinpoints(model.config, model.get_vision_tower().config.image_size, f"{model_path}/config.json")
     return tokenizer, model, image_processor, config_value(model.config, "max_sequence_length")
 
 
@@ -409,6 +413,37 @@ def _add_image_tokens(tokenizer, model) -> None:
         tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+
+
+def _anyres_pinpoints(config, tile: int, source: str) -> list[tuple[int, int]] | None:
+    """An anyres config's ``image_grid_pinpoints`` in pixels (None when not anyres); ``ValueError`` naming ``source``."""
+    if config_value(config, "image_aspect_ratio") != "anyres":
+        return None
+    raw = getattr(config, "image_grid_pinpoints", None)
+    if raw is None:
+        raise ValueError(f"{source}: image_aspect_ratio is 'anyres' but image_grid_pinpoints is not set; add the "
+                         f"resolutions the model was trained with, e.g. LLaVA-1.6's "
+                         f"[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]].")
+    try:
+        return parse_grid_pinpoints(raw, tile)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def _resolve_grid_pinpoints(config, tile: int, source: str) -> None:
+    """Check ``image_grid_pinpoints`` against the tower's tile size once, at load, and store pixel pairs.
+
+    LLaVA-NeXT's ``"(1x1),...,(3x3)"`` becomes the list it stands for (tiles times ``tile``), so every
+    forward and every client (``process_images(..., model.config)``) reads a plain list.
+    """
+    resolutions = _anyres_pinpoints(config, tile, source)
+    if resolutions is None:
+        return
+    raw = config.image_grid_pinpoints
+    if isinstance(raw, str):
+        logger.info("image_grid_pinpoints %r from %s: %d resolutions of %d-pixel tiles.", raw, source,
+                    len(resolutions), tile)
+    config.image_grid_pinpoints = [list(r) for r in resolutions]
 
 
 def _load_vision_tower(model, device_map):

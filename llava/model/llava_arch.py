@@ -78,23 +78,28 @@ def select_weights(weights: dict[str, torch.Tensor], module_name: str) -> dict[s
     return {key.split(marker, 1)[1]: value for key, value in weights.items() if marker in key}
 
 
-def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-    """Crop the feature grid of a padded image back to the image's own aspect ratio.
+def unpadded_bounds(height: int, width: int, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the part of a (height, width) feature grid that saw the image, not padding.
 
-    anyres pads the resized image to the chosen canvas (see ``resize_and_pad_image``); this removes
-    the rows or columns of the (C, H, W) grid that only saw that padding. ``original_size`` is
-    (width, height) of the image before processing.
+    anyres pads the resized image to the chosen canvas (see ``resize_and_pad_image``); ``original_size``
+    is (width, height) of the image before processing. Shared by ``unpad_image`` and the token count
+    that is computed before the tower runs, so both agree.
     """
     original_width, original_height = original_size
-    height, width = tensor.shape[1:]
     if original_width / original_height > width / height:
         # Wider than the canvas: the padding is above and below.
         kept = int(original_height * (width / original_width))
         pad = (height - kept) // 2
-        return tensor[:, pad:height - pad, :]
+        return pad, height - pad, 0, width
     kept = int(original_width * (height / original_height))
     pad = (width - kept) // 2
-    return tensor[:, :, pad:width - pad]
+    return 0, height, pad, width - pad
+
+
+def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """Crop the (C, H, W) feature grid of a padded image back to the image's own aspect ratio."""
+    top, bottom, left, right = unpadded_bounds(tensor.shape[1], tensor.shape[2], original_size)
+    return tensor[:, top:bottom, left:right]
 
 
 def _new_image_newline(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -328,6 +333,26 @@ class LlavaMetaForCausalLM(ABC):
         else:
             crop_tokens = grid.permute(0, 2, 1, 3, 4).flatten(0, 3)  # (rows*h*cols*w, D) in raster order
         return torch.cat([base, crop_tokens], dim=0)
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """Embeddings the LLM receives for one image of ``image_size`` (width, height), without running the tower.
+
+        The same arithmetic as ``image_embeddings``: one tile of ``num_patches`` for ``pad`` and
+        square images; for anyres the base tile plus the crops, which ``spatial_unpad`` trims to the
+        image's aspect ratio and ends row by row with ``image_newline``.
+        """
+        config = self.config
+        tower = self.get_vision_tower()
+        per_tile = tower.num_patches  # the compressed grid when compression is on
+        if config_value(config, "image_aspect_ratio") != "anyres":
+            return per_tile
+        cols, rows = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, tower.config.image_size)
+        merge_type = config_value(config, "mm_patch_merge_type")
+        if "unpad" not in merge_type:
+            return per_tile * (1 + cols * rows)
+        side = tower.num_patches_per_side
+        top, bottom, left, right = unpadded_bounds(rows * side, cols * side, image_size)
+        return per_tile + (bottom - top) * (right - left + 1)
 
     def image_embeddings(self, images, image_sizes=None) -> list[torch.Tensor]:
         """One (tokens, D) embedding sequence per image.

@@ -105,6 +105,11 @@ class ModelWorker:
     def multimodal(self) -> bool:
         return self.vision_tower is not None
 
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """Image tokens the LLM will receive for an image of ``image_size`` (anyres: it depends on the size)."""
+        count = getattr(self.model, "image_token_count", None)
+        return count(image_size) if count is not None else self.vision_tower.num_patches
+
     def get_status(self) -> dict[str, Any]:
         """``/worker_get_status``: upstream's fields."""
         return {"model_names": [self.model_name], "speed": 1, "queue_length": self.gate.queue_length}
@@ -168,7 +173,7 @@ class ModelWorker:
         input_ids = input_ids.unsqueeze(0).to(self.model.device)  # (1, L) with IMAGE_TOKEN_INDEX per image
         text_tokens = int((input_ids != IMAGE_TOKEN_INDEX).sum())
         # The context check needs a count before the vision tower runs; the reported count is measured.
-        expected_image_tokens = len(request.images) * (self.vision_tower.num_patches if request.images else 0)
+        expected_image_tokens = sum(self.image_token_count(image.size) for image in request.images)
         room = self.context_len - text_tokens - expected_image_tokens
         if room < 1:
             raise RequestError(
@@ -423,8 +428,13 @@ def load_worker(args: argparse.Namespace) -> ModelWorker:
                           args.stream_interval)
     worker = ModelWorker(tokenizer, model, image_processor, context_len, model_name, limits)
     tower = worker.vision_tower
-    logger.info("Serving %s: %s", model_name,
-                f"{tower.num_patches} image tokens per image" if tower is not None else "language only")
+    if tower is None:
+        logger.info("Serving %s: language only", model_name)
+    elif config_value(worker.model.config, "image_aspect_ratio") == "anyres":
+        logger.info("Serving %s: anyres, %d image tokens per tile; a 1000×1000 image takes %d", model_name,
+                    tower.num_patches, worker.image_token_count((1000, 1000)))
+    else:
+        logger.info("Serving %s: %d image tokens per image", model_name, tower.num_patches)
     return worker
 
 
