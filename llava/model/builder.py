@@ -303,12 +303,11 @@ def load_pretrained_model(
         model_path: Checkpoint folder or Hub name (full, projector-only or LoRA).
         model_base: The LLM a projector-only or LoRA checkpoint was trained on; None for full checkpoints.
         model_name: Name used in log messages (upstream dispatched on it; here the files decide).
-        load_8bit / load_4bit: Quantise the LLM with bitsandbytes.
+        load_8bit / load_4bit / use_flash_attn: Quantise the LLM with bitsandbytes; use FlashAttention-2.
         device_map: Where ``from_pretrained`` puts the weights when ``device`` is ``"cuda"``
             (``"auto"``, ``"cpu"``, ``"cuda:0"``, a dict, ...). Without a GPU, ``"auto"`` means the CPU.
         device: ``"cuda"`` (the default) lets ``device_map`` decide; anything else (``"cpu"``,
             ``"cuda:1"``, ``"mps"``) pins the whole model there, as upstream does.
-        use_flash_attn: Use FlashAttention-2.
         use_token_compression: None keeps the checkpoint's setting; True switches ToConv on for a
             checkpoint trained without it; False switches it off.
         compression_input_size / compression_output_size: Grid sides when switching compression on
@@ -334,15 +333,13 @@ def load_pretrained_model(
         config, use_token_compression, compression_input_size, compression_output_size, token_compressor_path,
         source=f"{model_path}/config.json",
     )
-    # The form of image_grid_pinpoints is checked before the weights load; multiples of the tile once the tower is known.
-    _anyres_pinpoints(config, 1, f"{model_path}/config.json")
+    _anyres_pinpoints(config, 1, f"{model_path}/config.json")  # its form, before the weights load
     tokenizer, model, info, extra = _load_llava(model_cls, config, model_path, model_base, model_name, lora, kwargs)
     compressor_missing = _check_missing_weights(info["missing_keys"], extra, model_path)
     _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
                        checked=bool(FORK.keys_in(extra)))
     _add_image_tokens(tokenizer, model)
-    image_processor = _load_vision_tower(model, kwargs["device_map"])
-    _resolve_grid_pinpoints(model.config, model.get_vision_tower().config.image_size, f"{model_path}/config.json")
+    image_processor = _load_vision_tower(model, kwargs["device_map"], f"{model_path}/config.json")
     return tokenizer, model, image_processor, config_value(model.config, "max_sequence_length")
 
 
@@ -446,12 +443,16 @@ def _resolve_grid_pinpoints(config, tile: int, source: str) -> None:
     config.image_grid_pinpoints = [list(r) for r in resolutions]
 
 
-def _load_vision_tower(model, device_map):
-    """Load CLIP's weights unless the checkpoint held them, on the model's device and dtype; its image processor."""
+def _load_vision_tower(model, device_map, source: str):
+    """Load CLIP's weights unless the checkpoint held them, on the model's device and dtype; its image processor.
+
+    With the tower's tile size known, anyres pinpoints from ``source`` are checked against it and resolved.
+    """
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
         vision_tower.load_model(device_map=device_map)
     vision_tower.to(device=model.device, dtype=model.dtype)
+    _resolve_grid_pinpoints(model.config, vision_tower.config.image_size, source)
     return vision_tower.image_processor
 
 
