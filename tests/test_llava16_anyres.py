@@ -230,8 +230,11 @@ def test_lmms_eval_llava_gets_the_anyres_counts(request, fixture, column, images
 # ---- The web demo's model worker --------------------------------------------------------------------
 
 
-def test_model_worker_measures_anyres_counts_per_image_size(llava16, images16):
-    """A 1.6 worker with --use-token-compression: two image sizes, two measured counts, as the arithmetic says."""
+def test_model_worker_measures_anyres_counts_per_image_size(llava16, images16, monkeypatch):
+    """A 1.6 worker with --use-token-compression: two image sizes, two measured counts, as the arithmetic says.
+
+    An image over PIL's pixel limit (here lowered below the worker's own) is refused with the fix, not a crash.
+    """
     pytest.importorskip("fastapi")
     from llava.eval.vqa_common import parse_args
     from llava.serve import model_worker
@@ -239,15 +242,23 @@ def test_model_worker_measures_anyres_counts_per_image_size(llava16, images16):
     argv = ["--model-path", str(llava16), "--device", "cpu", "--no-register", *COMPRESS]
     worker = model_worker.load_worker(parse_args(model_worker.build_parser(), argv, model_worker.check_args))
     prompt = "A chat between a curious human and an artificial intelligence assistant. USER: <image>\nWhat? ASSISTANT:"
-    measured = []
-    for image in images16[:2]:
+
+    def ask(image) -> list[dict]:
         body = {"model": worker.model_name, "prompt": prompt, "temperature": 0, "top_p": 1.0, "max_new_tokens": 3,
                 "stop": "</s>", "images": [_b64(image)]}
-        chunks = [json.loads(raw.rstrip(b"\0")) for raw in worker.stream(worker.parse(body), worker.admit())]
+        return [json.loads(raw.rstrip(b"\0")) for raw in worker.stream(worker.parse(body), worker.admit())]
+
+    measured = []
+    for image in images16[:2]:
+        chunks = ask(image)
         assert all(chunk["error_code"] == 0 for chunk in chunks), chunks[-1]
         measured.append(chunks[-1]["image_tokens"])
     assert measured == COMPRESSED[:2]
     assert [worker.image_token_count(image.size) for image in images16[:2]] == COMPRESSED[:2]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL's own warning as the worker decodes it
+        [refusal] = ask(images16[0])
+    assert refusal["error_code"] != 0 and "Image 0 is 400×300 = 120000 pixels, over the limit of 100000" in refusal["text"]
 
 
 # ---- Bad input --------------------------------------------------------------------------------------

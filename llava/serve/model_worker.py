@@ -166,7 +166,10 @@ class ModelWorker:
             if config_value(self.model.config, "mm_use_im_start_end"):
                 prompt = prompt.replace(DEFAULT_IMAGE_TOKEN,
                                         DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
-            pixels = process_images(request.images, self.image_processor, self.model.config)
+            try:
+                pixels = process_images(request.images, self.image_processor, self.model.config)
+            except ValueError as err:  # an image the model cannot take (no pixels, over PIL's limit): the client's fix
+                raise RequestError(str(err)) from err
             image_kwargs = {"images": images_to(pixels, self.model),
                             "image_sizes": [image.size for image in request.images]}
         input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
