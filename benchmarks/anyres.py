@@ -195,16 +195,19 @@ def staged(model: nn.Module, inputs: ImageInputs, hooks: StageHooks) -> tuple[di
 
 def measure(model: nn.Module, towers: dict[str, CLIPVisionTower], anyres: Anyres, settings: RunSettings,
             batch: int, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
-    """One row per image size × level at one batch size; levels interleaved within a round, sizes in turn."""
+    """One row per image size × level at one batch size; each round runs every size, its levels in rotated order."""
     grid = towers["none"].tower_grid_size
     inputs = {size: image_inputs(model, size, batch, settings.prompt_len, device, dtype, seed=i)
               for i, size in enumerate(anyres.image_sizes)}
     samples = {(size, name): {stage: [] for stage in (*STAGES, "ttft")} for size in inputs for name in towers}
     shape: dict[tuple, tuple[int, int, int]] = {}
     hooks = StageHooks(device)
+    names = list(towers)
     for round_index in range(settings.warmup + settings.repeats):
+        shift = round_index % len(names)  # rotate the levels' order, so none always runs first for its image
         for size, batch_inputs in inputs.items():
-            for name, tower in towers.items():
+            for name in names[shift:] + names[:shift]:
+                tower = towers[name]
                 use_tower(model, tower)
                 times, image_tokens, seq_len, cache = staged(model, batch_inputs, hooks)
                 shape[size, name] = (image_tokens, seq_len, cache_bytes(cache))

@@ -135,7 +135,7 @@ PRESETS: dict[str, Preset] = {
     "anyres-tiny": Preset(
         "CPU-sized LLaVA-1.6 (anyres, spatial_unpad, LLaVA-1.6's pinpoints): CLIP at the real grid with hidden "
         "256 (real 1024) and 4 layers (real 24); Llama hidden 512, 4 layers; one thread",
-        TINY_LLM, TINY_CLIP, (1,), 64, 1, 1, 5, {}, 0, 0, threads=1, anyres=Anyres(),
+        TINY_LLM, TINY_CLIP, (1,), 64, 1, 1, 7, {}, 0, 0, threads=1, anyres=Anyres(),
     ),
     "llava-v1.6-vicuna-7b": Preset(
         "LLaVA-1.6-Vicuna-7B shape: real CLIP ViT-L/14-336, mlp2x_gelu, Vicuna-7B-shaped Llama, anyres with "
