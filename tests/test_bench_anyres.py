@@ -121,6 +121,21 @@ def test_half_precision_plumbing(tmp_path):
         assert r["kv_cache_bytes"] == r["kv_cache_bytes_expected"] == 2 * 2 * 4 * r["seq_len"] * 16 * 2
 
 
+def test_the_gpu_ttft_pass_runs_the_fork_forward(tmp_path, monkeypatch):
+    """On a GPU TTFT is a pass of its own through the fork's forward (ids + images); run that branch here."""
+    import benchmarks.anyres
+
+    monkeypatch.setattr(benchmarks.anyres, "separate_ttft_pass", lambda device: True)
+    calls = []
+    first_token = benchmarks.anyres.first_token
+    monkeypatch.setattr(benchmarks.anyres, "first_token", lambda *a: calls.append(1) or first_token(*a))
+    report = bench_compression.main([
+        "--preset", "anyres-micro", "--repeats", "1", "--warmup", "0", "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert len(calls) == len(report["rows"]) == len(ANYRES_IMAGE_SIZES) * len(LEVELS)
+    assert all(r["ttft_ms"]["median"] > 0 for r in report["rows"])
+
+
 def test_7b_anyres_shapes_without_weights():
     """The GPU preset's shapes: Vicuna-7B, LLaVA-1.6's pinpoints, KV cache of its longest sequence in float16."""
     from transformers import LlamaConfig
