@@ -204,7 +204,7 @@ def measure(model: nn.Module, towers: dict[str, CLIPVisionTower], anyres: Anyres
     hooks = StageHooks(device)
     names = list(towers)
     for round_index in range(settings.warmup + settings.repeats):
-        shift = round_index % len(names)  # rotate the levels' order, so none always runs first for its image
+        shift = round_index % len(names)  # rotate the levels' order: no level always runs first for its image
         for size, batch_inputs in inputs.items():
             for name in names[shift:] + names[:shift]:
                 tower = towers[name]
@@ -224,14 +224,14 @@ def measure(model: nn.Module, towers: dict[str, CLIPVisionTower], anyres: Anyres
         print(f"[bench] round {round_index + 1}/{settings.warmup + settings.repeats} done", file=sys.stderr)
     use_tower(model, towers["none"])
     rows = []
-    for size in inputs:
+    for size, batch_inputs in inputs.items():
         cols, grid_rows = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints,
                                                       towers["none"].config.image_size)
         for name, tower in towers.items():
             image_tokens, seq_len, kv = shape[size, name]
             s = samples[size, name]
             rows.append({
-                "batch_size": batch, "image_size": list(size), "tiles": 1 + cols * grid_rows, "crops": [cols, grid_rows],
+                "batch_size": batch, "image_size": list(size), "tiles": batch_inputs.images[0].shape[0], "crops": [cols, grid_rows],
                 "level": name, "grid": grid, "output_grid": tower.num_patches_per_side,
                 "tokens_per_tile": tower.num_patches, "image_tokens": image_tokens,
                 "prompt_len": settings.prompt_len, "seq_len": seq_len,
