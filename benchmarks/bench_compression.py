@@ -15,6 +15,10 @@ shape, and the tower's early stop at the selected layer against the full 24-laye
     python benchmarks/bench_compression.py --preset tiny --json out.json         # CPU, < 2 min
     python benchmarks/bench_compression.py --preset llava-1.5-7b --json 7b.json  # one GPU
     python -m benchmarks.bench_compression --preset micro                        # the same, as a module
+    python benchmarks/bench_compression.py --preset anyres-tiny --json any.json  # LLaVA-1.6 anyres, CPU
+
+The anyres presets (``anyres-micro``, ``anyres-tiny``, ``llava-v1.6-vicuna-7b``) run LLaVA-1.6's
+image sizes × compression levels through the fork's model instead (``benchmarks/anyres.py``).
 
 Writes JSON (every sample, the environment and the resolved settings), a markdown table and,
 where matplotlib is installed (``pip install 'toconv-llava[bench]'``), a PNG chart. This file is

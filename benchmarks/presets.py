@@ -30,6 +30,27 @@ MICRO_LLM = {
 TINY_CLIP = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_hidden_layers": 4}
 MICRO_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 
+# LLaVA-1.6 (anyres): liuhaotian/llava-v1.6-vicuna-7b's image_grid_pinpoints, as [width, height].
+LLAVA_16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# (width, height) of the measured images: landscape (2×1 crops, unpadded), portrait (1×3, unpadded), a large
+# square (2×2, the most crops: 5 tiles with the base image) and a panorama at a pinpoint (3×1, no padding).
+ANYRES_IMAGE_SIZES = ((400, 300), (300, 700), (1000, 1000), (1008, 336))
+
+
+@dataclasses.dataclass(frozen=True)
+class Anyres:
+    """LLaVA-1.6's image handling: the images measured and the config fields the fork reads.
+
+    Args:
+        image_sizes: (width, height) of each measured image; one row per size and compression level.
+        grid_pinpoints: ``image_grid_pinpoints`` ([width, height] canvases anyres chooses from).
+        merge_type: ``mm_patch_merge_type`` (``spatial_unpad``: crops unpadded, ``image_newline`` per row).
+    """
+
+    image_sizes: tuple[tuple[int, int], ...] = ANYRES_IMAGE_SIZES
+    grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_16_PINPOINTS
+    merge_type: str = "spatial_unpad"
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -49,6 +70,9 @@ class Preset:
         micro_tower_repeats: Rounds of the vision-tower timing in the microbenchmark.
         threads: torch intra-op threads (None: torch's default). One thread keeps CPU timings stable on
             a shared machine, where a busy core stalls every multi-threaded op at its barrier.
+        anyres: LLaVA-1.6 images through the fork's ``prepare_inputs_labels_for_multimodal`` (None:
+            LLaVA-1.5's single 336×336 image and the reducer variants). Anyres presets time TTFT only:
+            no decode, peak memory or microbenchmark (the ``decode_tokens`` and ``micro_*`` fields are unused).
     """
 
     description: str
@@ -63,6 +87,7 @@ class Preset:
     micro_repeats: int
     micro_tower_repeats: int
     threads: int | None = None
+    anyres: Anyres | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,5 +126,20 @@ PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset(
         "LLaVA-1.5-7B shape: real CLIP ViT-L/14-336, mlp2x_gelu, Vicuna-7B-shaped Llama (for a GPU)",
         VICUNA_7B, {}, (8,), 64, 32, 3, 10, {}, 50, 10,
+    ),
+    "anyres-micro": Preset(
+        "test-sized LLaVA-1.6 (anyres): CLIP hidden 32 / 2 layers, Llama hidden 64 / 2 layers (plumbing only)",
+        {**MICRO_LLM, "max_position_embeddings": 4096}, MICRO_CLIP, (1,), 16, 1, 1, 2, {}, 0, 0, threads=1,
+        anyres=Anyres(),
+    ),
+    "anyres-tiny": Preset(
+        "CPU-sized LLaVA-1.6 (anyres, spatial_unpad, LLaVA-1.6's pinpoints): CLIP at the real grid with hidden "
+        "256 (real 1024) and 4 layers (real 24); Llama hidden 512, 4 layers; one thread",
+        TINY_LLM, TINY_CLIP, (1,), 64, 1, 1, 7, {}, 0, 0, threads=1, anyres=Anyres(),
+    ),
+    "llava-v1.6-vicuna-7b": Preset(
+        "LLaVA-1.6-Vicuna-7B shape: real CLIP ViT-L/14-336, mlp2x_gelu, Vicuna-7B-shaped Llama, anyres with "
+        "spatial_unpad and LLaVA-1.6's pinpoints (for a GPU)",
+        VICUNA_7B, {}, (1,), 64, 1, 3, 10, {}, 0, 0, anyres=Anyres(),
     ),
 }

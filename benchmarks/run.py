@@ -27,6 +27,10 @@ COMMAND = "python benchmarks/bench_compression.py"  # how the JSON's "command" n
 def run(args: argparse.Namespace, raw_argv: list[str], preset: Preset, settings: RunSettings,
         device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Build the models, measure every variant and the microbenchmark, write the outputs."""
+    if preset.anyres is not None:  # LLaVA-1.6: image sizes × compression levels through the fork's merging
+        from benchmarks.anyres import run_anyres
+
+        return run_anyres(args, raw_argv, preset, settings, device, dtype)
     torch.manual_seed(0)
     cache_dir = args.cache_dir or default_cache_dir()
     started, load_start = time.perf_counter(), load_average()
