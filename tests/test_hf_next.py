@@ -10,6 +10,8 @@ save / ``from_pretrained`` round trip, a batch of images of different sizes, and
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,8 +37,9 @@ from llava.hf.vocab import add_image_token, vocab_rows
 from llava.hf.writer import write_weights
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
-from llava.standins import BOS_ID, EOS_ID, build_tiny_llava, build_tokenizer, make_images
 from llava.model.multimodal_encoder.clip_encoder import CLIPImageProcessor
+from llava.standins import BOS_ID, EOS_ID, build_tiny_llava, build_tokenizer, make_images
+from vision_token_compression import GridSizeMismatchError, build_compressor, save_compressor
 
 # LLaVA-1.6's image_grid_pinpoints ([width, height] in the fork's config).
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -114,7 +117,7 @@ def test_counts_and_greedy_tokens_match_the_fork(converted, request, name):
         pixels = process_images([image], image_processor, fork.config)
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         tiles = pixels[0].shape[0]
-        assert torch.allclose(inputs["pixel_values"][0, :tiles], pixels[0], atol=2e-2), size  # the same tiles
+        assert torch.equal(inputs["pixel_values"][0, :tiles], pixels[0]), size  # the fork's tiles, bit for bit
         with torch.no_grad():
             fork_count = fork.image_embeddings(pixels, image_sizes=[image.size])[0].shape[0]
             features = model.get_image_features(pixel_values=inputs["pixel_values"],
@@ -245,9 +248,7 @@ def test_unsupported_sources_are_refused_by_name(tmp_path, tiny_tower_336, optio
     assert not (tmp_path / "out").exists()
 
 
-def test_compressor_for_another_grid_or_width_is_refused(tmp_path, next_plain, tiny_tower_224):
-    from vision_token_compression import build_compressor, save_compressor
-
+def test_compressor_for_another_grid_or_width_is_refused(tmp_path, next_plain):
     for name, (grid, width) in {"grid": (16, 32), "width": (24, 16)}.items():
         path = tmp_path / f"{name}.safetensors"
         save_compressor(build_compressor(grid, 8, width), path)
@@ -261,3 +262,44 @@ def test_command_line_converts_llava_1_6(tmp_path, next_plain, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     config = ToConvLlavaNextConfig.from_pretrained(tmp_path / "out")
     assert config.compression_output_size == 8
+
+
+def test_loading_refuses_a_compressor_of_other_grid_sizes(tmp_path, converted):
+    source = converted("plain-24to12")
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (folder / path.name).symlink_to(path)
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "compression_output_size": 8}))  # 3×3 kernels both
+    with pytest.raises(GridSizeMismatchError, match=r"trained for 24→12.*compression_output_size=12"):
+        AutoModelForImageTextToText.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints \[\[336, 500\]\] are not multiples of the tile size"):
+        ToConvLlavaNextConfig(**{**config, "image_grid_pinpoints": [[336, 672], [336, 500]]})
+
+
+_WITHOUT_IMPORT = """
+import json
+from transformers import AutoModelForImageTextToText
+
+def attempt(**kwargs):
+    try:
+        model = AutoModelForImageTextToText.from_pretrained({folder!r}, **kwargs)
+        return f"loaded {{type(model).__module__}}.{{type(model).__name__}}"
+    except Exception as err:
+        return f"{{type(err).__name__}}: {{err}}"
+
+print("\\n" + json.dumps([attempt(), attempt(trust_remote_code=True)]))
+"""
+
+
+@pytest.mark.slow
+def test_without_llava_hf_the_loader_stub_names_the_fix_and_loads(converted):
+    code = _WITHOUT_IMPORT.format(folder=str(converted("plain-24to8")))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain, trusted = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plain.startswith("ValueError") and "custom code" in plain and "trust_remote_code=True" in plain
+    assert trusted == "loaded llava.hf.modeling_next.ToConvLlavaNextForConditionalGeneration"
