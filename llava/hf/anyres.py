@@ -41,19 +41,21 @@ def anyres_token_count(image_size: Sequence[int], pinpoints: Sequence[Sequence[i
     return side * side + height * (width + 1)
 
 
-def check_pinpoints(pinpoints, tile: int, where: str) -> list[list[int]]:
-    """``pinpoints`` as [[height, width], ...], each a positive multiple of ``tile``; else a ``ValueError`` naming it."""
+def check_pinpoints(pinpoints, tile: int, where: str, order: str = "[height, width]") -> list[list[int]]:
+    """``pinpoints`` as a list of int pairs, each side a multiple of ``tile``; else a ``ValueError`` naming them.
+
+    ``order`` names the pairs' order in the message (transformers' [height, width]; the fork's [width, height]).
+    """
     try:
         pairs = [[int(a), int(b)] for a, b in pinpoints]
     except (TypeError, ValueError):
         pairs = None
     if not pairs:
-        raise ValueError(f"{where}image_grid_pinpoints must be a non-empty list of [height, width] pairs, got "
-                         f"{pinpoints!r}.")
+        raise ValueError(f"{where}image_grid_pinpoints must be a non-empty list of {order} pairs, got {pinpoints!r}.")
     bad = [pair for pair in pairs if min(pair) < tile or pair[0] % tile or pair[1] % tile]
     if bad:
         raise ValueError(
-            f"{where}image_grid_pinpoints {bad} are not multiples of the tile size {tile} (the vision tower's "
+            f"{where}image_grid_pinpoints {bad} ({order}) are not multiples of the tile size {tile} (the vision tower's "
             f"image_size): anyres cuts each canvas into {tile}×{tile} tiles. Use multiples of {tile}, e.g. "
             f"[[{tile}, {2 * tile}], [{2 * tile}, {tile}], [{2 * tile}, {2 * tile}]]."
         )

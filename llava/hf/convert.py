@@ -1,4 +1,4 @@
-"""``toconv-convert-to-hf``: a LLaVA-1.5 checkpoint → a Hugging Face-format LLaVA with the ToConv compressor.
+"""``toconv-convert-to-hf``: a LLaVA-1.5 or 1.6 checkpoint → a Hugging Face-format LLaVA with the ToConv compressor.
 
 ::
 
@@ -11,9 +11,12 @@ SOURCE is either
   without, the compressor is the window average or ``--token-compressor-path`` (24→12 unless
   ``--compression-output-size`` says otherwise). ``<image>`` is added to its tokenizer, as llava-hf
   does; or
-- a ``llava-hf/*``-format checkpoint (model_type ``llava``): the compressor is added the same way.
+- a ``llava-hf/*``-format checkpoint (model_type ``llava`` or ``llava_next``): the compressor is added the
+  same way.
 
-OUTPUT is a new folder (``model_type: toconv_llava``) that ``import llava.hf`` lets
+LLaVA-1.6 sources (fork: ``image_aspect_ratio anyres`` with ``mm_patch_merge_type spatial_unpad``;
+llava-hf: ``llava_next``) become ``toconv_llava_next`` (every anyres tile compressed); LLaVA-1.5 ones
+``toconv_llava``. OUTPUT is a new folder that ``import llava.hf`` lets
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` load and the vLLM plugin serve. Every setting is
 checked before anything is written; the folder appears complete or not at all.
 """
@@ -267,8 +270,9 @@ def _images_note(processor) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="toconv-convert-to-hf",
-        description="Convert a LLaVA-1.5 checkpoint (this fork's / upstream LLaVA's format, or llava-hf's) to a "
-        "Hugging Face-format LLaVA with the ToConv token compressor (model_type toconv_llava).",
+        description="Convert a LLaVA-1.5 or LLaVA-1.6 (anyres, spatial_unpad) checkpoint (this fork's / upstream "
+        "LLaVA's format, or llava-hf's llava / llava_next) to a Hugging Face-format LLaVA with the ToConv token "
+        "compressor (model_type toconv_llava, or toconv_llava_next for LLaVA-1.6).",
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint folder, or a Hub id in the local cache")
     parser.add_argument("output", metavar="OUTPUT", help="new folder to write")

@@ -3,7 +3,9 @@
 The weights map onto llava-hf's modules as transformers' own ``convert_llava_weights_to_hf.py`` maps
 them; the CLIP tower comes from ``mm_vision_tower`` (LLaVA ignores a copy saved in the checkpoint
 unless ``unfreeze_mm_vision_tower`` is set), the image processor from the tower too, and settings
-llava-hf's ``LlavaForConditionalGeneration`` cannot express are refused before anything is written.
+llava-hf's ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` cannot express are
+refused before anything is written. LLaVA-1.6 (anyres, spatial_unpad) keeps ``model.image_newline``,
+and its ``image_grid_pinpoints`` turn from the fork's [width, height] into transformers' [height, width].
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ def _pinpoints(config: dict, vision_config, folder: Path) -> list[list[int]]:
         pairs = parse_grid_pinpoints(config.get("image_grid_pinpoints") or [])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}{err}") from err
-    return check_pinpoints([[height, width] for width, height in pairs], vision_config.image_size, where)
+    pairs = check_pinpoints(pairs, vision_config.image_size, where, order="[width, height]")
+    return [[height, width] for width, height in pairs]
 
 
 def read_llava_checkpoint(
