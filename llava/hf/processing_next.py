@@ -53,7 +53,7 @@ class ToConvLlavaNextProcessor(RegisteredNatively, LlavaNextProcessor):
         kwargs.setdefault("backend", "pil")
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def num_image_tokens(self, image_size) -> int:
+    def count_image_tokens(self, image_size) -> int:
         """Placeholders for an image of ``image_size`` (height, width)."""
         crop = self.image_processor.crop_size
         tile = crop["height"] if isinstance(crop, dict) else crop.height
@@ -62,11 +62,11 @@ class ToConvLlavaNextProcessor(RegisteredNatively, LlavaNextProcessor):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         size = image_inputs["image_sizes"][image_idx]
-        return self.image_token * self.num_image_tokens(size.tolist() if hasattr(size, "tolist") else size)
+        return self.image_token * self.count_image_tokens(size.tolist() if hasattr(size, "tolist") else size)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         """Placeholder counts for images of ``image_sizes`` ((height, width) each); serving engines size caches by it."""
         if image_sizes is None:
             return MultiModalData()
-        return MultiModalData(num_image_tokens=[self.num_image_tokens(size) for size in image_sizes],
+        return MultiModalData(num_image_tokens=[self.count_image_tokens(size) for size in image_sizes],
                               num_image_patches=[1] * len(image_sizes))
