@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # [width, height], LLaVA-1.6's
-SIZES = ["400x300", "300x700", "1000x1000", "336x336", "672x672", "20x20", "2000x1500", "1200x200"]
+SIZES = ["400x300", "300x700", "1000x1000", "336x336", "672x672", "20x20", "2000x1500", "1200x200", "792x352"]
 
 
 def fork_count(model, image_processor, image) -> int:

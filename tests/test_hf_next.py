@@ -44,8 +44,9 @@ from vision_token_compression import GridSizeMismatchError, build_compressor, sa
 
 # LLaVA-1.6's image_grid_pinpoints ([width, height] in the fork's config).
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-# (width, height): wide, tall, square, tiny, larger than every pinpoint, very wide.
-SIZES = [(400, 300), (300, 700), (1000, 1000), (20, 20), (2000, 1500), (1200, 200)]
+# (width, height): wide, tall, square, tiny, larger than every pinpoint, very wide, and one where
+# transformers' unpad_image (which rounds to 7 digits) keeps 2 more columns at 24→12 than the fork's int rule.
+SIZES = [(400, 300), (300, 700), (1000, 1000), (20, 20), (2000, 1500), (1200, 200), (792, 352)]
 ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": PINPOINTS}
 # name → (source fixture, converter options, load_pretrained_model options giving the fork the same model, side)
 CONVERSIONS = {
@@ -138,6 +139,17 @@ def test_token_counts_of_llava_1_6_sizes():
     counts = {size: [anyres_token_count(size[::-1], pinpoints, 336, side) for side in (24, 12, 8)]
               for size in [(400, 300), (300, 700), (1000, 1000)]}
     assert counts == {(400, 300): [1368, 348, 152], (300, 700): [1976, 508, 226], (1000, 1000): [2928, 744, 336]}
+
+
+def test_unpadding_is_the_forks_where_transformers_rounds_otherwise():
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    from llava.hf.anyres import unpadded_size
+    from llava.model.llava_arch import unpad_image as fork_unpad_image
+
+    grid = torch.zeros(1, 12, 36)  # 792×352 (w×h) → 1×3 tiles of 12×12 tokens at 24→12
+    assert tuple(fork_unpad_image(grid, (792, 352)).shape[1:]) == unpadded_size(12, 36, (352, 792)) == (12, 26)
+    assert tuple(unpad_image(grid, (352, 792)).shape[1:]) == (12, 28)  # 792·12/352 = 26.999999999999996
 
 
 def test_batch_of_sizes_save_round_trip_and_generate(converted, tmp_path):
