@@ -16,30 +16,18 @@ import sys
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
-)
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import llava.hf  # noqa: F401  (registers toconv_llava_next)
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.hf import ToConvLlavaNextConfig, ToConvLlavaNextForConditionalGeneration, ToConvLlavaNextProcessor
 from llava.hf.anyres import anyres_token_count
-from llava.hf.convert import convert, main, next_image_processor
-from llava.hf.layout import hub_state_dict
-from llava.hf.vocab import add_image_token, vocab_rows
-from llava.hf.writer import write_weights
+from llava.hf.convert import convert, main
+from llava.hf.standins import build_tiny_llava_next_hf
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
-from llava.model.multimodal_encoder.clip_encoder import CLIPImageProcessor
-from llava.standins import BOS_ID, EOS_ID, build_tiny_llava, build_tokenizer, make_images
+from llava.standins import build_tiny_llava, make_images
 from vision_token_compression import GridSizeMismatchError, build_compressor, save_compressor
 
 # LLaVA-1.6's image_grid_pinpoints ([width, height] in the fork's config).
@@ -202,35 +190,9 @@ def test_converted_layout_on_disk(converted):
 # ---- a llava-hf LLaVA-NeXT source ------------------------------------------------------------------
 
 
-def build_tiny_llava_next_hf(out_dir, tower, pinpoints=None, seed: int = 0):
-    """A random llava-hf-layout LLaVA-NeXT (as llava-hf/llava-v1.6-vicuna-7b-hf, shrunk)."""
-    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(out_dir))
-    image_token_id = add_image_token(tokenizer)
-    text_config = LlamaConfig(
-        vocab_size=vocab_rows(len(tokenizer), 0), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID, pad_token_id=tokenizer.pad_token_id,
-    )
-    pinpoints = pinpoints or [[h, w] for w, h in PINPOINTS]
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig.from_pretrained(tower), text_config=text_config,
-        image_token_index=image_token_id, image_grid_pinpoints=pinpoints,
-        architectures=["LlavaNextForConditionalGeneration"],
-    )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    config.save_pretrained(out_dir)
-    write_weights(hub_state_dict(model.state_dict()), out_dir)
-    processor = LlavaNextProcessor(
-        image_processor=next_image_processor(CLIPImageProcessor.from_pretrained(tower), pinpoints),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(out_dir)
-    return out_dir, model
-
-
 def test_llava_hf_next_source_converts_and_keeps_its_weights(tmp_path, tiny_tower_336):
-    source, original = build_tiny_llava_next_hf(tmp_path / "llava-v1.6-tiny-hf", tiny_tower_336)
+    source = tmp_path / "llava-v1.6-tiny-hf"
+    original = build_tiny_llava_next_hf(source, tiny_tower_336)
     folder = convert(source, tmp_path / "out", compression_output_size=8)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     assert type(model) is ToConvLlavaNextForConditionalGeneration
