@@ -278,3 +278,16 @@ def test_without_llava_hf_the_loader_stub_names_the_fix_and_loads(converted):
     plain, trusted = json.loads(result.stdout.strip().splitlines()[-1])
     assert plain.startswith("ValueError") and "custom code" in plain and "trust_remote_code=True" in plain
     assert trusted == "loaded llava.hf.modeling_next.ToConvLlavaNextForConditionalGeneration"
+
+
+def test_llava_hf_next_sources_with_bad_pinpoints_or_converted_already_are_refused(tmp_path, tiny_tower_336,
+                                                                                 converted):
+    source = tmp_path / "llava-v1.6-tiny-hf"
+    build_tiny_llava_next_hf(source, tiny_tower_336, num_hidden_layers=1)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "image_grid_pinpoints": [[336, 672], [500, 336]]}))
+    with pytest.raises(ValueError, match=re.escape("image_grid_pinpoints [[500, 336]] ([height, width]) are not")):
+        convert(source, tmp_path / "out")
+    with pytest.raises(ValueError, match="converted already \\(model_type toconv_llava_next, compression 24→8\\)"):
+        convert(converted("plain-24to8"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
