@@ -43,14 +43,7 @@ class ToConvLlavaConfig(RegisteredNatively, LlavaConfig):
         return grid_side(self.vision_config)
 
     def _check_compression(self) -> None:
-        grid = self.tower_grid_size
-        vision = self.vision_config
-        settings = CompressionSettings.check(
-            True, self.compression_input_size, self.compression_output_size, grid=grid,
-            tower=f"the vision tower (image_size {vision.image_size} / patch_size {vision.patch_size})",
-            where="ToConvLlavaConfig (config.json): ",
-        ).resolved(grid)
-        self.compression_input_size = settings.input_size
+        check_compression_fields(self, "ToConvLlavaConfig")
         tokens = self.compression_output_size**2
         if self.image_seq_length is None:
             self.image_seq_length = tokens
@@ -60,9 +53,25 @@ class ToConvLlavaConfig(RegisteredNatively, LlavaConfig):
                 f"{self.compression_output_size} ({tokens} image tokens). Set image_seq_length to {tokens}, or "
                 f"drop it from config.json."
             )
-        if self.vision_feature_select_strategy != "default" or not isinstance(self.vision_feature_layer, int):
-            raise ValueError(
-                f"The ToConv compressor takes the {grid}×{grid} patch tokens of one CLIP layer, so it needs "
-                f"vision_feature_select_strategy='default' (no CLS token) and one int vision_feature_layer; got "
-                f"{self.vision_feature_select_strategy!r} and {self.vision_feature_layer!r}."
-            )
+
+
+def check_compression_fields(config, name: str) -> None:
+    """The compression fields of a ToConv config (LLaVA-1.5's or LLaVA-NeXT's), by the library's one check.
+
+    Fills in ``compression_input_size`` (the tower's grid) when absent; refuses sizes that do not fit the
+    tower, and a feature selection the compressor cannot take (CLS kept, several layers).
+    """
+    vision = config.vision_config
+    grid = grid_side(vision)
+    settings = CompressionSettings.check(
+        True, config.compression_input_size, config.compression_output_size, grid=grid,
+        tower=f"the vision tower (image_size {vision.image_size} / patch_size {vision.patch_size})",
+        where=f"{name} (config.json): ",
+    ).resolved(grid)
+    config.compression_input_size = settings.input_size
+    if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        raise ValueError(
+            f"The ToConv compressor takes the {grid}×{grid} patch tokens of one CLIP layer, so it needs "
+            f"vision_feature_select_strategy='default' (no CLS token) and one int vision_feature_layer; got "
+            f"{config.vision_feature_select_strategy!r} and {config.vision_feature_layer!r}."
+        )

@@ -1,4 +1,4 @@
-"""``toconv-convert-to-hf``: a LLaVA-1.5 checkpoint → a Hugging Face-format LLaVA with the ToConv compressor.
+"""``toconv-convert-to-hf``: a LLaVA-1.5 or 1.6 checkpoint → a Hugging Face-format LLaVA with the ToConv compressor.
 
 ::
 
@@ -11,9 +11,12 @@ SOURCE is either
   without, the compressor is the window average or ``--token-compressor-path`` (24→12 unless
   ``--compression-output-size`` says otherwise). ``<image>`` is added to its tokenizer, as llava-hf
   does; or
-- a ``llava-hf/*``-format checkpoint (model_type ``llava``): the compressor is added the same way.
+- a ``llava-hf/*``-format checkpoint (model_type ``llava`` or ``llava_next``): the compressor is added the
+  same way.
 
-OUTPUT is a new folder (``model_type: toconv_llava``) that ``import llava.hf`` lets
+LLaVA-1.6 sources (fork: ``image_aspect_ratio anyres`` with ``mm_patch_merge_type spatial_unpad``;
+llava-hf: ``llava_next``) become ``toconv_llava_next`` (every anyres tile compressed); LLaVA-1.5 ones
+``toconv_llava``. OUTPUT is a new folder that ``import llava.hf`` lets
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` load and the vLLM plugin serve. Every setting is
 checked before anything is written; the folder appears complete or not at all.
 """
@@ -42,7 +45,9 @@ from ..model.compressor_layout import HF_MODULE
 from ..utils import resolve_source
 from .chat_template import DEFAULT_CONV_MODE
 from .configuration import ToConvLlavaConfig
+from .configuration_next import ToConvLlavaNextConfig
 from .processing import ToConvLlavaProcessor
+from .processing_next import ToConvLlavaNextProcessor
 from .source import SourceParts, read_config, source_kind
 from .vocab import add_image_token, grow_rows, vocab_rows
 from .writer import DEFAULT_MAX_SHARD_BYTES, ConvertedCheckpoint, check_output, write_checkpoint
@@ -135,6 +140,24 @@ def _vocabulary(parts: SourceParts) -> tuple[int, dict[str, torch.Tensor]]:
     return image_token_id, grown
 
 
+def next_image_processor(image_processor, pinpoints: list[list[int]]):
+    """LLaVA-NeXT's image processor (PIL backend) with ``image_processor``'s settings and ``pinpoints`` ([h, w]).
+
+    A llava-hf LLaVA-NeXT source has one already (kept, with the checked pinpoints); a fork source has
+    CLIP's, whose resize, crop, mean and std the tiles get, as the fork's ``process_anyres_image``.
+    """
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    if "LlavaNext" in type(image_processor).__name__:
+        image_processor.image_grid_pinpoints = pinpoints
+        return image_processor
+    settings = {key: getattr(image_processor, key) for key in (
+        "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+        "do_normalize", "image_mean", "image_std", "do_convert_rgb") if getattr(image_processor, key, None) is not None}
+    settings = {key: dict(value) if hasattr(value, "keys") else value for key, value in settings.items()}
+    return LlavaNextImageProcessorPil(**settings, image_grid_pinpoints=pinpoints)
+
+
 def assemble(
     parts: SourceParts, compressor: TokenCompressor, *, pad_to_square: bool | None = None,
 ) -> ConvertedCheckpoint:
@@ -144,20 +167,33 @@ def assemble(
     image_token_id, grown = _vocabulary(parts)
     weights = {**parts.weights, **grown}
     weights.update(HF_MODULE.place(compressor.state_dict()))
-    config = ToConvLlavaConfig(
+    common = dict(
         text_config=parts.text_config, vision_config=parts.vision_config, image_token_index=image_token_id,
         vision_feature_select_strategy="default", vision_feature_layer=parts.select_layer,
         compression_input_size=compressor.input_grid_size, compression_output_size=compressor.output_grid_size,
-        architectures=["ToConvLlavaForConditionalGeneration"], **parts.projector,
+        **parts.projector,
     )
-    config.dtype = parts.dtype
-    processor = ToConvLlavaProcessor(
-        image_processor=parts.image_processor, tokenizer=parts.tokenizer, patch_size=parts.vision_config.patch_size,
-        vision_feature_select_strategy="default", chat_template=parts.chat_template, image_token="<image>",
+    processor_common = dict(
+        tokenizer=parts.tokenizer, patch_size=parts.vision_config.patch_size, vision_feature_select_strategy="default",
+        chat_template=parts.chat_template, image_token="<image>",
         num_additional_image_tokens=parts.num_additional_image_tokens,
         compression_output_size=compressor.output_grid_size,
-        pad_to_square=parts.pad_to_square if pad_to_square is None else pad_to_square,
     )
+    if parts.image_grid_pinpoints is not None:  # LLaVA-1.6: anyres tiles, each compressed
+        config = ToConvLlavaNextConfig(
+            **common, image_grid_pinpoints=parts.image_grid_pinpoints,
+            architectures=["ToConvLlavaNextForConditionalGeneration"],
+        )
+        processor = ToConvLlavaNextProcessor(
+            image_processor=next_image_processor(parts.image_processor, parts.image_grid_pinpoints), **processor_common,
+        )
+    else:
+        config = ToConvLlavaConfig(**common, architectures=["ToConvLlavaForConditionalGeneration"])
+        processor = ToConvLlavaProcessor(
+            image_processor=parts.image_processor, **processor_common,
+            pad_to_square=parts.pad_to_square if pad_to_square is None else pad_to_square,
+        )
+    config.dtype = parts.dtype
     text = parts.text_config
     generation_config = parts.generation_config or GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
@@ -220,16 +256,23 @@ def convert(
     logger.info(
         "Converted %s (%s format) to %s: %d→%d compression (%d image tokens), compressor %s; images %s.",
         folder, parts.kind, output, compressor.input_grid_size, compressor.output_grid_size,
-        compressor.num_output_tokens, origin, "padded to squares" if checkpoint.processor.pad_to_square else "as given",
+        compressor.num_output_tokens, origin, _images_note(checkpoint.processor),
     )
     return output
+
+
+def _images_note(processor) -> str:
+    if isinstance(processor, ToConvLlavaNextProcessor):
+        return f"anyres tiles on image_grid_pinpoints {processor.image_processor.image_grid_pinpoints} ([h, w])"
+    return "padded to squares" if processor.pad_to_square else "as given"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="toconv-convert-to-hf",
-        description="Convert a LLaVA-1.5 checkpoint (this fork's / upstream LLaVA's format, or llava-hf's) to a "
-        "Hugging Face-format LLaVA with the ToConv token compressor (model_type toconv_llava).",
+        description="Convert a LLaVA-1.5 or LLaVA-1.6 (anyres, spatial_unpad) checkpoint (this fork's / upstream "
+        "LLaVA's format, or llava-hf's llava / llava_next) to a Hugging Face-format LLaVA with the ToConv token "
+        "compressor (model_type toconv_llava, or toconv_llava_next for LLaVA-1.6).",
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint folder, or a Hub id in the local cache")
     parser.add_argument("output", metavar="OUTPUT", help="new folder to write")

@@ -24,6 +24,7 @@ HUB_TO_MODULE = (
     ("vision_tower.vision_model.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
     (HF_HUB.prefix, HF_MODULE.prefix),
+    ("image_newline", "model.image_newline"),  # LLaVA-NeXT's row separator
 )
 # What transformers 5's save_pretrained writes for the same modules (loaded too).
 SAVED_BY_TRANSFORMERS_5 = (("vision_tower.", "model.vision_tower."),)

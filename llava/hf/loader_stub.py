@@ -1,4 +1,4 @@
-"""A LLaVA checkpoint with ToConv token compression (model_type ``toconv_llava``).
+"""A LLaVA checkpoint with ToConv token compression (model_type ``toconv_llava`` or ``toconv_llava_next``).
 
 Its classes come with the ``toconv-llava`` package, not with transformers::
 
@@ -19,11 +19,15 @@ try:
         ToConvLlavaConfig,
         ToConvLlavaForConditionalGeneration,
         ToConvLlavaModel,
+        ToConvLlavaNextConfig,
+        ToConvLlavaNextForConditionalGeneration,
+        ToConvLlavaNextModel,
+        ToConvLlavaNextProcessor,
         ToConvLlavaProcessor,
     )
 except ImportError as err:
     raise ImportError(
-        "This checkpoint is a LLaVA model with ToConv token compression (model_type 'toconv_llava'); its classes "
+        "This checkpoint is a LLaVA model with ToConv token compression (model_type 'toconv_llava' or 'toconv_llava_next'); its classes "
         "come with the toconv-llava package. Install it (pip install toconv-llava), then `import llava.hf` before "
         "from_pretrained (no trust_remote_code needed)."
     ) from err

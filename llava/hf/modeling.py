@@ -33,7 +33,7 @@ from vision_token_compression import TokenCompressor, build_compressor
 from .configuration import ToConvLlavaConfig
 from .load_checks import check_loaded_compressor, check_stored_compressor
 from .native import RegisteredNatively
-from .writer import AUTO_MAP, add_loader_stub
+from .writer import add_loader_stub, auto_map_for
 
 
 class ToConvLlavaMultiModalProjector(LlavaMultiModalProjector):
@@ -64,9 +64,9 @@ class _CompressorHost:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' ``from_pretrained``; a compressor that does not fit the config is refused (``load_checks``)."""
         config = kwargs.get("config")
-        if os.path.isdir(pretrained_model_name_or_path) and not isinstance(config, ToConvLlavaConfig):
-            config = ToConvLlavaConfig.from_pretrained(pretrained_model_name_or_path)
-        if isinstance(config, ToConvLlavaConfig):
+        if os.path.isdir(pretrained_model_name_or_path) and not isinstance(config, cls.config_class):
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+        if isinstance(config, cls.config_class):
             check_stored_compressor(pretrained_model_name_or_path, config)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         check_loaded_compressor(loaded, pretrained_model_name_or_path)
@@ -77,7 +77,7 @@ class _CompressorHost:
 
         So that a saved folder, like a converted one, tells a transformers without ``llava.hf`` what to install.
         """
-        self.config.auto_map = dict(AUTO_MAP)
+        self.config.auto_map = auto_map_for(self.config)
         super().save_pretrained(save_directory, *args, **kwargs)
         add_loader_stub(Path(save_directory))
 

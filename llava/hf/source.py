@@ -34,6 +34,9 @@ class SourceParts:
         generation_config: The source's ``GenerationConfig``, or None.
         projector: ``LlavaConfig``'s projector fields (activation, bias).
         num_additional_image_tokens: ``LlavaProcessor``'s setting of the same name (llava-hf: 1, the CLS).
+        image_grid_pinpoints: LLaVA-1.6's anyres canvases as [height, width] (transformers' order), each a
+            multiple of the tile; None for LLaVA-1.5. Set, the weights hold ``model.image_newline`` and the
+            converted checkpoint is ``toconv_llava_next``.
         notes: What the reader decided, for the converter's log.
     """
 
@@ -54,6 +57,7 @@ class SourceParts:
     generation_config: object | None = None
     projector: dict = field(default_factory=lambda: {"projector_hidden_act": "gelu", "multimodal_projector_bias": True})
     num_additional_image_tokens: int = 1
+    image_grid_pinpoints: list[list[int]] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -77,20 +81,20 @@ def read_config(folder: Path) -> dict:
 def source_kind(config: dict, folder: Path) -> str:
     """``"llava"`` (upstream LLaVA's format: ``mm_vision_tower`` in the config) or ``"llava-hf"`` (model_type llava)."""
     model_type = config.get("model_type")
-    if model_type == "toconv_llava":
+    if model_type in ("toconv_llava", "toconv_llava_next"):
         raise ValueError(
-            f"{folder} is converted already (model_type toconv_llava, compression "
+            f"{folder} is converted already (model_type {model_type}, compression "
             f"{config.get('compression_input_size')}→{config.get('compression_output_size')}). Load it as it is; for "
             f"another output size, convert the checkpoint it was made from."
         )
     if config.get("mm_vision_tower"):
         return "llava"
-    if model_type == "llava":
+    if model_type in ("llava", "llava_next"):
         return "llava-hf"
     raise ValueError(
         f"{folder} is neither a LLaVA checkpoint in upstream LLaVA's format (its {CONFIG_NAME} has no "
-        f"mm_vision_tower) nor a Hugging Face-format LLaVA (model_type llava); model_type is {model_type!r}. "
-        f"LLaVA-1.6 (llava_next) and other architectures are not converted."
+        f"mm_vision_tower) nor a Hugging Face-format LLaVA (model_type llava or llava_next); model_type is "
+        f"{model_type!r}. Other architectures are not converted."
     )
 
 

@@ -3,7 +3,9 @@
 The weights map onto llava-hf's modules as transformers' own ``convert_llava_weights_to_hf.py`` maps
 them; the CLIP tower comes from ``mm_vision_tower`` (LLaVA ignores a copy saved in the checkpoint
 unless ``unfreeze_mm_vision_tower`` is set), the image processor from the tower too, and settings
-llava-hf's ``LlavaForConditionalGeneration`` cannot express are refused before anything is written.
+llava-hf's ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` cannot express are
+refused before anything is written. LLaVA-1.6 (anyres, spatial_unpad) keeps ``model.image_newline``,
+and its ``image_grid_pinpoints`` turn from the fork's [width, height] into transformers' [height, width].
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..model.multimodal_encoder.clip_encoder import (
     DEFAULT_MM_VISION_SELECT_FEATURE,
     CLIPImageProcessor,
 )
+from .anyres import check_pinpoints
 from .chat_template import chat_template
 from .source import SourceParts, refuse_siglip
 from .weight_files import read_weights
@@ -37,8 +40,9 @@ _RENAMES = (
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
 )
 TOWER_PREFIX = "model.vision_tower.vision_tower."
-# Saved by LLaVA but unused by a flat-merge LLaVA-1.5, and rotary caches of old transformers.
-_UNUSED = ("model.image_newline",)
+NEWLINE = "model.image_newline"  # LLaVA-1.6's row separator; the same name in transformers' LlavaNextModel
+# Saved by LLaVA but unused by a flat-merge LLaVA-1.5 (image_newline), and rotary caches of old transformers.
+_UNUSED = (NEWLINE,)
 _UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 # Config keys that are LLaVA's, not the language model's.
@@ -59,8 +63,32 @@ def _refuse(folder: Path, setting: str, why: str) -> ValueError:
     return ValueError(f"{folder}: {setting} cannot be converted: {why}")
 
 
+def is_anyres(config: dict) -> bool:
+    """Whether the checkpoint is LLaVA-1.6 (``image_aspect_ratio: anyres``): converted to ``toconv_llava_next``."""
+    return _setting(config, "image_aspect_ratio") == "anyres"
+
+
+def _check_merge(config: dict, folder: Path) -> None:
+    """LLaVA-1.5 (flat merge) or LLaVA-1.6 (anyres + spatial_unpad, llava_next); other merges refused by name."""
+    aspect, merge = _setting(config, "image_aspect_ratio"), _setting(config, "mm_patch_merge_type")
+    if (aspect == "anyres" and merge == "spatial_unpad") or (not str(aspect).startswith("anyres") and merge == "flat"):
+        return
+    setting = f"image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r}"
+    if str(aspect).startswith("anyres_max") or "anyres_max" in str(merge):
+        why = ("anyres_max_* (LLaVA-OneVision's capped tiling) has no transformers model with the same packing; "
+               "LLaVA-1.6 checkpoints (anyres with spatial_unpad) and LLaVA-1.5 ones (flat) convert.")
+    elif aspect == "anyres":
+        why = (f"transformers' llava_next packs LLaVA-1.6 tiles with spatial_unpad only (unpadded, one image_newline "
+               f"per row); {merge!r} lays them out otherwise. Only anyres with mm_patch_merge_type='spatial_unpad' "
+               f"converts.")
+    else:
+        why = (f"mm_patch_merge_type={merge!r} needs image_aspect_ratio='anyres' tiles (LLaVA-1.6); LLaVA-1.5 "
+               f"checkpoints (pad or square images) use 'flat'.")
+    raise _refuse(folder, setting, why)
+
+
 def check_settings(config: dict, folder: Path) -> None:
-    """Refuse what llava-hf's LlavaForConditionalGeneration (LLaVA-1.5, flat, mlp2x_gelu) cannot run the same way."""
+    """Refuse what llava-hf's LLaVA (1.5: flat) or LLaVA-NeXT (1.6: anyres, spatial_unpad) cannot run the same way."""
     projector = _setting(config, "mm_projector_type")
     if projector != "mlp2x_gelu":
         raise _refuse(folder, f"mm_projector_type={projector!r}", (
@@ -71,11 +99,7 @@ def check_settings(config: dict, folder: Path) -> None:
         raise _refuse(folder, f"mm_vision_select_feature={feature!r}", (
             "the compressor takes the patch tokens alone (vision_feature_select_strategy='default'); only 'patch' "
             "checkpoints convert."))
-    aspect, merge = _setting(config, "image_aspect_ratio"), _setting(config, "mm_patch_merge_type")
-    if aspect == "anyres" or merge != "flat":
-        raise _refuse(folder, f"image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r}", (
-            "anyres / spatial merging is LLaVA-1.6 (llava_next in transformers); only LLaVA-1.5 (pad or square "
-            "images, flat merge) converts."))
+    _check_merge(config, folder)
     for flag in ("mm_use_im_start_end", "s2"):
         if parse_bool_setting(config.get(flag, False), flag):
             raise _refuse(folder, f"{flag}=true", "llava-hf's LLaVA has neither <im_start>/<im_end> tokens nor S2.")
@@ -100,12 +124,14 @@ def text_config_of(config: dict, folder: Path):
     return CONFIG_MAPPING[language_model](**fields)
 
 
-def _split_weights(tensors: dict[str, torch.Tensor], folder: Path):
+def _split_weights(tensors: dict[str, torch.Tensor], folder: Path, anyres: bool = False):
     """(weights in module names, compressor weights in its own names, saved tower weights in CLIPVisionModel names)."""
     weights, tower, unknown = {}, {}, []
     compressor, tensors = FORK.split(tensors)
     for key, tensor in tensors.items():
-        if key.startswith(TOWER_PREFIX):
+        if anyres and key == NEWLINE:
+            weights[NEWLINE] = tensor
+        elif key.startswith(TOWER_PREFIX):
             tower[key[len(TOWER_PREFIX):].removeprefix("vision_model.")] = tensor  # transformers 4 kept vision_model.
         elif key in _UNUSED or key.endswith(_UNUSED_SUFFIXES):
             continue
@@ -120,6 +146,9 @@ def _split_weights(tensors: dict[str, torch.Tensor], folder: Path):
             f"{folder} holds weights a LLaVA-1.5 checkpoint does not: {', '.join(sorted(unknown)[:8])}"
             f"{' ...' if len(unknown) > 8 else ''}. Only LLaVA-1.5 (Llama/Mistral, mlp2x_gelu, flat) converts."
         )
+    if anyres and NEWLINE not in weights:
+        raise ValueError(f"{folder} is LLaVA-1.6 (anyres, spatial_unpad) but holds no {NEWLINE}: the checkpoint is "
+                         f"incomplete.")
     if "lm_head.weight" not in weights and "model.language_model.embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["model.language_model.embed_tokens.weight"]  # tied embeddings
     return weights, compressor, tower
@@ -167,6 +196,19 @@ def _check_tower_fits(weights: dict[str, torch.Tensor], config: dict, vision_con
         )
 
 
+def _pinpoints(config: dict, vision_config, folder: Path) -> list[list[int]]:
+    """The fork's ``image_grid_pinpoints`` ([width, height], a list or its repr) as transformers' [height, width]."""
+    from ..mm_utils import parse_grid_pinpoints
+
+    where = f"{folder / 'config.json'}: "
+    try:
+        pairs = parse_grid_pinpoints(config.get("image_grid_pinpoints") or [])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}{err}") from err
+    pairs = check_pinpoints(pairs, vision_config.image_size, where, order="[width, height]")
+    return [[height, width] for width, height in pairs]
+
+
 def read_llava_checkpoint(
     folder: Path, config: dict, *, vision_tower: str | None = None, conv_mode: str | None = "llava_v1",
 ) -> SourceParts:
@@ -178,7 +220,9 @@ def read_llava_checkpoint(
     tower_name = vision_tower or config["mm_vision_tower"]
     refuse_siglip(tower_family(tower_name).name, f"{folder}'s vision tower {tower_name!r} (mm_vision_tower)")
     vision_config = _load_tower_config(tower_name)
-    weights, compressor, saved_tower = _split_weights(read_weights(folder), folder)
+    anyres = is_anyres(config)
+    pinpoints = _pinpoints(config, vision_config, folder) if anyres else None  # checked before the weights load
+    weights, compressor, saved_tower = _split_weights(read_weights(folder), folder, anyres)
     _check_tower_fits(weights, config, vision_config, tower_name)
     notes: list[str] = []
     dtype = weights["lm_head.weight"].dtype
@@ -197,7 +241,7 @@ def read_llava_checkpoint(
         select_layer=config["mm_vision_select_layer"], tower_name=tower_name, weights=weights,
         tokenizer=AutoTokenizer.from_pretrained(folder, config=text_config),  # config: llava_llama is not registered
         image_processor=CLIPImageProcessor.from_pretrained(tower_name),  # PIL's, as LLaVA's tower loads it
-        pad_to_square=_setting(config, "image_aspect_ratio") == "pad",
+        pad_to_square=_setting(config, "image_aspect_ratio") == "pad", image_grid_pinpoints=pinpoints,
         compressor_weights=compressor if sizes else None, compressor_sizes=sizes,
         chat_template=chat_template(conv_mode) if conv_mode else None,
         generation_config=GenerationConfig.from_pretrained(folder) if generation_file.is_file() else None,

@@ -1,4 +1,4 @@
-"""Reading a Hugging Face-format LLaVA checkpoint (``llava-hf/*``, model_type ``llava``) for conversion.
+"""Reading a Hugging Face-format LLaVA checkpoint (``llava-hf/*``, model_type ``llava`` or ``llava_next``) for conversion.
 
 transformers loads it (any of its weight layouts); the converter adds the compressor. Its processor,
 tokenizer (which has ``<image>`` already) and chat template are kept; llava-hf's processor does not
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .source import SourceParts, refuse_siglip
+from .anyres import check_pinpoints
+from .source import SourceParts, read_config, refuse_siglip
 
 
 def _check_config(config, folder: Path) -> None:
@@ -28,13 +29,32 @@ def _check_config(config, folder: Path) -> None:
         )
 
 
-def read_llava_hf_checkpoint(folder: Path) -> SourceParts:
-    """The parts of a llava-hf checkpoint, its weights under transformers 5's module names."""
-    from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+def _classes(folder: Path) -> tuple[type, type, bool]:
+    """(config class, model class, is LLaVA-NeXT) for the llava-hf checkpoint in ``folder``, by its model_type."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
-    config = LlavaConfig.from_pretrained(folder)
+    if read_config(folder).get("model_type") == "llava_next":
+        return LlavaNextConfig, LlavaNextForConditionalGeneration, True
+    return LlavaConfig, LlavaForConditionalGeneration, False
+
+
+def read_llava_hf_checkpoint(folder: Path) -> SourceParts:
+    """The parts of a llava-hf checkpoint (LLaVA or LLaVA-NeXT), its weights under transformers 5's module names."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    config_class, model_class, next_ = _classes(folder)
+    config = config_class.from_pretrained(folder)
     _check_config(config, folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    pinpoints = None
+    if next_:
+        pinpoints = check_pinpoints(config.image_grid_pinpoints, config.vision_config.image_size,
+                                    f"{folder / 'config.json'}: ")
+    model = model_class.from_pretrained(folder, dtype="auto")
     processor = AutoProcessor.from_pretrained(folder)
     generation_file = folder / "generation_config.json"
     return SourceParts(
@@ -45,6 +65,6 @@ def read_llava_hf_checkpoint(folder: Path) -> SourceParts:
         generation_config=GenerationConfig.from_pretrained(folder) if generation_file.is_file() else None,
         projector={"projector_hidden_act": config.projector_hidden_act,
                    "multimodal_projector_bias": config.multimodal_projector_bias},
-        num_additional_image_tokens=getattr(processor, "num_additional_image_tokens", 0),
+        num_additional_image_tokens=getattr(processor, "num_additional_image_tokens", 0), image_grid_pinpoints=pinpoints,
         notes=["vision tower, projector, language model, tokenizer and chat template: the source's"],
     )

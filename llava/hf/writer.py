@@ -28,11 +28,23 @@ PROCESSOR_CONFIG = "processor_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # The loader stub (llava/hf/loader_stub.py) under the name auto_map gives it in the checkpoint.
 LOADER_MODULE = "toconv_llava_loader"
-AUTO_MAP = {
-    "AutoConfig": f"{LOADER_MODULE}.ToConvLlavaConfig",
-    "AutoModel": f"{LOADER_MODULE}.ToConvLlavaModel",
-    "AutoModelForImageTextToText": f"{LOADER_MODULE}.ToConvLlavaForConditionalGeneration",
-}
+
+
+def auto_map(prefix: str = "ToConvLlava") -> dict[str, str]:
+    """``auto_map`` of a converted config: the stub's classes named ``{prefix}Config``, ``{prefix}Model``, ..."""
+    return {
+        "AutoConfig": f"{LOADER_MODULE}.{prefix}Config",
+        "AutoModel": f"{LOADER_MODULE}.{prefix}Model",
+        "AutoModelForImageTextToText": f"{LOADER_MODULE}.{prefix}ForConditionalGeneration",
+    }
+
+
+def auto_map_for(config) -> dict[str, str]:
+    """``auto_map`` for ``config`` (a ``ToConvLlavaConfig`` or ``ToConvLlavaNextConfig``), by its class name."""
+    return auto_map(type(config).__name__.removesuffix("Config"))
+
+
+AUTO_MAP = auto_map()
 PROCESSOR_AUTO_MAP = {"AutoProcessor": f"{LOADER_MODULE}.ToConvLlavaProcessor"}
 
 
@@ -110,10 +122,10 @@ def add_loader_stub(folder: Path) -> None:
     shutil.copyfile(Path(__file__).with_name("loader_stub.py"), folder / f"{LOADER_MODULE}.py")
 
 
-def _add_processor_auto_map(folder: Path) -> None:
+def _add_processor_auto_map(folder: Path, processor_class: str) -> None:
     path = folder / PROCESSOR_CONFIG
-    data = json.loads(path.read_text()) if path.is_file() else {"processor_class": "ToConvLlavaProcessor"}
-    data["auto_map"] = PROCESSOR_AUTO_MAP
+    data = json.loads(path.read_text()) if path.is_file() else {"processor_class": processor_class}
+    data["auto_map"] = {"AutoProcessor": f"{LOADER_MODULE}.{processor_class}"}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -125,7 +137,7 @@ def write_checkpoint(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        checkpoint.config.auto_map = dict(AUTO_MAP)
+        checkpoint.config.auto_map = auto_map_for(checkpoint.config)
         checkpoint.config.save_pretrained(staging)
         write_weights(hub_state_dict(checkpoint.weights), staging, max_shard_bytes)
         checkpoint.generation_config.save_pretrained(staging)
@@ -133,7 +145,7 @@ def write_checkpoint(
         # transformers 5 keeps the image processor in processor_config.json; preprocessor_config.json is what
         # llava-hf checkpoints (and readers of the image processor alone) have.
         checkpoint.processor.image_processor.save_pretrained(staging)
-        _add_processor_auto_map(staging)
+        _add_processor_auto_map(staging, type(checkpoint.processor).__name__)
         add_loader_stub(staging)
         _default_permissions(staging)
         publish_folder(staging, output)
