@@ -12,7 +12,32 @@ from vision_token_compression import expand_to_square
 from .native import RegisteredNatively
 
 
-class ToConvLlavaProcessor(RegisteredNatively, LlavaProcessor):
+def checked_output_size(value, processor: str) -> int:
+    """A processor's ``compression_output_size``: a positive int, else an error naming where it is recorded."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{processor} needs compression_output_size, the side of the compressed grid (12 gives 144 image tokens "
+            f"per tile), got {value!r}. A converted checkpoint records it in processor_config.json."
+        )
+    return value
+
+
+class PilBackend:
+    """Processors whose images load with PIL's resize by default, as LLaVA's towers do."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``ProcessorMixin.from_pretrained``, with the PIL backend for images unless ``backend`` says otherwise.
+
+        LLaVA was trained on PIL's resize (the fork's tower loads ``CLIPImageProcessorPil``); with
+        torchvision installed transformers would pick its torchvision twin, whose bicubic resize
+        differs slightly. ``backend="torchvision"`` chooses that one.
+        """
+        kwargs.setdefault("backend", "pil")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+class ToConvLlavaProcessor(RegisteredNatively, PilBackend, LlavaProcessor):
     """Expands each ``<image>`` to ``compression_output_size ** 2`` placeholders (144 at 24→12, 64 at 24→8).
 
     Args (beyond ``LlavaProcessor``'s):
@@ -37,32 +62,13 @@ class ToConvLlavaProcessor(RegisteredNatively, LlavaProcessor):
         pad_to_square: bool = False,
         **kwargs,
     ):
-        if isinstance(compression_output_size, bool) or not isinstance(compression_output_size, int) or (
-            compression_output_size < 1
-        ):
-            raise ValueError(
-                f"ToConvLlavaProcessor needs compression_output_size, the side of the compressed grid (12 gives 144 "
-                f"image tokens), got {compression_output_size!r}. A converted checkpoint records it in "
-                f"processor_config.json."
-            )
-        self.compression_output_size = compression_output_size
+        self.compression_output_size = checked_output_size(compression_output_size, type(self).__name__)
         self.pad_to_square = bool(pad_to_square)
         super().__init__(
             image_processor, tokenizer, patch_size=patch_size,
             vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
             image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``ProcessorMixin.from_pretrained``, with the PIL backend for images unless ``backend`` says otherwise.
-
-        LLaVA was trained on PIL's resize (the fork's tower loads ``CLIPImageProcessorPil``); with
-        torchvision installed transformers would pick its torchvision twin, whose bicubic resize
-        differs slightly. ``backend="torchvision"`` chooses that one.
-        """
-        kwargs.setdefault("backend", "pil")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def num_image_tokens(self) -> int:

@@ -7,9 +7,10 @@ from transformers.processing_utils import MultiModalData
 
 from .anyres import anyres_token_count
 from .native import RegisteredNatively
+from .processing import PilBackend, checked_output_size
 
 
-class ToConvLlavaNextProcessor(RegisteredNatively, LlavaNextProcessor):
+class ToConvLlavaNextProcessor(RegisteredNatively, PilBackend, LlavaNextProcessor):
     """Expands each ``<image>`` to as many placeholders as ``ToConvLlavaNextForConditionalGeneration`` makes for it.
 
     ``anyres.anyres_token_count`` on the compressed grid: ``out²`` for the base tile, then the
@@ -32,26 +33,12 @@ class ToConvLlavaNextProcessor(RegisteredNatively, LlavaNextProcessor):
         compression_output_size: int | None = None,
         **kwargs,
     ):
-        if isinstance(compression_output_size, bool) or not isinstance(compression_output_size, int) or (
-            compression_output_size < 1
-        ):
-            raise ValueError(
-                f"ToConvLlavaNextProcessor needs compression_output_size, the side of each tile's compressed grid "
-                f"(12 at 24→12), got {compression_output_size!r}. A converted checkpoint records it in "
-                f"processor_config.json."
-            )
-        self.compression_output_size = compression_output_size
+        self.compression_output_size = checked_output_size(compression_output_size, type(self).__name__)
         super().__init__(
             image_processor, tokenizer, patch_size=patch_size,
             vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
             image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``ProcessorMixin.from_pretrained`` with the PIL image backend unless ``backend`` says otherwise (as LLaVA)."""
-        kwargs.setdefault("backend", "pil")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def count_image_tokens(self, image_size) -> int:
         """Placeholders for an image of ``image_size`` (height, width)."""
