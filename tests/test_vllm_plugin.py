@@ -179,6 +179,7 @@ def launched(venv_python, checkpoints) -> Launched:
     spec = {
         "batch": str(checkpoints.served["24to12"]), "images": [str(p) for p in checkpoints.images],
         "prompt": _fork_prompt(), "refused": {name: str(path) for name, path in checkpoints.refused.items()},
+        "processors": {name: str(checkpoints.served[name]) for name in ("24to12", NEXT)},
     }
     (folder / "checks.json").write_text(json.dumps(spec))
     no_plugin_server = VllmServer(checkpoints.served["24to12"])
@@ -350,6 +351,18 @@ def test_batch_of_8_image_prompts_through_vllm_llm(launched, checkpoints):
         assert out["token_ids"], out
         # vllm.LLM tokenises a text prompt with the tokenizer's BOS, as the fork does.
         assert out["prompt_tokens"] == text_tokens + 144
+
+
+def test_vllm_processes_images_with_the_checkpoints_own_processor(launched):
+    """vLLM's processing runs ToConvLlava(Next)Processor with the PIL image processor: the fork's pixels, bit for bit.
+
+    vLLM's LLaVA and LLaVA-NeXT ask for LlavaProcessor / LlavaNextProcessor by class, which would load
+    the torchvision image processor, skip LLaVA-1.5's pad-to-square and count uncompressed placeholders.
+    """
+    assert launched.checks["processors"] == {
+        "24to12": ["ToConvLlavaProcessor", "CLIPImageProcessorPil"],
+        NEXT: ["ToConvLlavaNextProcessor", "LlavaNextImageProcessorPil"],
+    }
 
 
 @pytest.mark.parametrize("prefix", ["", "next-"])

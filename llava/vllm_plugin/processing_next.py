@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from vllm.model_executor.models.llava_next import LlavaNextProcessingInfo
 
-from llava.hf import ToConvLlavaNextConfig
+from llava.hf import ToConvLlavaNextConfig, ToConvLlavaNextProcessor
 from llava.hf.anyres import anyres_token_count
 
 
@@ -20,6 +20,14 @@ class ToConvLlavaNextProcessingInfo(LlavaNextProcessingInfo):
 
     def get_hf_config(self) -> ToConvLlavaNextConfig:
         return self.ctx.get_hf_config(ToConvLlavaNextConfig)
+
+    def get_hf_processor(self, **kwargs: object) -> ToConvLlavaNextProcessor:
+        """The checkpoint's ``ToConvLlavaNextProcessor``, asked for by class.
+
+        vLLM's own asks for ``LlavaNextProcessor``, which would load the torchvision image processor
+        (tiles that differ from the fork's PIL ones) and count uncompressed placeholders.
+        """
+        return self.ctx.get_hf_processor(ToConvLlavaNextProcessor, **kwargs)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """Placeholders for an image of ``image_width`` × ``image_height``: base tile, unpadded tiles, newlines."""
