@@ -42,6 +42,20 @@ def build_fork_checkpoint(
     )
 
 
+def build_fork_next_checkpoint(
+    out_dir: str | os.PathLike, clip_dir: str | os.PathLike, *, compression_output_size: int | None,
+    tokenizer_path: str | os.PathLike | None = None, seed: int = 0,
+) -> Path:
+    """A tiny LLaVA-1.6 (anyres, ``spatial_unpad``, LLaVA-1.6's pinpoints) in this fork's format that vLLM's CPU attention runs."""
+    from llava.standins import LLAVA_16_PINPOINTS, build_tiny_llava
+
+    return build_tiny_llava(
+        out_dir, clip_dir, tokenizer_path=tokenizer_path, compression_output_size=compression_output_size,
+        hidden_size=DECODER_HIDDEN_SIZE, seed=seed, image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+        image_grid_pinpoints=LLAVA_16_PINPOINTS,
+    )
+
+
 def convert_to_hf(source: str | os.PathLike, output: str | os.PathLike, **options) -> Path:
     """``toconv-convert-to-hf SOURCE OUTPUT`` (its Python entry point); ``options`` as ``llava.hf.convert.convert``."""
     from llava.hf.convert import convert

@@ -9,11 +9,13 @@ reference tokens. Without that venv the module is skipped, except under CI (``$C
 Every vLLM start-up costs about a minute on two cores, so they all start at once, in one module
 fixture, and every test reads from them:
 
-- three ``vllm serve`` servers: the fork's 24→12 and 24→8 checkpoints converted with
-  ``toconv-convert-to-hf``, and the 24→12 one without its compressor as a plain llava-hf
-  checkpoint (vLLM's own LLaVA, 576 image tokens);
-- ``tests/vllm_llm_checks.py`` in the vLLM venv: two checkpoints whose compressor does not fit
-  their vision tower (refused at load), then a batch of 8 image prompts through ``vllm.LLM``;
+- four ``vllm serve`` servers: the fork's 24→12 and 24→8 checkpoints converted with
+  ``toconv-convert-to-hf``, the 24→12 one without its compressor as a plain llava-hf
+  checkpoint (vLLM's own LLaVA, 576 image tokens), and a fork LLaVA-1.6 (anyres) 24→12 one
+  converted (``ToConvLlavaNextForConditionalGeneration``, ``anyres_token_count`` tokens per image);
+- ``tests/vllm_llm_checks.py`` in the vLLM venv: four checkpoints (LLaVA-1.5 and 1.6) whose
+  compressor does not fit their vision tower (refused at load), then a batch of 8 image prompts
+  through ``vllm.LLM``;
 - ``vllm serve`` of a converted checkpoint with the plugin switched off (``VLLM_PLUGINS=""``).
 """
 
@@ -37,7 +39,12 @@ from benchmarks.vllm_server import (
     vllm_python,
     vllm_venv,
 )
-from benchmarks.vllm_standins import build_fork_checkpoint, convert_to_hf, strip_compression
+from benchmarks.vllm_standins import (
+    build_fork_checkpoint,
+    build_fork_next_checkpoint,
+    convert_to_hf,
+    strip_compression,
+)
 from prerequisites import skip_or_fail_under_ci
 
 pytestmark = pytest.mark.slow
@@ -46,8 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS_SCRIPT = ROOT / "tests" / "vllm_llm_checks.py"
 QUESTION = "What is in the image?"
 MAX_TOKENS = 12
-# Image tokens per image for each served checkpoint.
+# Image tokens per image for each served LLaVA-1.5 checkpoint.
 IMAGE_TOKENS = {"24to12": 144, "24to8": 64, "none": 576}
+# The LLaVA-1.6 server's name, and the (width, height) of the images it answers: wide, tall, square, tiny,
+# larger than every pinpoint, and one where transformers' unpad rounding (vLLM's own LLaVA-NeXT) would keep
+# 2 more columns than the fork's rule at 24→12 (468 tokens, not 480).
+NEXT = "next-24to12"
+NEXT_SIZES = [(400, 300), (300, 700), (1000, 1000), (20, 20), (2000, 1500), (792, 352)]
 
 
 # ---- the vLLM venv and the checkpoints ---------------------------------------------------------
@@ -77,8 +89,8 @@ def venv_python() -> Path:
 @dataclass
 class Checkpoints:
     folder: Path
-    fork: dict[str, Path]  # this fork's format, by compression
-    served: dict[str, Path]  # what the servers load, by compression
+    fork: dict[str, Path]  # this fork's format, by compression (and NEXT)
+    served: dict[str, Path]  # what the servers load, by compression (and NEXT)
     refused: dict[str, Path]  # compressors that do not fit their vision tower
     images: list[Path]
 
@@ -101,6 +113,18 @@ def _replace_compressor(folder: Path, hidden: int) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _misfits(served: Path, folder: Path, prefix: str = "") -> dict[str, Path]:
+    """Copies of ``served`` (24→12) whose compressor does not fit: its grid (config says 24→8) or its width (64)."""
+    refused = {f"{prefix}grid": folder / f"bad-{prefix}grid", f"{prefix}width": folder / f"bad-{prefix}width"}
+    # A 24→12 compressor (grid_sizes [24, 12]) under a config that says 24→8.
+    shutil.copytree(served, refused[f"{prefix}grid"])
+    _edit_config(refused[f"{prefix}grid"], compression_output_size=8, image_seq_length=64)
+    # A compressor over 64 channels beside a 32-channel CLIP.
+    shutil.copytree(served, refused[f"{prefix}width"])
+    _replace_compressor(refused[f"{prefix}width"], hidden=64)
+    return refused
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Checkpoints:
     from llava.standins import build_tiny_clip, make_images
@@ -114,14 +138,10 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     served = {"24to12": convert_to_hf(fork["24to12"], folder / "hf-24to12"),
               "24to8": convert_to_hf(fork["24to8"], folder / "hf-24to8")}
     served["none"] = strip_compression(served["24to12"], folder / "hf-none")
-
-    refused = {"grid": folder / "bad-grid", "width": folder / "bad-width"}
-    # A 24→12 compressor (grid_sizes [24, 12]) under a config that says 24→8.
-    shutil.copytree(served["24to12"], refused["grid"])
-    _edit_config(refused["grid"], compression_output_size=8, image_seq_length=64)
-    # A compressor over 64 channels beside a 32-channel CLIP.
-    shutil.copytree(served["24to12"], refused["width"])
-    _replace_compressor(refused["width"], hidden=64)
+    fork[NEXT] = build_fork_next_checkpoint(folder / "fork-next-24to12", clip, compression_output_size=12,
+                                            tokenizer_path=fork["24to12"], seed=1)
+    served[NEXT] = convert_to_hf(fork[NEXT], folder / "hf-next-24to12")
+    refused = {**_misfits(served["24to12"], folder), **_misfits(served[NEXT], folder, prefix="next-")}
 
     images = []
     for i, image in enumerate(make_images(8, size=(336, 336), seed=11)):
@@ -159,6 +179,7 @@ def launched(venv_python, checkpoints) -> Launched:
     spec = {
         "batch": str(checkpoints.served["24to12"]), "images": [str(p) for p in checkpoints.images],
         "prompt": _fork_prompt(), "refused": {name: str(path) for name, path in checkpoints.refused.items()},
+        "processors": {name: str(checkpoints.served[name]) for name in ("24to12", NEXT)},
     }
     (folder / "checks.json").write_text(json.dumps(spec))
     no_plugin_server = VllmServer(checkpoints.served["24to12"])
@@ -200,8 +221,8 @@ def answers(launched, checkpoints) -> dict[str, dict]:
     body = {"messages": image_message(QUESTION, [image]), "max_tokens": MAX_TOKENS, "temperature": 0.0,
             "return_token_ids": True}
     answers = {
-        name: chat_completion(server.url, {**body, "model": str(checkpoints.served[name])})
-        for name, server in launched.servers.items()
+        name: chat_completion(launched.servers[name].url, {**body, "model": str(checkpoints.served[name])})
+        for name in IMAGE_TOKENS
     }
     (checkpoints.folder / "answers.json").write_text(json.dumps(answers, indent=2))  # for a look after a failure
     return answers
@@ -332,8 +353,23 @@ def test_batch_of_8_image_prompts_through_vllm_llm(launched, checkpoints):
         assert out["prompt_tokens"] == text_tokens + 144
 
 
-def test_compressor_that_does_not_fit_the_tower_is_refused_at_load(launched):
-    refused = launched.checks["refused"]
+def test_vllm_processes_images_with_the_checkpoints_own_processor(launched):
+    """vLLM's processing runs ToConvLlava(Next)Processor with the PIL image processor: the fork's pixels, bit for bit.
+
+    vLLM's LLaVA and LLaVA-NeXT ask for LlavaProcessor / LlavaNextProcessor by class, which would load
+    the torchvision image processor, skip LLaVA-1.5's pad-to-square and count uncompressed placeholders.
+    """
+    assert launched.checks["processors"] == {
+        "24to12": ["ToConvLlavaProcessor", "CLIPImageProcessorPil"],
+        NEXT: ["ToConvLlavaNextProcessor", "LlavaNextImageProcessorPil"],
+    }
+
+
+@pytest.mark.parametrize("prefix", ["", "next-"])
+def test_compressor_that_does_not_fit_the_tower_is_refused_at_load(launched, prefix):
+    """LLaVA-1.5 ("") and LLaVA-1.6 ("next-"): a compressor of another grid, or over another width, stops the load."""
+    refused = {name.removeprefix(prefix): result for name, result in launched.checks["refused"].items()
+               if name in (f"{prefix}grid", f"{prefix}width")}
     grid = refused["grid"]
     assert not grid["loaded"]
     messages = " | ".join(e["message"] for e in grid["errors"])
@@ -385,3 +421,72 @@ def test_bench_vllm_on_the_running_servers(launched, tmp_path):
         assert row["sequence_length_bound"] > 1
     table = (tmp_path / "vllm.md").read_text()
     assert table.count("\n| ") == 1 + 2  # header + one row per level
+
+
+# ---- LLaVA-1.6 (anyres): ToConvLlavaNextForConditionalGeneration -----------------------------------
+
+
+def _next_image(index: int):
+    from llava.standins import make_images
+
+    return make_images(1, size=NEXT_SIZES[index], seed=index)[0]
+
+
+@pytest.fixture(scope="module")
+def next_answers(launched, checkpoints) -> list[dict]:
+    """One greedy chat completion per NEXT_SIZES image from the LLaVA-1.6 server, with token ids."""
+    server = launched.servers[NEXT]
+    answers = [
+        chat_completion(server.url, {
+            "model": str(checkpoints.served[NEXT]), "messages": image_message(QUESTION, [_next_image(i)]),
+            "max_tokens": MAX_TOKENS, "temperature": 0.0, "return_token_ids": True,
+        })
+        for i in range(len(NEXT_SIZES))
+    ]
+    (checkpoints.folder / "next-answers.json").write_text(json.dumps(answers, indent=2))
+    return answers
+
+
+def test_llava_1_6_prompt_holds_the_anyres_token_count_for_every_size(next_answers, checkpoints):
+    """usage.prompt_tokens = text tokens + ``anyres_token_count`` on the 12×12 grid, for every image size."""
+    from transformers import AutoTokenizer
+
+    import llava.hf  # noqa: F401  (toconv_llava_next for AutoTokenizer)
+    from llava.hf.anyres import anyres_token_count
+
+    folder = checkpoints.served[NEXT]
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text_tokens = len(tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True)["input_ids"]) - 1
+    for (width, height), answer in zip(NEXT_SIZES, next_answers, strict=True):
+        expected = anyres_token_count((height, width), config["image_grid_pinpoints"], 336, 12)
+        _, image_tokens = _image_run(answer["prompt_token_ids"], config["image_token_index"])
+        assert image_tokens == expected, (width, height)
+        assert answer["usage"]["prompt_tokens"] == text_tokens + expected, (width, height)
+    assert _image_run(next_answers[NEXT_SIZES.index((792, 352))]["prompt_token_ids"],
+                      config["image_token_index"])[1] == 468  # the fork's unpad rule, not transformers' (480)
+
+
+def test_llava_1_6_greedy_tokens_equal_the_forks_generate(next_answers, checkpoints):
+    """Same weights, prompt and image, float32: vLLM's greedy tokens are the fork's ``generate``'s, for every size."""
+    import torch
+
+    from llava.mm_utils import process_images
+    from llava.model.builder import load_pretrained_model
+
+    config = json.loads((checkpoints.served[NEXT] / "config.json").read_text())
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        str(checkpoints.fork[NEXT]), None, "llava-v1.6-tiny", device="cpu"
+    )
+    model = model.float().eval()
+    for i, answer in enumerate(next_answers):
+        image = _next_image(i).convert("RGB")
+        input_ids = torch.tensor([_fork_ids(answer["prompt_token_ids"], config["image_token_index"])])
+        pixels = process_images([image], image_processor, model.config)
+        with torch.inference_mode():
+            generated = model.generate(
+                input_ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=MAX_TOKENS,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert generated[0].tolist() == answer["choices"][0]["token_ids"], NEXT_SIZES[i]

@@ -3,8 +3,9 @@
     python tests/vllm_llm_checks.py SPEC.json OUT.json
 
 SPEC holds ``batch`` (a converted checkpoint: 8 image prompts in one ``generate`` call), ``images``
-(8 PNG files), ``prompt`` (text with one ``<image>``), and ``refused`` (checkpoints that must fail
-at load). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the test) so
+(8 PNG files), ``prompt`` (text with one ``<image>``), ``refused`` (checkpoints that must fail
+at load) and ``processors`` (checkpoints whose HF processor vLLM's multimodal processing uses: its
+class and its image processor's class go to OUT, without starting an engine). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the test) so
 that a load error arrives here as the exception vLLM raised, message and all. OUT gets, for the
 batch, each prompt's length and output tokens, and for each refused checkpoint the error's type and
 message (or that it loaded).
@@ -53,11 +54,26 @@ def try_load(path: str) -> dict:
     return {"loaded": True}
 
 
+def hf_processors(paths: dict[str, str]) -> dict[str, list[str]]:
+    """For each checkpoint, [the HF processor class, its image processor class] that vLLM's processing uses."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what vLLM does before it reads a config
+    found = {}
+    for name, path in paths.items():
+        processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=path, dtype="float32")).info.get_hf_processor()
+        found[name] = [type(processor).__name__, type(processor.image_processor).__name__]
+    return found
+
+
 def main(argv: list[str]) -> None:
     spec_path, out_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
-    result = {"refused": {name: try_load(path) for name, path in spec["refused"].items()}}
+    result = {"processors": hf_processors(spec["processors"])}
+    result["refused"] = {name: try_load(path) for name, path in spec["refused"].items()}
     result["batch"] = run_batch(spec)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)

@@ -25,7 +25,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from llava.hf import ToConvLlavaConfig
+from llava.hf import ToConvLlavaConfig, ToConvLlavaNextConfig
 from llava.model.compressor_layout import VLLM
 from vision_token_compression import TokenCompressor, build_compressor, load_compressor_tensors
 
@@ -37,17 +37,20 @@ CONVERT_FIX = (
 )
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    LlavaMultiModalProcessor, info=ToConvLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
-)
-class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA-1.5 with the ToConv ``TokenCompressor`` between CLIP's selected features and the projector."""
+class CompressorHost:
+    """Mixin for a vLLM LLaVA model class: adds ``token_compressor`` and loads it from ``token_compressor.*``.
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        # ToConvLlavaConfig has checked its grid sizes against the vision tower (and the patch-token
+    Put it before the vLLM class (``class M(CompressorHost, LlavaForConditionalGeneration)``) and call
+    ``_add_compressor`` at the end of ``__init__``.
+    """
+
+    token_compressor: TokenCompressor | torch.nn.Module
+
+    def _add_compressor(self, vllm_config: VllmConfig) -> None:
+        """Build the compressor the config names, as part of the vision tower (vLLM skips it with the tower)."""
+        # The ToConv config has checked its grid sizes against the vision tower (and the patch-token
         # feature strategy, one feature layer) as vLLM loaded it.
-        config: ToConvLlavaConfig = vllm_config.model_config.hf_config
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config: ToConvLlavaConfig | ToConvLlavaNextConfig = vllm_config.model_config.hf_config
         self._source = str(vllm_config.model_config.model)
         towers = list(self._tower_model_names)
         with self._mark_tower_model(vllm_config, "image"):  # skipped with the tower under --limit-mm-per-prompt 0
@@ -56,15 +59,8 @@ class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         self._tower_model_names = towers + self._tower_model_names
 
-    # -- forward: the image path --------------------------------------------------------------
-
-    def _process_image_pixels(self, inputs: LlavaImagePixelInputs) -> torch.Tensor:
-        features = super()._process_image_pixels(inputs)  # (N, in², C): CLIP's patch tokens at the selected layer
-        return self.token_compressor(features)  # (N, out², C)
-
-    # -- weights ------------------------------------------------------------------------------
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's loader for everything but ``token_compressor.*``, which is checked against the config, then loaded."""
         compressor_state: dict[str, torch.Tensor] = {}
 
         def llava_weights() -> Iterator[tuple[str, torch.Tensor]]:
@@ -75,15 +71,26 @@ class ToConvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 else:
                     compressor_state[own] = tensor
 
-        loaded = super().load_weights(llava_weights())
+        loaded = super().load_weights(llava_weights())  # the vLLM class after this mixin
         if isinstance(self.token_compressor, TokenCompressor):  # not a placeholder (image limit 0)
-            self._load_compressor(compressor_state)
+            load_compressor_tensors(
+                self.token_compressor, compressor_state, self._source,
+                features="CLIP features (vision_config.hidden_size)", fix=CONVERT_FIX,
+            )
             loaded |= set(VLLM.place(compressor_state))
         return loaded
 
-    def _load_compressor(self, state: dict[str, torch.Tensor]) -> None:
-        """Check the checkpoint's compressor against this model's geometry, then load it."""
-        load_compressor_tensors(
-            self.token_compressor, state, self._source, features="CLIP features (vision_config.hidden_size)",
-            fix=CONVERT_FIX,
-        )
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaMultiModalProcessor, info=ToConvLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class ToConvLlavaForConditionalGeneration(CompressorHost, LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 with the ToConv ``TokenCompressor`` between CLIP's selected features and the projector."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._add_compressor(vllm_config)
+
+    def _process_image_pixels(self, inputs: LlavaImagePixelInputs) -> torch.Tensor:
+        features = super()._process_image_pixels(inputs)  # (N, in², C): CLIP's patch tokens at the selected layer
+        return self.token_compressor(features)  # (N, out², C)

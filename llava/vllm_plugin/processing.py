@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from vllm.model_executor.models.llava import LlavaProcessingInfo
 
-from llava.hf import ToConvLlavaConfig
+from llava.hf import ToConvLlavaConfig, ToConvLlavaProcessor
 
 
 class ToConvLlavaProcessingInfo(LlavaProcessingInfo):
@@ -19,6 +19,14 @@ class ToConvLlavaProcessingInfo(LlavaProcessingInfo):
 
     def get_hf_config(self) -> ToConvLlavaConfig:
         return self.ctx.get_hf_config(ToConvLlavaConfig)
+
+    def get_hf_processor(self, **kwargs: object) -> ToConvLlavaProcessor:
+        """The checkpoint's ``ToConvLlavaProcessor``, asked for by class.
+
+        vLLM's own asks for ``LlavaProcessor``, which would skip LLaVA-1.5's pad-to-square and load the
+        torchvision image processor: other pixels than the fork's for every non-square image.
+        """
+        return self.ctx.get_hf_processor(ToConvLlavaProcessor, **kwargs)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         return self.get_hf_config().compression_output_size ** 2  # any image: CLIP sees it at 336×336
