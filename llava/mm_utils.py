@@ -145,6 +145,24 @@ def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
     ]
 
 
+def unpadded_bounds(height: int, width: int, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the part of a (height, width) feature grid that saw the image, not padding.
+
+    anyres pads the resized image to the chosen canvas (see ``resize_and_pad_image``); ``original_size``
+    is (width, height) of the image before processing. Shared by ``unpad_image`` and the token count
+    that is computed before the tower runs, so both agree.
+    """
+    original_width, original_height = original_size
+    if original_width / original_height > width / height:
+        # Wider than the canvas: the padding is above and below.
+        kept = int(original_height * (width / original_width))
+        pad = (height - kept) // 2
+        return pad, height - pad, 0, width
+    kept = int(original_width * (height / original_height))
+    pad = (width - kept) // 2
+    return 0, height, pad, width - pad
+
+
 def get_anyres_image_grid_shape(
     image_size: Resolution, grid_pinpoints: str | Sequence[Sequence[int]], patch_size: int
 ) -> tuple[int, int]:

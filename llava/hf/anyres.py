@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from transformers.image_processing_utils import select_best_resolution
 
+from ..mm_utils import unpadded_bounds
+
 
 def anyres_tile_grid(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: int) -> tuple[int, int]:
     """(rows, cols) of tiles for an image of ``image_size`` (height, width); ``pinpoints`` are (height, width)."""
@@ -23,15 +25,12 @@ def anyres_tile_grid(image_size: Sequence[int], pinpoints: Sequence[Sequence[int
 def unpadded_size(grid_height: int, grid_width: int, image_size: Sequence[int]) -> tuple[int, int]:
     """(height, width) of a (grid_height, grid_width) token grid once the padding anyres added is cropped off.
 
-    The fork's (and upstream LLaVA's) rule, with ``int`` truncation: transformers' ``unpad_image`` rounds
-    to 7 digits first, which can keep one more row than the model was trained with.
+    The fork's rule (``llava.mm_utils.unpadded_bounds``, upstream LLaVA's ``int`` truncation): transformers'
+    ``unpad_image`` rounds to 7 digits first, which can keep one more row than the model was trained with.
     """
-    original_height, original_width = (int(x) for x in image_size)
-    if original_width / original_height > grid_width / grid_height:
-        kept = int(original_height * (grid_width / original_width))
-        return grid_height - 2 * ((grid_height - kept) // 2), grid_width
-    kept = int(original_width * (grid_height / original_height))
-    return grid_height, grid_width - 2 * ((grid_width - kept) // 2)
+    height, width = (int(x) for x in image_size)
+    top, bottom, left, right = unpadded_bounds(grid_height, grid_width, (width, height))
+    return bottom - top, right - left
 
 
 def anyres_token_count(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: int, side: int) -> int:

@@ -42,7 +42,7 @@ from ..constants import (
     TOKEN_COMPRESSOR_FILE,
     config_value,
 )
-from ..mm_utils import get_anyres_image_grid_shape
+from ..mm_utils import get_anyres_image_grid_shape, unpadded_bounds
 from .compressor_layout import MM_PROJECTOR
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_encoder.clip_encoder import DEFAULT_MM_VISION_SELECT_FEATURE
@@ -76,24 +76,6 @@ def select_weights(weights: dict[str, torch.Tensor], module_name: str) -> dict[s
     """
     marker = module_name + "."
     return {key.split(marker, 1)[1]: value for key, value in weights.items() if marker in key}
-
-
-def unpadded_bounds(height: int, width: int, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the part of a (height, width) feature grid that saw the image, not padding.
-
-    anyres pads the resized image to the chosen canvas (see ``resize_and_pad_image``); ``original_size``
-    is (width, height) of the image before processing. Shared by ``unpad_image`` and the token count
-    that is computed before the tower runs, so both agree.
-    """
-    original_width, original_height = original_size
-    if original_width / original_height > width / height:
-        # Wider than the canvas: the padding is above and below.
-        kept = int(original_height * (width / original_width))
-        pad = (height - kept) // 2
-        return pad, height - pad, 0, width
-    kept = int(original_width * (height / original_height))
-    pad = (width - kept) // 2
-    return 0, height, pad, width - pad
 
 
 def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
