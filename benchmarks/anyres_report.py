@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.markdown import _fmt, _mib, setting_lines
-from benchmarks.models import real_clip_config
 from benchmarks.pipeline_measures import ttft_method
 from benchmarks.presets import SELECT_LAYER, Preset, RunSettings
-from benchmarks.report import SCHEMA
+from benchmarks.report import SCHEMA, add_run_notes, write_text_outputs
 
 HEADER = (
     "| image (W×H) | tiles | level | image tokens | seq len | vision tower ms | compressor ms | projector ms "
@@ -56,14 +53,7 @@ def notes(clip_overrides: dict, device: torch.device) -> list[str]:
         "Bound = sequence length without compression / with it (text + image tokens), for the same image: the TTFT "
         "speed-up if all of TTFT were prefill and prefill scaled linearly with length.",
     ]
-    if clip_overrides:
-        real = real_clip_config("openai/clip-vit-large-patch14-336")
-        reduced = ", ".join(f"{k}={v} ({real[k]})" for k, v in clip_overrides.items())
-        lines.insert(1, f"CLIP reduced from the real shape (value, real): {reduced}; image and patch size are real, "
-                        "so every token count is.")
-    if device.type == "cpu":
-        lines.append("CPU timings on a machine shared with other jobs are noisy; compare levels within one run "
-                     "(they are interleaved round by round), not across runs.")
+    add_run_notes(lines, clip_overrides, "openai/clip-vit-large-patch14-336", device, "levels")
     return lines
 
 
@@ -93,13 +83,4 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_outputs(report: dict[str, Any], json_path: Path | None, md_path: Path | None) -> None:
     """Print the markdown; write the JSON and the markdown (next to the JSON by default). No chart for anyres."""
-    text = markdown(report)
-    print(text)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-        md_path = md_path or json_path.with_suffix(".md")
-        print(f"[bench] wrote {json_path}", file=sys.stderr)
-    if md_path:
-        md_path.write_text(text)
-        print(f"[bench] wrote {md_path}", file=sys.stderr)
+    write_text_outputs(markdown(report), report, json_path, md_path)

@@ -71,31 +71,40 @@ def notes(clip_overrides: dict, vision_tower: str, device: torch.device) -> list
             "plain nn.Conv2d (C→C) with a channels-last weight like ToConv's, without partial-conv renormalisation."
         ),
     ]
+    add_run_notes(lines, clip_overrides, vision_tower, device, "variants")
+    return lines
+
+
+def add_run_notes(lines: list[str], clip_overrides: dict, vision_tower: str, device: torch.device, compared: str) -> None:
+    """The notes every report's table carries: CLIP's reduced shape (second line) and, on a CPU, the noise caveat."""
     if clip_overrides:
         real = real_clip_config(vision_tower)
         reduced = ", ".join(f"{k}={v} ({real[k]})" for k, v in clip_overrides.items())
         lines.insert(1, f"CLIP reduced from the real shape (value, real): {reduced}; "
                         "image and patch size are real, so every token count is.")
     if device.type == "cpu":
-        lines.append("CPU timings on a machine shared with other jobs are noisy; compare variants within one run "
+        lines.append(f"CPU timings on a machine shared with other jobs are noisy; compare {compared} within one run "
                      "(they are interleaved round by round), not across runs.")
-    return lines
 
 
-def write_outputs(report: dict[str, Any], json_path: Path | None, md_path: Path | None,
-                  png_path: Path | None) -> None:
-    """Print the markdown; write JSON, markdown and PNG where asked (markdown and PNG next to the JSON by default)."""
-    text = markdown(report)
+def write_text_outputs(text: str, report: dict[str, Any], json_path: Path | None, md_path: Path | None) -> None:
+    """Print the markdown ``text``; write the JSON and the markdown (next to the JSON by default)."""
     print(text)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
         md_path = md_path or json_path.with_suffix(".md")
-        png_path = png_path or json_path.with_suffix(".png")
         print(f"[bench] wrote {json_path}", file=sys.stderr)
     if md_path:
         md_path.write_text(text)
         print(f"[bench] wrote {md_path}", file=sys.stderr)
+
+
+def write_outputs(report: dict[str, Any], json_path: Path | None, md_path: Path | None,
+                  png_path: Path | None) -> None:
+    """Print the markdown; write JSON, markdown and PNG where asked (markdown and PNG next to the JSON by default)."""
+    write_text_outputs(markdown(report), report, json_path, md_path)
+    png_path = png_path or (json_path.with_suffix(".png") if json_path else None)
     if png_path:
         if write_chart(report, png_path):
             print(f"[bench] wrote {png_path}", file=sys.stderr)
