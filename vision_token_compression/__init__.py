@@ -23,14 +23,31 @@ LLaVA's vision tower uses these names and nothing below them:
   into), ``compressor_shapes``, ``provenance_differences``;
 - helpers shared with the trainer: ``tokens_to_grid`` / ``grid_to_tokens`` / ``window_mean``,
   ``expand_to_square``, and the atomic writes ``atomic_write`` / ``atomic_write_text`` /
-  ``publish_file`` / ``publish_folder``.
+  ``publish_file`` / ``publish_folder``, with a tool's marked staging folders ``make_staging_folder`` /
+  ``publish_new_folder`` / ``remove_stale_staging``, and ``remove_stale_temporaries`` (what a killed
+  writer left);
+- a checkpoint's files (``checkpoint_files``), read with errors naming the file, its size and the fix
+  (``CheckpointFileError``): ``read_safetensors_header`` / ``check_safetensors_file`` (a truncated
+  file is refused from its header), ``load_safetensors``, ``open_safetensors``, ``checkpoint_safetensors`` /
+  ``check_checkpoint_safetensors`` (a Hugging Face folder's weight files), ``index_shards``, ``read_json_object``;
+- where a model is (``model_paths``): ``load_pretrained_config`` (a config by path or Hub id, "not found"
+  naming it, never a Hub repo-id message for a path), ``require_pretrained``, ``not_found_error``, ``is_repo_id``.
 
 The trainer and evaluator (``vision_token_compression.training``, commands ``toconv-train-compressor``
 and ``toconv-eval-compressor``) and the test fixtures (``vision_token_compression.testing``) are
 separate packages that this one never imports.
 """
 
-from .atomic import atomic_write, atomic_write_text, publish_file, publish_folder
+from .atomic import (
+    atomic_write,
+    atomic_write_text,
+    make_staging_folder,
+    publish_file,
+    publish_folder,
+    publish_new_folder,
+    remove_stale_staging,
+    remove_stale_temporaries,
+)
 from .checkpoint import (
     CompressorMetadata,
     build_compressor,
@@ -43,8 +60,20 @@ from .checkpoint import (
     save_compressor,
     warn_non_finite,
 )
+from .checkpoint_files import (
+    CheckpointFileError,
+    check_checkpoint_safetensors,
+    check_safetensors_file,
+    checkpoint_safetensors,
+    index_shards,
+    load_safetensors,
+    open_safetensors,
+    read_json_object,
+    read_safetensors_header,
+)
 from .grid import grid_to_tokens, tokens_to_grid, window_mean
 from .images import expand_to_square
+from .model_paths import is_repo_id, load_pretrained_config, not_found_error, require_pretrained
 from .models import (
     GRID_SIZES_KEY,
     ConvGeometry,
@@ -106,8 +135,21 @@ __all__ = [
     "GridSizeMismatchError",
     "PartialConv2d",
     "TokenCompressor",
+    "CheckpointFileError",
     "atomic_write",
     "atomic_write_text",
+    "check_checkpoint_safetensors",
+    "check_safetensors_file",
+    "checkpoint_safetensors",
+    "index_shards",
+    "load_safetensors",
+    "make_staging_folder",
+    "open_safetensors",
+    "publish_new_folder",
+    "read_json_object",
+    "read_safetensors_header",
+    "remove_stale_staging",
+    "remove_stale_temporaries",
     "build_compressor",
     "check_compressor_tensors",
     "check_metadata",
@@ -117,6 +159,10 @@ __all__ = [
     "compressor_shapes",
     "expand_to_square",
     "grid_side",
+    "is_repo_id",
+    "load_pretrained_config",
+    "not_found_error",
+    "require_pretrained",
     "grid_to_tokens",
     "load_compressor",
     "load_compressor_into",

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
+from .checkpoint_files import read_safetensors_header
 from .models.geometry import choose_geometry
 from .models.token_compressor import GRID_SIZES_KEY, InitMode, TokenCompressor
 
@@ -153,6 +154,9 @@ def _read_header(path: Path) -> tuple[CompressorMetadata, dict[str, _TensorInfo]
     """Metadata and tensor shapes of a checkpoint, from its header alone (no tensor is read)."""
     if not path.is_file():
         raise FileNotFoundError(f"Token compressor checkpoint not found: {path}")
+    # A truncated or empty file is named with its size (safetensors' own error names neither).
+    read_safetensors_header(path, "The file is corrupt, truncated or not safetensors; re-save it with "
+                            "vision_token_compression.save_compressor.")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
