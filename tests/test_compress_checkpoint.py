@@ -359,7 +359,7 @@ def test_refuses_a_vision_tower_it_cannot_find_and_takes_a_local_copy(tmp_path, 
     (src / "config.json").write_text(json.dumps(config))
     (tmp_path / "dst").mkdir()
     empty_cache = tmp_path / "empty-hub-cache"
-    with pytest.raises(FileNotFoundError, match=r"mm_vision_tower='openai/clip-vit-large-patch14-336'.*--vision-tower"):
+    with pytest.raises(FileNotFoundError, match=r"mm_vision_tower\) 'openai/clip-vit-large-patch14-336' not found.*--vision-tower"):
         compress_checkpoint(src, tmp_path / "dst" / "out", 12, cache_dir=str(empty_cache))
     assert_nothing_written(tmp_path / "dst")
 
@@ -392,7 +392,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, tiny_llava, monkeypatc
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cc.os, "replace", fail)
+    monkeypatch.setattr(cc, "publish_new_folder", fail)
     with pytest.raises(OSError, match="disk full"):
         compress_checkpoint(tiny_llava, tmp_path / "out", 12)
     assert_nothing_written(tmp_path)

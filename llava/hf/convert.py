@@ -18,7 +18,8 @@ LLaVA-1.6 sources (fork: ``image_aspect_ratio anyres`` with ``mm_patch_merge_typ
 llava-hf: ``llava_next``) become ``toconv_llava_next`` (every anyres tile compressed); LLaVA-1.5 ones
 ``toconv_llava``. OUTPUT is a new folder that ``import llava.hf`` lets
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` load and the vLLM plugin serve. Every setting is
-checked before anything is written; the folder appears complete or not at all.
+checked before anything is written; the folder appears complete or not at all, and never over files
+that appeared in OUTPUT meanwhile. What a killed conversion to OUTPUT left is removed first, and logged.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from vision_token_compression import (
     check_provenance,
     load_compressor_tensors,
     read_metadata,
+    remove_stale_staging,
 )
 
 from ..model.compressor_layout import HF_MODULE
@@ -245,6 +248,7 @@ def convert(
     if image_aspect_ratio not in (None, "pad", "square"):
         raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}.")
     output = check_output(Path(output))
+    remove_stale_staging(output)  # a killed conversion's hidden copy of the weights, before reading the source
     folder = resolve_source(source)
     parts = read_source(folder, vision_tower=vision_tower, conv_mode=conv_mode)
     compressor, origin = resolve_compressor(parts, compression_output_size, token_compressor_path)
@@ -292,13 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: ``toconv-convert-to-hf SOURCE OUTPUT``; a refusal exits with status 1 and its message."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    output = convert(
-        args.source, args.output, compression_output_size=args.compression_output_size,
-        token_compressor_path=args.token_compressor_path, vision_tower=args.vision_tower,
-        image_aspect_ratio=args.image_aspect_ratio, conv_mode=None if args.conv_mode == "none" else args.conv_mode,
-    )
+    try:
+        output = convert(
+            args.source, args.output, compression_output_size=args.compression_output_size,
+            token_compressor_path=args.token_compressor_path, vision_tower=args.vision_tower,
+            image_aspect_ratio=args.image_aspect_ratio, conv_mode=None if args.conv_mode == "none" else args.conv_mode,
+        )
+    except (ValueError, OSError) as err:
+        sys.exit(f"toconv-convert-to-hf: error: {err}")
     print(output)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vision_token_compression import grid_side
+from vision_token_compression import grid_side, read_json_object
 
 CONFIG_NAME = "config.json"
 
@@ -72,10 +71,11 @@ class SourceParts:
 
 
 def read_config(folder: Path) -> dict:
+    """``folder``'s config.json; refused, naming the file, when it is missing, empty, not JSON or not an object."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a model checkpoint: it has no {CONFIG_NAME}.")
-    return json.loads(path.read_text())
+    return read_json_object(path, "Restore the checkpoint's config.json (download or copy it again), then convert.")
 
 
 def source_kind(config: dict, folder: Path) -> str:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from vision_token_compression import CompressionSettings, parse_bool_setting, tower_family
+from vision_token_compression import (
+    CompressionSettings,
+    check_checkpoint_safetensors,
+    load_pretrained_config,
+    parse_bool_setting,
+    tower_family,
+)
 
 from ..constants import CONFIG_DEFAULTS
 from ..model.compressor_layout import FORK
@@ -170,20 +176,19 @@ def _tower_weights(config: dict, saved: dict[str, torch.Tensor], tower_name: str
         notes.append(f"vision tower: {tower_name} (the checkpoint's copy is ignored, as LLaVA ignores it)")
     else:
         notes.append(f"vision tower: {tower_name}")
+    check_checkpoint_safetensors(tower_name, f"Download or copy the vision tower {tower_name} again.")
     return CLIPVisionModel.from_pretrained(tower_name).state_dict()
 
 
 def _load_tower_config(tower_name: str):
+    """The tower's CLIPVisionConfig; "not found" (locally or in the Hub cache), or its damaged config.json, named."""
     from transformers import CLIPVisionConfig
 
-    try:
-        return CLIPVisionConfig.from_pretrained(tower_name)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"The vision tower {tower_name!r} (mm_vision_tower) is neither a local folder nor in the Hugging Face "
-            f"cache: the converted checkpoint needs its weights, config and image processor. Pass --vision-tower with "
-            f"a local copy of it, or download it (hf download {tower_name})."
-        ) from err
+    return load_pretrained_config(
+        CLIPVisionConfig, tower_name, "The vision tower (mm_vision_tower, or --vision-tower)",
+        f"The converted checkpoint needs its weights, config and image processor: pass --vision-tower with a local "
+        f"copy of it, or download it (hf download {tower_name}).",
+    )
 
 
 def _check_tower_fits(weights: dict[str, torch.Tensor], config: dict, vision_config, tower_name: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vision_token_compression import check_checkpoint_safetensors
+
 from .anyres import check_pinpoints
 from .source import SourceParts, read_config, refuse_siglip
 
@@ -54,6 +56,7 @@ def read_llava_hf_checkpoint(folder: Path) -> SourceParts:
     if next_:
         pinpoints = check_pinpoints(config.image_grid_pinpoints, config.vision_config.image_size,
                                     f"{folder / 'config.json'}: ")
+    check_checkpoint_safetensors(folder, "Download or copy the checkpoint again (or re-save it), then convert it.")
     model = model_class.from_pretrained(folder, dtype="auto")
     processor = AutoProcessor.from_pretrained(folder)
     generation_file = folder / "generation_config.json"

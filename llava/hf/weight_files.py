@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from vision_token_compression import index_shards
+
+from ..model.weights_io import load_weights_file
+
+_FIX = "Download or copy the checkpoint again (or re-save it), then convert it."
 # In transformers' order of lookup: a single file wins over an index beside it.
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -25,11 +29,7 @@ def weight_files(folder: Path) -> list[Path]:
     for name in INDEX_FILES:
         index = folder / name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [shard for shard in shards if not (folder / shard).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}.")
-            return [folder / shard for shard in shards]
+            return index_shards(index, _FIX)[1]
     partial = [what for name, what in PARTIAL_FILES.items() if (folder / name).exists()]
     if partial:
         raise FileNotFoundError(
@@ -43,22 +43,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in ``folder``, under its names in the files."""
+    """Every tensor of the checkpoint in ``folder``, under its names in the files.
+
+    A truncated, empty or unreadable file is a ``CheckpointError`` naming it and its size.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        tensors.update(_load_file(path))
+        tensors.update(load_weights_file(path, _FIX))
     return tensors
-
-
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # SafetensorError, EOFError, UnpicklingError, a zip reader's RuntimeError, ...
-        raise ValueError(
-            f"{path} ({path.stat().st_size} bytes) cannot be read ({type(err).__name__}: {err}): it is truncated or "
-            f"not a weights file. Re-download or re-save the checkpoint."
-        ) from err

@@ -1,7 +1,9 @@
 """Writing a converted checkpoint folder: complete or not at all.
 
-Everything is written into a hidden folder beside the output and renamed into place at the end
-(``vision_token_compression.publish_folder``), so a killed conversion leaves no half checkpoint.
+Everything is written into a hidden, marked folder beside the output (``make_staging_folder``) and
+renamed into place at the end (``publish_new_folder``), so a killed conversion leaves no half
+checkpoint, and a file that appears in the output meanwhile is kept (the conversion then fails). The
+next conversion to the same output removes what a killed one left (``remove_stale_staging``).
 Weights go to safetensors in the Hub's llava-hf layout (``layout.hub_state_dict``), sharded as the
 Hub does above ``max_shard_bytes`` (with ``model.safetensors.index.json``).
 """
@@ -11,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from vision_token_compression import publish_folder
+from vision_token_compression import make_staging_folder, publish_new_folder
 
 from .layout import hub_state_dict
 
@@ -134,8 +135,7 @@ def write_checkpoint(
 ) -> Path:
     """Write ``checkpoint`` to the folder ``output`` (new or empty), atomically; returns it."""
     output = check_output(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging = make_staging_folder(output, "toconv-convert-to-hf")
     try:
         checkpoint.config.auto_map = auto_map_for(checkpoint.config)
         checkpoint.config.save_pretrained(staging)
@@ -148,7 +148,7 @@ def write_checkpoint(
         _add_processor_auto_map(staging, type(checkpoint.processor).__name__)
         add_loader_stub(staging)
         _default_permissions(staging)
-        publish_folder(staging, output)
+        publish_new_folder(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -50,9 +50,7 @@ import json
 import logging
 import os
 import shutil
-import struct
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +58,31 @@ from typing import Literal
 
 import torch
 
-from vision_token_compression import DEFAULT_COMPRESSION_OUTPUT_SIZE, CompressionSettings, grid_side
+from vision_token_compression import (
+    DEFAULT_COMPRESSION_OUTPUT_SIZE,
+    CompressionSettings,
+    grid_side,
+    index_shards,
+    load_pretrained_config,
+    make_staging_folder,
+    publish_new_folder,
+    read_json_object,
+    read_safetensors_header,
+    remove_stale_staging,
+)
 
 from ..constants import MM_PROJECTOR_FILE, NON_LORA_FILE, TOKEN_COMPRESSOR_FILE
 from ..utils import resolve_source
 from .compressor_layout import FORK, MM_PROJECTOR, NON_LORA, CompressorLayout, is_compressor_key
 from .multimodal_encoder.clip_encoder import DEFAULT_MM_VISION_SELECT_FEATURE
+from .weights_io import CheckpointError, load_weights_file
 
 logger = logging.getLogger(__name__)
 
 LinkMode = Literal["symlink", "hardlink"]
+TOOL = "toconv-compress-llava"
+# What a damaged source file needs: the output would link it, and every load of it would fail.
+SOURCE_FIX = "Download or copy the source checkpoint again, then compress it."
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -111,7 +124,7 @@ def _read_config(source: Path) -> dict:
     path = source / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{source} is not a LLaVA checkpoint: it has no {CONFIG_NAME}.")
-    config = json.loads(path.read_text())
+    config = read_json_object(path, SOURCE_FIX)
     if not config.get("mm_vision_tower"):
         raise ValueError(
             f"{source} is not a LLaVA checkpoint: its {CONFIG_NAME} has no mm_vision_tower "
@@ -141,14 +154,12 @@ def resolve_tower(
 
     name = config["mm_vision_tower"]
     where = vision_tower or name
-    try:
-        clip = CLIPVisionConfig.from_pretrained(where, cache_dir=cache_dir, local_files_only=not download)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"The vision tower's config is needed for its patch grid and width, but mm_vision_tower={where!r} is "
-            f"neither a local folder nor in the Hugging Face cache. Pass --vision-tower with a local folder holding "
-            f"{name}'s config.json, or download it (hf download {name} config.json)."
-        ) from err
+    clip = load_pretrained_config(
+        CLIPVisionConfig, where, "--vision-tower" if vision_tower else "The vision tower (mm_vision_tower)",
+        f"Its config gives the patch grid and width: pass --vision-tower with a local folder holding {name}'s "
+        f"config.json, or download it (hf download {name} config.json).",
+        cache_dir=cache_dir, local_files_only=not download,
+    )
     return TowerInfo(
         name=name,
         grid=grid_side(clip),
@@ -159,6 +170,7 @@ def resolve_tower(
 
 
 def _check_output(save_path: Path) -> None:
+    """Refuse an output that holds anything; before anything is read or written."""
     if save_path.is_dir() and any(save_path.iterdir()):
         raise FileExistsError(f"Output folder {save_path} exists and is not empty: pass a new --save-path or empty it.")
     if save_path.exists() and not save_path.is_dir():
@@ -217,21 +229,22 @@ def _refuse_compressor_keys(keys, where: str) -> None:
 
 
 def _safetensors_sizes(path: Path) -> dict[str, int]:
-    """Tensor name → byte size, from a safetensors file's header (the tensors are not read)."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    """Tensor name → byte size, from a safetensors file's header, checked against the file's size (a truncated
+    file is refused, naming it); the tensors are not read."""
+    header = read_safetensors_header(path, SOURCE_FIX)
     header.pop("__metadata__", None)
     return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()}
 
 
 def _bin_sizes(path: Path) -> dict[str, int]:
-    """Tensor name → byte size of a ``torch.save`` state dict (memory-mapped when the format allows)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    """Tensor name → byte size of a ``torch.save`` state dict (memory-mapped when the format allows); a damaged
+    file is refused, naming it."""
+    state = load_weights_file(path, SOURCE_FIX, mmap=True)
     return {name: t.numel() * t.element_size() for name, t in state.items()}
+
+
+def _weight_sizes(path: Path, fmt: str) -> dict[str, int]:
+    return _safetensors_sizes(path) if fmt == "safetensors" else _bin_sizes(path)
 
 
 def _write_json(data: Mapping) -> Callable[[Path], None]:
@@ -265,21 +278,18 @@ def _plan_full_weights(source: Path, fmt: str, compressor, plan: _Plan) -> set[s
     """Link the weight files and index them with a new compressor shard; returns the source names handled."""
     single, index_name, single_link, compressor_file = _FORMATS[fmt]
     if (source / single).is_file():
-        sizes = _safetensors_sizes(source / single) if fmt == "safetensors" else _bin_sizes(source / single)
+        sizes = _weight_sizes(source / single, fmt)
         weight_map = dict.fromkeys(sizes, single_link)
         metadata = {"total_size": sum(sizes.values())}
         plan.links[single_link] = source / single
         handled = {single}
     else:
-        index = json.loads((source / index_name).read_text())
+        index, shard_paths = index_shards(source / index_name, SOURCE_FIX)
         weight_map = dict(index["weight_map"])
-        metadata = dict(index.get("metadata") or {})
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (source / s).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{source / index_name} names shards that are not there: {missing[:4]}. Download the whole checkpoint."
-            )
+        metadata = dict(index["metadata"]) if isinstance(index.get("metadata"), dict) else {}
+        shards = [path.name for path in shard_paths]
+        for path in shard_paths:  # the output links them: a damaged shard is refused now, not at every load
+            _weight_sizes(path, fmt)
         if compressor_file in shards:
             raise ValueError(f"{source} already has a shard named {compressor_file}; is it already compressed?")
         plan.links.update({shard: source / shard for shard in shards})
@@ -296,7 +306,7 @@ def _plan_full_weights(source: Path, fmt: str, compressor, plan: _Plan) -> set[s
 
 def _plan_adapter_file(source: Path, name: str, compressor, layout: CompressorLayout, plan: _Plan) -> None:
     """A new ``mm_projector.bin`` / ``non_lora_trainables.bin``: the source's tensors plus the compressor's."""
-    weights = torch.load(source / name, map_location="cpu", weights_only=True)
+    weights = load_weights_file(source / name, SOURCE_FIX)
     _refuse_compressor_keys(weights, str(source / name))
     tensors = _compressor_tensors(compressor, layout)
     plan.writes[name] = _write_tensors({**weights, **tensors}, "bin")
@@ -393,9 +403,12 @@ def _link(source: Path, target: Path, mode: LinkMode) -> None:
 
 
 def _materialise(plan: _Plan, save_path: Path, link: LinkMode) -> None:
-    """Assemble the folder under a temporary name, config last, then rename it to ``save_path``."""
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{save_path.name}.", suffix=".partial", dir=save_path.parent))
+    """Assemble the folder in a marked staging folder, config last, then rename it to ``save_path``.
+
+    The rename replaces at most an empty folder: what appeared at ``save_path`` meanwhile is kept
+    (``publish_new_folder``'s ``FileExistsError``).
+    """
+    staging = make_staging_folder(save_path, TOOL)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -404,11 +417,7 @@ def _materialise(plan: _Plan, save_path: Path, link: LinkMode) -> None:
         for name in sorted(plan.writes, key=lambda n: n == CONFIG_NAME):  # config last
             plan.writes[name](staging / name)
             os.chmod(staging / name, 0o666 & ~umask)  # safetensors writes private files; give the usual permissions
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private too
-        try:
-            os.replace(staging, save_path)  # replaces an empty folder; a non-empty one is an error
-        except OSError as err:
-            raise OSError(f"Could not move the finished folder to {save_path} (created meanwhile?): {err}") from err
+        publish_new_folder(staging, save_path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -451,6 +460,7 @@ def compress_checkpoint(
         raise ValueError(f"link must be 'symlink' or 'hardlink', got {link!r}.")
     save_path = Path(os.path.abspath(save_path))
     _check_output(save_path)
+    remove_stale_staging(save_path)  # what a killed run for this output left; logged
     source = resolve_source(model_path, cache_dir=cache_dir, download=download, download_flag="--download")
     config = _read_config(source)
     tower = resolve_tower(config, vision_tower, cache_dir=cache_dir, download=download)
@@ -509,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
             compression_input_size=args.compression_input_size, token_compressor_path=args.token_compressor_path,
             vision_tower=args.vision_tower, link=args.link, download=args.download,
         )
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, CheckpointError) as err:
         sys.exit(f"compress_checkpoint: error: {err}")
 
 
