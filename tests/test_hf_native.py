@@ -356,6 +356,49 @@ def test_loading_refuses_a_compressor_that_does_not_fit_its_config(tmp_path, con
         AutoModelForImageTextToText.from_pretrained(tmp_path / "hidden")
 
 
+def _edited_copy(source, folder, name: str, edit: dict):
+    """``folder`` with links to ``source``'s files, but its own ``name`` (a JSON file) updated with ``edit``."""
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name != name:
+            (folder / path.name).symlink_to(path)
+    (folder / name).write_text(json.dumps({**json.loads((source / name).read_text()), **edit}))
+    return folder
+
+
+@pytest.mark.parametrize("edit, counts", [
+    ({"compression_output_size": 8}, r"processor 8 \(64 tokens per image or tile\) vs model 12 \(144"),
+    ({"compression_output_size": 24}, r"processor 24 \(576 tokens per image or tile\) vs model 12 \(144"),
+])
+def test_a_processor_that_contradicts_the_compressor_is_refused_at_load(tmp_path, converted, edit, counts):
+    source = converted("plain-24to12")
+    edited = _edited_copy(source, tmp_path / "edited", "processor_config.json", edit)
+    with pytest.raises(ValueError, match=rf"{edited}: the processor .* compression_output_size: {counts}.*Undo the edit"):
+        AutoProcessor.from_pretrained(edited)
+    with pytest.raises(ValueError, match=counts):  # the same as an argument
+        AutoProcessor.from_pretrained(source, **edit)
+    # The model's own edit is caught too: the processor then contradicts the compressor the config describes.
+    edited = _edited_copy(converted("plain-24to8"), tmp_path / "config-edited", "config.json",
+                          {"compression_output_size": 12, "image_seq_length": 144})
+    with pytest.raises(ValueError, match=r"processor 8 \(64 tokens per image or tile\) vs model 12"):
+        AutoProcessor.from_pretrained(edited)
+    assert AutoProcessor.from_pretrained(source).num_image_tokens == 144  # an unedited one loads
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_compressor_weights_warn_at_load_as_in_the_fork(tmp_path, converted, value, caplog):
+    source = converted("plain-24to12")
+    folder = _edited_copy(source, tmp_path / "broken", "config.json", {})
+    tensors = load_file(source / "model.safetensors")
+    tensors["token_compressor.conv.weight"][0, 0, 0, 0] = value
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="vision_token_compression"):
+        AutoModelForImageTextToText.from_pretrained(folder)
+    nan, inf = (1, 0) if value != value else (0, 1)
+    assert f"{folder} hold non-finite values: conv.weight ({nan} NaN, {inf} inf of 9216 values)" in caplog.text
+
+
 def test_config_checks_its_compression_fields(converted):
     config = ToConvLlavaConfig.from_pretrained(converted("plain-24to12"))
     fields = {"vision_config": config.vision_config.to_dict(), "text_config": config.text_config.to_dict()}

@@ -254,6 +254,25 @@ def test_loading_refuses_a_compressor_of_other_grid_sizes(tmp_path, converted):
         ToConvLlavaNextConfig(**{**config, "image_grid_pinpoints": [[336, 672], [336, 500]]})
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"image_grid_pinpoints": [[336, 672], [672, 336]]},
+     r"image_grid_pinpoints: processor \[\[336, 672\], \[672, 336\]\] vs model \[\[672, 336\]"),
+    ({"crop_size": {"height": 224, "width": 224}}, r"tile size: processor crop_size 224 vs model .*image_size 336"),
+])
+def test_a_processor_whose_tiles_contradict_the_model_is_refused_at_load(tmp_path, converted, edit, message):
+    source = converted("plain-24to12")
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name != "processor_config.json":
+            (folder / path.name).symlink_to(path)
+    processor_config = json.loads((source / "processor_config.json").read_text())
+    processor_config["image_processor"].update(edit)
+    (folder / "processor_config.json").write_text(json.dumps(processor_config))
+    with pytest.raises(ValueError, match=rf"{folder}: the processor .*{message}"):
+        AutoProcessor.from_pretrained(folder)
+
+
 _WITHOUT_IMPORT = """
 import json
 from transformers import AutoModelForImageTextToText

@@ -9,6 +9,7 @@ from transformers.processing_utils import MultiModalData
 
 from vision_token_compression import expand_to_square
 
+from .load_checks import check_processor_fits_model
 from .native import RegisteredNatively
 
 
@@ -32,9 +33,14 @@ class PilBackend:
         LLaVA was trained on PIL's resize (the fork's tower loads ``CLIPImageProcessorPil``); with
         torchvision installed transformers would pick its torchvision twin, whose bicubic resize
         differs slightly. ``backend="torchvision"`` chooses that one.
+
+        A processor whose image-token count contradicts the model saved beside it (its config.json) is
+        refused here (``load_checks.check_processor_fits_model``), not at ``generate``.
         """
         kwargs.setdefault("backend", "pil")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        check_processor_fits_model(processor, pretrained_model_name_or_path)
+        return processor
 
 
 class ToConvLlavaProcessor(RegisteredNatively, PilBackend, LlavaProcessor):

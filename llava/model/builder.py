@@ -22,7 +22,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
-from vision_token_compression import GRID_SIZES_KEY, CompressionSettings, SettingNames, check_weights_in_place
+from vision_token_compression import (
+    GRID_SIZES_KEY,
+    CompressionSettings,
+    SettingNames,
+    check_checkpoint_safetensors,
+    check_weights_in_place,
+    not_found_error,
+    require_pretrained,
+)
 
 from ..constants import (
     DEFAULT_IM_END_TOKEN,
@@ -37,7 +45,6 @@ from .compressor_layout import FORK
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import check_compressor_weights, load_adapter_weights
-from .multimodal_encoder.clip_encoder import not_found_error, require_pretrained
 from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
@@ -56,6 +63,15 @@ _MODEL_BASE_FIX = (
     "Pass the language model the checkpoint was trained on, as a folder or a Hub name such as "
     "lmsys/vicuna-7b-v1.5, as model_base (--model-base)."
 )
+
+
+def _check_weight_files(folder: str) -> None:
+    """Refuse a local checkpoint whose safetensors files are truncated, naming the file and its size.
+
+    transformers would stop on them with a bare ``SafetensorError``; a Hub id is left to it.
+    """
+    check_checkpoint_safetensors(folder, f"Download or copy {folder} again; a copy or download that stopped early "
+                                 f"leaves such a file.")
 
 
 def _read_config_dict(model_path: str) -> dict:
@@ -370,6 +386,7 @@ def _load_llava(model_cls, config, model_path: str, model_base: str | None, mode
     else:
         logger.info("Loading LLaVA %s from %s", model_name, model_path)
     weights_from = model_path if model_base is None else model_base
+    _check_weight_files(weights_from)
     tokenizer = AutoTokenizer.from_pretrained(weights_from)
     model, info = model_cls.from_pretrained(weights_from, config=config, output_loading_info=True, **kwargs)
     extra: dict[str, torch.Tensor] = {}
@@ -458,6 +475,7 @@ def _load_vision_tower(model, device_map, source: str):
 
 def _load_language_model(model_path: str, model_base: str | None, lora: bool, kwargs: dict):
     """A plain LLM (no vision tower), optionally with merged LoRA weights; image_processor is None."""
+    _check_weight_files(model_path if model_base is None else model_base)
     if lora:
         from peft import PeftModel
 

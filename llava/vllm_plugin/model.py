@@ -8,7 +8,9 @@ decoder, KV cache, sampling) is vLLM's ``LlavaForConditionalGeneration``, subcla
 Weights: the hub's llava-hf layout that vLLM's LLaVA loader maps, plus ``token_compressor.conv.*``
 and the grid-size record ``token_compressor.grid_sizes`` (``[in, out]``), which is checked against
 the config before the compressor's weights load: a checkpoint whose compressor was made for another
-geometry is refused at load, naming the fix.
+geometry is refused at load, naming the fix. A local checkpoint's safetensors files are checked
+against their headers when the model is built, before vLLM reads them: a truncated file is named with
+its size (``vision_token_compression.check_checkpoint_safetensors``), not a bare ``SafetensorError``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava.hf import ToConvLlavaConfig, ToConvLlavaNextConfig
 from llava.model.compressor_layout import VLLM
-from vision_token_compression import TokenCompressor, build_compressor, load_compressor_tensors
+from vision_token_compression import (
+    TokenCompressor,
+    build_compressor,
+    check_checkpoint_safetensors,
+    load_compressor_tensors,
+)
 
 from .processing import ToConvLlavaProcessingInfo
 
+DAMAGED_FIX = "Download or copy the checkpoint again, or convert its source again with toconv-convert-to-hf."
 CONVERT_FIX = (
     "Convert the checkpoint again with `toconv-convert-to-hf SOURCE OUTPUT --compression-output-size N` (it adds "
     "the average-initialised compressor, or one you give with --token-compressor-path)."
@@ -52,6 +60,7 @@ class CompressorHost:
         # feature strategy, one feature layer) as vLLM loaded it.
         config: ToConvLlavaConfig | ToConvLlavaNextConfig = vllm_config.model_config.hf_config
         self._source = str(vllm_config.model_config.model)
+        check_checkpoint_safetensors(self._source, DAMAGED_FIX)  # a local folder's files, before vLLM reads them
         towers = list(self._tower_model_names)
         with self._mark_tower_model(vllm_config, "image"):  # skipped with the tower under --limit-mm-per-prompt 0
             self.token_compressor = build_compressor(

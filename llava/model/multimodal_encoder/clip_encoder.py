@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 from torch import nn
@@ -31,8 +30,10 @@ try:
     from vision_token_compression import (
         CompressionSettings,
         build_compressor,
+        check_checkpoint_safetensors,
         grid_side,
         load_compressor_into,
+        load_pretrained_config,
         parse_bool_setting,
         towers,
     )
@@ -63,37 +64,6 @@ CLIPEarlyStop = EarlyExit  # its name before it moved to the library, where SigL
 # ---- The tower path, checked once (the select layer and compression settings: the library's checks)
 
 
-# A Hugging Face Hub repo id: "name" or "namespace/name", each part of letters, digits, "-", "_", ".",
-# not starting or ending with "-" or ".", without "--" or "..".
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?/)?[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?$")
-
-
-def is_repo_id(name: str) -> bool:
-    """Whether ``name`` has the form of a Hub repo id (it may still not exist)."""
-    return len(name) <= 96 * 2 + 1 and bool(_REPO_ID.match(name)) and "--" not in name and ".." not in name
-
-
-def not_found_error(name, what: str, fix: str, cause: BaseException | None = None) -> FileNotFoundError:
-    """The error for a model path that is neither a local folder nor a loadable Hub repo."""
-    name = os.fspath(name)
-    where = os.path.abspath(os.path.expanduser(name))
-    detail = f"there is no local file or folder {where}"
-    if name.startswith("~") and os.path.exists(where):
-        detail = f"'~' is not expanded here: pass {where}"
-    elif not is_repo_id(name):
-        detail += ", and it is not a Hugging Face Hub repo id (namespace/name) either"
-    elif cause is not None:
-        detail += f", and loading it as a Hugging Face Hub repo failed: {str(cause).strip().splitlines()[0]}"
-    return FileNotFoundError(f"{what} {name!r} not found: {detail}. {fix}")
-
-
-def require_pretrained(name, what: str, fix: str) -> None:
-    """Refuse, without any network access, a path that exists neither locally nor as a possible Hub repo id."""
-    path = os.fspath(name)
-    if not os.path.exists(path) and not is_repo_id(path):
-        raise not_found_error(path, what, fix)
-
-
 def _tower_fix(family: TowerFamily) -> str:
     return (
         f"Pass the folder of a {family.name} vision model (with config.json) or a Hub name such as "
@@ -103,13 +73,7 @@ def _tower_fix(family: TowerFamily) -> str:
 
 def load_tower_config(vision_tower: str, family: TowerFamily = towers.CLIP):
     """The vision config of ``vision_tower``; a ``FileNotFoundError`` naming it when it cannot be found."""
-    require_pretrained(vision_tower, "Vision tower", _tower_fix(family))
-    try:
-        return family.config_type().from_pretrained(vision_tower)
-    except (OSError, ValueError) as err:
-        if os.path.exists(vision_tower):
-            raise
-        raise not_found_error(vision_tower, "Vision tower", _tower_fix(family), err) from err
+    return load_pretrained_config(family.config_type(), vision_tower, "Vision tower", _tower_fix(family))
 
 
 class ViTVisionTower(nn.Module):
@@ -175,6 +139,8 @@ class ViTVisionTower(nn.Module):
             # loading the original weights here is refused by transformers and would be overwritten.
             self.vision_tower = model_class(self.family.config_type().from_pretrained(self.vision_tower_name))
         else:
+            check_checkpoint_safetensors(  # a truncated file is named, not a bare SafetensorError
+                self.vision_tower_name, f"Download or copy the vision tower {self.vision_tower_name} again.")
             self.vision_tower = model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
