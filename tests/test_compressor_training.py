@@ -315,3 +315,91 @@ def test_evaluate_says_which_settings_it_assumes_for_a_checkpoint_without_them(
     assert report["select_layer"] == -2 and report["image_aspect_ratio"] == "pad"
     assert "assuming -2 (pass --select-layer)" in caplog.text
     assert "assuming 'pad' (pass --image-aspect-ratio)" in caplog.text
+
+
+# ---- a run that starts where a killed one stopped --------------------------------------------------
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL right after a checkpoint was saved (in-process, so the test stays quick)."""
+
+
+def _epoch_records(out: Path) -> list[dict]:
+    """log.jsonl's epoch records without the timings (which differ between any two runs)."""
+    timings = ("images_per_s", "data_wait_fraction", "data_s", "compute_s")
+    return [{k: v for k, v in record.items() if k not in timings}
+            for record in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if record["event"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("few-images")
+    make_structured_images(folder, 6, size=64, seed=3)
+    return folder
+
+
+# Three short in-process runs (about 10 s of CPU each kill point); mid epoch 2 covers the epoch boundary too.
+@pytest.mark.parametrize("kill_at", [pytest.param(2, marks=pytest.mark.slow), 4])  # mid epoch 1 / 2 (3 steps each)
+def test_a_resumed_runs_epoch_records_are_the_uninterrupted_runs(tiny_tower_336, few_images, tmp_path, monkeypatch,
+                                                                 kill_at):
+    from vision_token_compression.training import loop
+
+    args = ["--epochs", "2", "--batch-size", "2", "--save-every-steps", "1", "--log-every", "2"]
+    straight = tmp_path / "straight"
+    train_main(_train_args(tiny_tower_336, few_images, straight, *args))
+    resumed = tmp_path / "resumed"
+    checkpoint = loop._checkpoint_if_due
+
+    def killed_after_saving(trainer):
+        checkpoint(trainer)
+        if trainer.step == kill_at:
+            raise _Killed
+
+    monkeypatch.setattr(loop, "_checkpoint_if_due", killed_after_saving)
+    with pytest.raises(_Killed):
+        train_main(_train_args(tiny_tower_336, few_images, resumed, *args))
+    monkeypatch.setattr(loop, "_checkpoint_if_due", checkpoint)
+    train_main(_train_args(tiny_tower_336, few_images, resumed, *args, "--resume"))
+    expected = _epoch_records(straight)
+    assert [r["step"] for r in expected] == [3, 6]
+    assert _epoch_records(resumed) == expected  # the means cover the steps before the kill too
+    train_records = [{k: v for k, v in r.items() if k in ("step", "loss")}
+                     for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines()) if r["event"] == "train"]
+    assert train_records == [{k: v for k, v in r.items() if k in ("step", "loss")}
+                             for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines())
+                             if r["event"] == "train"]
+
+
+def test_a_killed_runs_temporaries_are_removed_at_the_next_start(tiny_tower_336, few_images, tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [".config.json.abc12345.tmp", ".log.jsonl.x_y_z123.tmp", ".compressor_24to12.safetensors.k2j3h4g5.tmp",
+             ".loss_curve.png.aaaaaaaa.tmp"]
+    users = [".notes.txt.abc12345.tmp", ".mine.tmp", "data.tmp"]
+    for name in stale + users:
+        (out / name).write_text("left")
+    with caplog.at_level("WARNING", logger="vision_token_compression.atomic"):
+        train_main(_train_args(tiny_tower_336, few_images, out, "--max-steps", "1", "--batch-size", "2"))
+    assert not [name for name in stale if (out / name).exists()]
+    assert all((out / name).read_text() == "left" for name in users)
+    assert all(f"Removed {out / name}" in caplog.text for name in stale)
+
+
+# Paths only: a Hub-style name goes to the Hub first (test_settings_validation checks that offline, in a subprocess).
+@pytest.mark.parametrize("tower", ["/nonexistent/clip", "./missing-clip", "~/missing-clip"])
+def test_a_vision_tower_that_does_not_exist_is_not_found(tower, few_images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--data", str(few_images), "--output-dir", str(tmp_path / "out"), "--vision-tower", tower])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and f"--vision-tower (vision_tower) {tower!r} not found" in message, message
+    assert "Repo id" not in message and not (tmp_path / "out").exists()
+
+
+def test_an_image_over_the_pixel_limit_stops_the_run_naming_it(tiny_tower_336, tmp_path, monkeypatch, capsys):
+    images = tmp_path / "images"
+    make_structured_images(images, 3, size=64, seed=4)
+    Image.new("RGB", (120, 120)).save(images / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(SystemExit) as exit_:
+        train_main(_train_args(tiny_tower_336, images, tmp_path / "out", "--batch-size", "4"))
+    assert f"Image {images / 'huge.png'} is 120×120 = 14400 pixels, over the limit of 10000" in str(exit_.value.code)

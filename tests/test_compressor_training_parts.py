@@ -12,7 +12,13 @@ from PIL import Image
 from vision_token_compression import TokenCompressor, choose_geometry, expand_to_square
 from vision_token_compression.testing import make_structured_images
 from vision_token_compression.training.config import TrainConfig
-from vision_token_compression.training.data import ImageFolderDataset, ShardedShuffleSampler, find_images
+from vision_token_compression.training.data import (
+    ImageFileError,
+    ImageFolderDataset,
+    ShardedShuffleSampler,
+    find_images,
+    open_image,
+)
 from vision_token_compression.training.evaluate import adaptive_avg_pool
 from vision_token_compression.training.losses import (
     LossConfig,
@@ -25,7 +31,7 @@ from vision_token_compression.training.losses import (
 from vision_token_compression.training.optim import warmup_cosine
 from vision_token_compression.training.plotting import COLOURS, Axes, plot_curves
 from vision_token_compression.training.projector import build_projector, load_projector
-from vision_token_compression.training.run_log import RunLog
+from vision_token_compression.training.run_log import Meter, RunLog
 
 
 @pytest.mark.parametrize("grids", [(24, 12), (24, 8), (16, 12), (24, 10)])
@@ -115,6 +121,33 @@ def test_image_folder_finds_every_format_recursively_and_names_bad_files(tmp_pat
         dataset[broken]
     with pytest.raises(FileNotFoundError, match="missing"):
         find_images([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize("side, message", [
+    (80, r"is 80×80 = 6400 pixels, over the limit of 5000 \(PIL.Image.MAX_IMAGE_PIXELS\)"),  # Pillow only warns
+    (110, r"is over the limit of 5000 pixels \(PIL.Image.MAX_IMAGE_PIXELS; Pillow: Image size \(12100 pixels\)"),
+])
+def test_an_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, monkeypatch, side, message):
+    Image.new("RGB", (side, side)).save(tmp_path / "big.png")
+    Image.new("RGB", (70, 70)).save(tmp_path / "fine.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # read at call time, as Pillow reads it
+    dataset = ImageFolderDataset([tmp_path], transform=lambda im: torch.zeros(1))
+    with pytest.raises(ImageFileError, match=rf"Image {tmp_path / 'big.png'} {message}.*remove it from --data"):
+        dataset[dataset.files.index(tmp_path / "big.png")]
+    assert open_image(tmp_path / "fine.png").size == (70, 70)
+
+
+def test_meter_state_continues_the_running_means():
+    whole, first = Meter(), Meter()
+    for step in range(5):
+        values = {"loss": float(step), "grad_norm": step / 2}
+        whole.add(values, 8, 0.1, 0.2)
+        if step == 2:  # "killed" here: a new meter continues from the saved state
+            second = Meter()
+            second.load_state_dict(first.state_dict())
+            first = second
+        first.add(values, 8, 0.1, 0.2)
+    assert first.summary() == whole.summary()
 
 
 def test_sampler_shards_cover_the_data_and_resume_mid_epoch():

@@ -19,10 +19,12 @@ from ``--seed``, the epoch and the step, so a resumed run continues exactly wher
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import TrainConfig, build_parser, check_against_tower, config_from_args
+from .data import ImageFileError
 from .distributed import shutdown_distributed
 from .run_log import setup_logging
 from .trainer import Trainer
@@ -45,10 +47,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         check_against_tower(config)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # a bad value, or a --vision-tower not found
         parser.error(str(err))  # exits with status 2, before CLIP's weights load
     setup_logging(int(os.environ.get("RANK", "0")))
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume)
+    except ImageFileError as err:  # the run stops at a file it cannot use, naming it (no traceback)
+        sys.exit(f"{parser.prog}: error: {_original_message(err)}")
+
+
+def _original_message(err: BaseException) -> str:
+    """``err``'s message; for one a DataLoader worker raised, the original message at the end of its traceback."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return text
+    return text.splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -165,13 +165,19 @@ class TrainConfig:
 def check_against_tower(config: TrainConfig) -> None:
     """Check the settings that depend on the tower (output sizes, select layer and feature) from its config alone.
 
-    Reads only the tower's config.json, so bad values stop the run before the weights load.
+    Reads only the tower's config.json, so bad values stop the run before the weights load. A tower that
+    exists neither locally nor on the Hub is a ``FileNotFoundError`` saying "not found".
     """
+    from vision_token_compression import load_pretrained_config
     from vision_token_compression.towers import check_select_feature, check_select_layer, grid_side, tower_family
 
     family = tower_family(config.vision_tower)
     check_select_feature(config.select_feature, family, config.vision_tower, flag("select_feature"))
-    tower = family.config_type().from_pretrained(config.vision_tower)
+    tower = load_pretrained_config(
+        family.config_type(), config.vision_tower, f"{flag('vision_tower')}",
+        f"Pass a local folder of a {family.name} vision model (with config.json) or a Hub name such as "
+        f"{family.example}.",
+    )
     grid = grid_side(tower)
     for size in config.output_sizes:
         if not 1 <= size < grid:

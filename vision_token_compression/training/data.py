@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +16,46 @@ from torch.utils.data import Dataset, Sampler
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageFileError(ValueError):
+    """An image under ``--data`` cannot be used (not decodable, or over the pixel limit); the message names it.
+
+    The trainer's policy for such a file is to stop, naming it (no image is skipped silently).
+    """
+
+
+def open_image(path: Path) -> Image.Image:
+    """The decoded image at ``path``; ``ImageFileError`` naming it when it is over the pixel limit or undecodable.
+
+    The limit is ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 MP, read at call time), checked from the
+    header before any pixel is decoded; Pillow alone only warns below twice that.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the file's name
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:  # Pillow refuses twice the limit before we see the size
+        raise ImageFileError(
+            f"Image {path} is over the limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS; Pillow: {err}): downscale "
+            f"it or remove it from --data."
+        ) from err
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageFileError(f"Could not read image {path}: {err}. Remove or replace the file.") from err
+    with image:
+        width, height = image.size
+        if limit is not None and width * height > limit:
+            raise ImageFileError(
+                f"Image {path} is {width}×{height} = {width * height} pixels, over the limit of {limit} "
+                f"(PIL.Image.MAX_IMAGE_PIXELS): downscale it or remove it from --data (raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS only for images you trust)."
+            )
+        try:
+            image.load()
+        except (OSError, ValueError) as err:  # a truncated or corrupt file decodes only this far
+            raise ImageFileError(f"Could not read image {path}: {err}. Remove or replace the file.") from err
+        return image.copy()
 
 
 def find_images(roots: Sequence[str | os.PathLike]) -> list[Path]:
@@ -33,8 +74,8 @@ def find_images(roots: Sequence[str | os.PathLike]) -> list[Path]:
 class ImageFolderDataset(Dataset):
     """Images found recursively under one or more folders, each passed through ``transform``.
 
-    Items are ``(transform(image), index)``. A file that cannot be decoded raises an error that
-    names it, rather than being skipped.
+    Items are ``(transform(image), index)``. A file that cannot be decoded, or is over the pixel
+    limit, raises ``ImageFileError`` naming it (``open_image``), rather than being skipped.
 
     Args:
         roots: Folders to search.
@@ -58,12 +99,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.files[index]
+        image = open_image(path)
         try:
-            with Image.open(path) as image:
-                image.load()
-                item = self.transform(image) if self.transform is not None else image.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"Could not read image {path}: {err}. Remove or replace the file.") from err
+            item = self.transform(image) if self.transform is not None else image
+        except (OSError, ValueError) as err:
+            raise ImageFileError(f"Could not read image {path}: {err}. Remove or replace the file.") from err
         return item, index
 
 

@@ -109,6 +109,8 @@ def build_feature_cache(
     shape = (len(images), *token_shape)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # same key: same images, tower and preprocessing; overwritten below
+            logger.warning("Refilling %s, the unfinished feature cache of a killed run.", partial)
         size_gb = np.prod(shape) * np.dtype(CACHE_DTYPE).itemsize / 1e9
         logger.info("Filling feature cache %s: %s float16, %.2f GB", array_path, shape, size_gb)
         np.lib.format.open_memmap(partial, mode="w+", dtype=CACHE_DTYPE, shape=shape).flush()

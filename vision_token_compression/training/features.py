@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vision_token_compression import expand_to_square
+from vision_token_compression import check_checkpoint_safetensors, expand_to_square, require_pretrained
 from vision_token_compression.towers import (
     EarlyExit,
     check_select_feature,
@@ -77,9 +77,11 @@ class FrozenTowerFeatures(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        require_pretrained(tower, "Vision tower", "Pass a local folder or a Hub name of a vision model as --vision-tower.")
         self.family = tower_family(tower)
         self.select_feature = check_select_feature(select_feature, self.family, tower, "select_feature")
         self.tower_name = tower
+        check_checkpoint_safetensors(tower, f"Download or copy the vision tower {tower} again.")  # names a truncated file
         # Load in the saved dtype, then cast: the dtype keyword differs between transformers 4 and 5.
         self.model = self.family.model_type().from_pretrained(tower).to(dtype)
         self.model.requires_grad_(False)

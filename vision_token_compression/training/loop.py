@@ -1,7 +1,8 @@
 """The epochs of a run: batches through ``Trainer.train_step``, log records, checkpoints.
 
 A resumed run starts mid-epoch where its checkpoint stopped: the sampler skips the batches that
-epoch already trained on.
+epoch already trained on, and the running means of the epoch and of the log window continue from the
+checkpoint (``trainer.meters``), so its records are those of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ def run(trainer: Trainer) -> dict:
     trainer.bank.train()
     progress = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", disable=not trainer.dist.is_main,
                     dynamic_ncols=True)
-    window = Meter()
     record: dict = {}
     while trainer.step < trainer.total_steps:
-        window, record = _run_epoch(trainer, progress, window, record)
+        record = _run_epoch(trainer, progress, record)
     progress.close()
     return record
 
@@ -48,9 +48,9 @@ def _epoch_loader(trainer: Trainer) -> DataLoader:
     )
 
 
-def _run_epoch(trainer: Trainer, progress: tqdm, window: Meter, record: dict) -> tuple[Meter, dict]:
-    """Train the rest of the current epoch (or up to ``total_steps``); return the log window and last record."""
-    epoch_meter = Meter()
+def _run_epoch(trainer: Trainer, progress: tqdm, record: dict) -> dict:
+    """Train the rest of the current epoch (or up to ``total_steps``); return the last record."""
+    meters = trainer.meters
     tick = time.perf_counter()
     for inputs, _ in _epoch_loader(trainer):
         data_time = time.perf_counter() - tick
@@ -58,19 +58,19 @@ def _run_epoch(trainer: Trainer, progress: tqdm, window: Meter, record: dict) ->
         if trainer.dist.device.type == "cuda":
             torch.cuda.synchronize(trainer.dist.device)
         now = time.perf_counter()
-        for meter in (window, epoch_meter):
+        for meter in meters.values():
             meter.add(values, len(inputs) * trainer.dist.world_size, data_time, now - tick - data_time)
         progress.update(1)
         progress.set_postfix(loss=f"{values['loss']:.4f}")
         if trainer.step % trainer.config.log_every == 0 or trainer.step == trainer.total_steps:
-            record = _train_record(trainer, window)
+            record = _train_record(trainer, meters["window"])
             trainer.log.write(record)
-            window = Meter()
-        _checkpoint_if_due(trainer, epoch_meter)
+            meters["window"] = Meter()
+        _checkpoint_if_due(trainer)
         if trainer.step >= trainer.total_steps:
             break
         tick = time.perf_counter()
-    return window, record
+    return record
 
 
 def _train_record(trainer: Trainer, window: Meter) -> dict:
@@ -80,14 +80,21 @@ def _train_record(trainer: Trainer, window: Meter) -> dict:
             **window.summary()}
 
 
-def _checkpoint_if_due(trainer: Trainer, epoch_meter: Meter) -> None:
-    """At an epoch's end (also the run's) or every ``--save-every-steps``: log the epoch, save, wait for all."""
+def _checkpoint_if_due(trainer: Trainer) -> None:
+    """At an epoch's end (also the run's) or every ``--save-every-steps``: log the epoch, save, wait for all.
+
+    A run that ends mid-epoch (``--max-steps``) logs what it did of the epoch and keeps its means in
+    the checkpoint, for a longer run resumed from it to complete.
+    """
     step, config = trainer.step, trainer.config
-    end_of_epoch = step % trainer.steps_per_epoch == 0 or step == trainer.total_steps
+    epoch_done = step % trainer.steps_per_epoch == 0
+    end_of_epoch = epoch_done or step == trainer.total_steps
     if not (end_of_epoch or (config.save_every_steps and step % config.save_every_steps == 0)):
         return
     if end_of_epoch:
         trainer.log.write({"event": "epoch", "step": step, "epoch": step / trainer.steps_per_epoch,
-                           **epoch_meter.summary()})
+                           **trainer.meters["epoch"].summary()})
+    if epoch_done:
+        trainer.meters["epoch"] = Meter()  # before saving: a run resumed here starts the next epoch afresh
     trainer.save_checkpoint()
     trainer.dist.barrier()

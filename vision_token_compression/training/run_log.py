@@ -65,7 +65,11 @@ class RunLog:
 
 
 class Meter:
-    """Running means of loss terms, plus images/s and the share of time spent waiting for data."""
+    """Running means of loss terms, plus images/s and the share of time spent waiting for data.
+
+    Its sums go into checkpoints (``state_dict``), so a resumed run's means cover the steps before
+    the interruption too.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -81,6 +85,17 @@ class Meter:
         self.images += images
         self.data_s += data_s
         self.compute_s += compute_s
+
+    def state_dict(self) -> dict:
+        """The sums and counts (plain numbers: ``torch.load(..., weights_only=True)`` reads them back)."""
+        return {"sums": dict(self.sums), "steps": self.steps, "images": self.images, "data_s": self.data_s,
+                "compute_s": self.compute_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s sums."""
+        self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+        self.steps, self.images = int(state["steps"]), int(state["images"])
+        self.data_s, self.compute_s = float(state["data_s"]), float(state["compute_s"])
 
     def summary(self) -> dict[str, float]:
         elapsed = self.data_s + self.compute_s

@@ -1,10 +1,12 @@
 """What a run saves to continue later: checkpoint folders, their trainer state, and resuming from them.
 
 ``checkpoints/step-NNNNNNNN/`` holds one ``compressor_{in}to{out}.safetensors`` per compressor and
-``trainer_state.pt`` (optimizer, scheduler, loss scaler, step, config). A folder is filled under a
-hidden ``.step-N.partial`` name and renamed when complete (``publish_folder``), so a run killed at
-any moment leaves the previous checkpoint intact; the top-level compressor files are each written
-atomically too.
+``trainer_state.pt`` (optimizer, scheduler, loss scaler, step, config, and the running means of the
+epoch and log window so far, so that a resumed run's records are the uninterrupted run's). A folder
+is filled under a hidden ``.step-N.partial`` name and renamed when complete (``publish_folder``), so
+a run killed at any moment leaves the previous checkpoint intact; the top-level files are each
+written atomically too, and the temporaries a killed run left beside them are removed when the
+next run starts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vision_token_compression import TokenCompressor, load_compressor_into, publish_folder, save_compressor
+from vision_token_compression import (
+    TokenCompressor,
+    load_compressor_into,
+    publish_folder,
+    remove_stale_temporaries,
+    save_compressor,
+)
 
 from .distributed import Distributed
 
@@ -31,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.pt"
+# The files a run writes at the top of --output-dir (each through atomic_write), as fnmatch patterns.
+OUTPUT_FILES = ("config.json", "log.jsonl", "loss_curve.png", "compressor_*.safetensors")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -70,6 +80,7 @@ def prepare_output_dir(output_dir: Path, resume: bool, dist: Distributed) -> Pat
         )
     if dist.is_main:
         (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir, OUTPUT_FILES)  # logged; a user's own hidden files stay
         for stale in (output_dir / "checkpoints").glob(".*.partial"):
             logger.warning("Removing an incomplete checkpoint left by a killed run: %s", stale)
             shutil.rmtree(stale)
@@ -109,6 +120,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
         "step": trainer.step, "world_size": trainer.dist.world_size, "config": plain(asdict(config)),
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
+        "meters": {name: meter.state_dict() for name, meter in trainer.meters.items()},
     }, partial / TRAINER_STATE)
     publish_folder(partial, final)  # the folder appears complete or not at all
     save_compressors(trainer.bank.compressors, output_dir, config, extra)  # each file is written atomically
@@ -145,4 +157,7 @@ def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step = int(state["step"])
+    for name, meter_state in state.get("meters", {}).items():  # absent in checkpoints of earlier versions
+        if name in trainer.meters:
+            trainer.meters[name].load_state_dict(meter_state)
     logger.info("Resumed from %s at step %d (epoch %d)", folder, trainer.step, trainer.step // trainer.steps_per_epoch)

@@ -30,7 +30,7 @@ from .features import FrozenTowerFeatures, ImagePreprocessor, load_image_process
 from .losses import compression_loss
 from .optim import build_optimizer
 from .precision import autocast, grad_scaler, resolve_precision
-from .run_log import RunLog
+from .run_log import Meter, RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class Trainer:
         )
         self.scaler = grad_scaler(self.autocast_dtype == torch.float16)
         self.step = 0
+        # Running means of the current epoch and of the steps since the last log record (saved with checkpoints).
+        self.meters: dict[str, Meter] = {"epoch": Meter(), "window": Meter()}
         if resume_from is not None:
             run_state.load_checkpoint(self, resume_from)
         self.log = RunLog(self.output_dir, self.step if resume_from else None, self.dist.is_main)
