@@ -199,6 +199,19 @@ def test_damaged_source_weights_are_refused_naming_the_file_and_size(tmp_path, t
     assert not (tmp_path / "out").exists() and not hidden_entries(tmp_path)
 
 
+def test_the_command_lines_exit_with_the_message(tmp_path, tiny_llava, capsys):
+    from llava.hf.convert import main as convert_main
+
+    source = copy_of(tiny_llava, tmp_path)
+    size = truncate(source / "model.safetensors")
+    expected = rf"{source / 'model.safetensors'} \({size} bytes\) is truncated"
+    with pytest.raises(SystemExit, match=rf"^toconv-convert-to-hf: error: {expected}"):
+        convert_main([str(source), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=rf"^compress_checkpoint: error: {expected}"):
+        cc.main(["--model-path", str(source), "--save-path", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_truncated_projector_file_is_refused_by_compress(tmp_path, tiny_llava):
     import torch
 

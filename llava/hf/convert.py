@@ -45,6 +45,7 @@ from vision_token_compression import (
 )
 
 from ..model.compressor_layout import HF_MODULE
+from ..model.weights_io import CheckpointError
 from ..utils import resolve_source
 from .chat_template import DEFAULT_CONV_MODE
 from .configuration import ToConvLlavaConfig
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             token_compressor_path=args.token_compressor_path, vision_tower=args.vision_tower,
             image_aspect_ratio=args.image_aspect_ratio, conv_mode=None if args.conv_mode == "none" else args.conv_mode,
         )
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, CheckpointError) as err:
         sys.exit(f"toconv-convert-to-hf: error: {err}")
     print(output)
 
