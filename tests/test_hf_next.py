@@ -239,13 +239,18 @@ def test_command_line_converts_llava_1_6(tmp_path, next_plain, capsys):
     assert config.compression_output_size == 8
 
 
-def test_loading_refuses_a_compressor_of_other_grid_sizes(tmp_path, converted):
-    source = converted("plain-24to12")
-    folder = tmp_path / "edited"
+def linked_copy(source, folder, own: str):
+    """``folder`` with links to ``source``'s files but ``own``, which the caller writes."""
     folder.mkdir()
     for path in source.iterdir():
-        if path.name != "config.json":
+        if path.name != own:
             (folder / path.name).symlink_to(path)
+    return folder
+
+
+def test_loading_refuses_a_compressor_of_other_grid_sizes(tmp_path, converted):
+    source = converted("plain-24to12")
+    folder = linked_copy(source, tmp_path / "edited", "config.json")
     config = json.loads((source / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "compression_output_size": 8}))  # 3×3 kernels both
     with pytest.raises(GridSizeMismatchError, match=r"trained for 24→12.*compression_output_size=12"):
@@ -261,11 +266,7 @@ def test_loading_refuses_a_compressor_of_other_grid_sizes(tmp_path, converted):
 ])
 def test_a_processor_whose_tiles_contradict_the_model_is_refused_at_load(tmp_path, converted, edit, message):
     source = converted("plain-24to12")
-    folder = tmp_path / "edited"
-    folder.mkdir()
-    for path in source.iterdir():
-        if path.name != "processor_config.json":
-            (folder / path.name).symlink_to(path)
+    folder = linked_copy(source, tmp_path / "edited", "processor_config.json")
     processor_config = json.loads((source / "processor_config.json").read_text())
     processor_config["image_processor"].update(edit)
     (folder / "processor_config.json").write_text(json.dumps(processor_config))

@@ -41,15 +41,20 @@ def _fail(path: Path, size: int, problem: str, fix: str) -> CheckpointFileError:
     return CheckpointFileError(f"{path} ({size} bytes) {problem}. {fix}")
 
 
+def _size(path: Path, fix: str) -> int:
+    """``path``'s size in bytes; ``FileNotFoundError`` naming it when it is not a file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist{' (it is a folder)' if path.is_dir() else ''}. {fix}")
+    return path.stat().st_size
+
+
 def read_json_object(path: str | os.PathLike, fix: str = DEFAULT_FIX) -> dict:
     """The JSON object in ``path``; a ``CheckpointFileError`` naming the file when it is empty, not JSON or not an object.
 
     A missing file is a ``FileNotFoundError`` naming it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist{' (it is a folder)' if path.is_dir() else ''}. {fix}")
-    size = path.stat().st_size
+    size = _size(path, fix)
     if size == 0:
         raise _fail(path, size, "is empty", fix)
     try:
@@ -72,9 +77,7 @@ def read_safetensors_header(path: str | os.PathLike, fix: str = DEFAULT_FIX) -> 
     valid header; ``FileNotFoundError`` when it does not exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist{' (it is a folder)' if path.is_dir() else ''}. {fix}")
-    size = path.stat().st_size
+    size = _size(path, fix)
     if size == 0:
         raise _fail(path, size, "is empty: a safetensors file holds at least an 8-byte length and a header", fix)
     if size < 8:
