@@ -176,8 +176,9 @@ def _leftover(final: Path, name: str, **marker) -> Path:
     return folder
 
 
-def test_a_killed_runs_staging_folder_is_removed_and_said(tmp_path, caplog):
-    final = tmp_path / "out"
+@pytest.mark.parametrize("name", ["out", "run[1]*"])  # glob characters in the name are plain text
+def test_a_killed_runs_staging_folder_is_removed_and_said(tmp_path, caplog, name):
+    final = tmp_path / name
     killed = _leftover(final, "killed1", tool="toconv-convert-to-hf")
     live = _leftover(final, "live", pid=os.getpid())
     elsewhere = _leftover(final, "remote", host="another-host")

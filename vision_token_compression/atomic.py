@@ -201,7 +201,10 @@ def remove_stale_staging(final: str | os.PathLike) -> list[Path]:
         return []
     removed = []
     host = socket.gethostname()
-    for folder in sorted(final.parent.glob(f".{final.name}.*{PARTIAL_SUFFIX}")):
+    prefix = f".{final.name}."  # compared as text: a name may hold glob characters ("run[1]")
+    for folder in sorted(final.parent.iterdir()):
+        if not (folder.name.startswith(prefix) and folder.name.endswith(PARTIAL_SUFFIX)):
+            continue
         marker = _staging_marker(folder, final.name) if folder.is_dir() and not folder.is_symlink() else None
         if marker is None:
             continue
