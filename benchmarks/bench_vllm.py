@@ -9,7 +9,8 @@ busy machine slows every variant alike. At concurrency c, c clients send streame
 back to back (a closed loop), each with its own image (no prefix or multimodal cache hit) and the
 same question, and every answer is exactly ``--max-tokens`` long (``ignore_eos``). Per round:
 requests/s over its wall time, and the median and 90th percentile of time to first token (TTFT,
-request sent → first streamed token), after ``--warmup`` discarded requests per server.
+request sent → first streamed token), after ``--warmup`` discarded requests per server. Each cell
+runs ``--repeats`` times, and the table gives medians over them.
 
 Each compressed variant's measured ratios (its throughput ÷ none's, none's TTFT ÷ its TTFT) stand
 next to the sequence-length bound, none's prompt tokens ÷ its prompt tokens: what prefill would
@@ -91,19 +92,23 @@ def run_round(url: str, model: str, images: list, concurrency: int, max_tokens: 
 
 
 def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Warm-up (discarded), then every concurrency level × image size, each variant in turn on the same images."""
+    """Warm-up (discarded), then for every concurrency level × image size, ``--repeats`` times each variant in turn."""
     variants = {name: {"url": url, "model": served_model(url), "vllm": server_version(url), "rounds": []}
                 for name, url in urls.items()}
     warmup = make_request_images(args.warmup, args.image_sizes[0], seed=0)
     for variant in variants.values():
         for image in warmup:
             timed_stream(variant["url"], request_body(variant["model"], image, args.max_tokens))
-    for i, concurrency in enumerate(args.concurrency):
-        for j, size in enumerate(args.image_sizes):
-            images = make_request_images(args.requests, size, seed=1 + i * len(args.image_sizes) + j)
-            for name, variant in variants.items():
-                logger.info("%s: concurrency %d, %d×%d images", name, concurrency, *size)
-                variant["rounds"].append(run_round(variant["url"], variant["model"], images, concurrency, args.max_tokens))
+    seed = 0
+    for concurrency in args.concurrency:
+        for size in args.image_sizes:
+            for repeat in range(args.repeats):
+                seed += 1
+                images = make_request_images(args.requests, size, seed=seed)  # the same images for every variant
+                for name, variant in variants.items():
+                    logger.info("%s: concurrency %d, %d×%d images, repeat %d", name, concurrency, *size, repeat + 1)
+                    measured = run_round(variant["url"], variant["model"], images, concurrency, args.max_tokens)
+                    variant["rounds"].append({**measured, "repeat": repeat})
     return variants
 
 
@@ -193,25 +198,42 @@ def serving(args: argparse.Namespace, work_dir: Path) -> Iterator[tuple[dict[str
 
 
 def compare(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per round (concurrency × image size) and compressed variant: its ratios to none beside the sequence-length bound."""
-    compressed = {name: variant["rounds"] for name, variant in variants.items() if name != BASELINE}
-    for name, rounds in compressed.items():
-        if len(rounds) != len(variants[BASELINE]["rounds"]):
-            raise ValueError(f"{name} has {len(rounds)} rounds, none {len(variants[BASELINE]['rounds'])}: they must pair up")
-    rows = []
-    for k, base in enumerate(variants[BASELINE]["rounds"]):
-        for name, rounds in compressed.items():
-            comp = rounds[k]
-            rows.append({
-                "variant": name, "concurrency": base["concurrency"], "image_size": base["image_size"],
-                "prompt_tokens": {"none": base["prompt_tokens"], "compressed": comp["prompt_tokens"]},
-                "sequence_length_bound": base["prompt_tokens"] / comp["prompt_tokens"],
-                "requests_per_s": {"none": base["requests_per_s"], "compressed": comp["requests_per_s"]},
-                "throughput_ratio": comp["requests_per_s"] / base["requests_per_s"],
-                "ttft_median_s": {"none": base["ttft_median_s"], "compressed": comp["ttft_median_s"]},
-                "ttft_ratio": base["ttft_median_s"] / comp["ttft_median_s"],
-            })
-    return rows
+    """Per concurrency × image size and compressed variant: its ratios to none beside the sequence-length bound.
+
+    Each ratio is the median over repeats of the ratio within a repeat (a variant's round and none's
+    round ran one after the other, so a busy spell on the machine slows both); ``*_range`` is its spread.
+    """
+    baseline = variants[BASELINE]["rounds"]
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for name, variant in variants.items():
+        if name == BASELINE:
+            continue
+        if len(variant["rounds"]) != len(baseline):
+            raise ValueError(f"{name} has {len(variant['rounds'])} rounds, none {len(baseline)}: they must pair up")
+        for base, comp in zip(baseline, variant["rounds"], strict=True):
+            key = (base["concurrency"], tuple(base["image_size"]), name)
+            groups.setdefault(key, []).append((base, comp))
+    rows = [_compared(key, pairs) for key, pairs in groups.items()]
+    return sorted(rows, key=lambda row: (row["concurrency"], row["image_size"][0] * row["image_size"][1]))
+
+
+def _compared(key: tuple, pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
+    concurrency, size, name = key
+    median = statistics.median
+    throughput = [comp["requests_per_s"] / base["requests_per_s"] for base, comp in pairs]
+    ttft = [base["ttft_median_s"] / comp["ttft_median_s"] for base, comp in pairs]
+    tokens = {"none": median(b["prompt_tokens"] for b, _ in pairs), "compressed": median(c["prompt_tokens"] for _, c in pairs)}
+    return {
+        "variant": name, "concurrency": concurrency, "image_size": list(size), "repeats": len(pairs),
+        "prompt_tokens": tokens,
+        "sequence_length_bound": tokens["none"] / tokens["compressed"],
+        "requests_per_s": {"none": median(b["requests_per_s"] for b, _ in pairs),
+                           "compressed": median(c["requests_per_s"] for _, c in pairs)},
+        "throughput_ratio": median(throughput), "throughput_ratio_range": [min(throughput), max(throughput)],
+        "ttft_median_s": {"none": median(b["ttft_median_s"] for b, _ in pairs),
+                          "compressed": median(c["ttft_median_s"] for _, c in pairs)},
+        "ttft_ratio": median(ttft), "ttft_ratio_range": [min(ttft), max(ttft)],
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -219,7 +241,8 @@ def markdown(report: dict[str, Any]) -> str:
     vllm = next(iter(report["variants"].values())).get("vllm")
     lines = [
         (f"vLLM {vllm}, {report['environment']['machine']}; {settings['requests']} requests per round, "
-         f"{settings['max_tokens']} output tokens each, one image per request; load average at the end "
+         f"{settings['max_tokens']} output tokens each, one image per request; {settings['repeats']} rounds per "
+         f"variant and cell, interleaved, medians (× in brackets: lowest–highest round); load average at the end "
          f"{report['environment']['load_average_end'][0]:.1f}."),
         "",
         ("| image (w×h) | concurrency | ToConv | prompt tokens (none → ToConv) | req/s none | req/s ToConv | "
@@ -231,8 +254,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['image_size'][0]}×{row['image_size'][1]} | {row['concurrency']} | {row['variant']} | "
             f"{tokens['none']:.0f} → {tokens['compressed']:.0f} | {rps['none']:.2f} | {rps['compressed']:.2f} | "
-            f"{row['throughput_ratio']:.2f} | {1000 * ttft['none']:.0f} | {1000 * ttft['compressed']:.0f} | "
-            f"{row['ttft_ratio']:.2f} | {row['sequence_length_bound']:.2f} |"
+            f"{_ratio(row, 'throughput_ratio')} | {1000 * ttft['none']:.0f} | {1000 * ttft['compressed']:.0f} | "
+            f"{_ratio(row, 'ttft_ratio')} | {row['sequence_length_bound']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -252,6 +275,11 @@ def environment() -> dict[str, Any]:
 
 
 # ---- the command line --------------------------------------------------------------------------
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    low, high = row[f"{key}_range"]
+    return f"{row[key]:.2f}" if row["repeats"] == 1 else f"{row[key]:.2f} ({low:.2f}–{high:.2f})"
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -280,6 +308,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="request image sizes, WxH (default 336x336; with --anyres the three above)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients at once, per round")
     parser.add_argument("--requests", type=int, default=32, help="requests per round (each its own image)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds per variant, concurrency and image size, interleaved across variants (medians)")
     parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request (EOS ignored)")
     parser.add_argument("--warmup", type=int, default=4, help="discarded requests per server before measuring")
     parser.add_argument("--serve-arg", dest="serve_args", action="append", default=[],
@@ -289,8 +319,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    if min(args.concurrency) < 1 or args.requests < 1 or args.warmup < 0 or args.max_tokens < 1:
-        parser.error("--concurrency, --requests and --max-tokens must be at least 1, --warmup at least 0")
+    if min(args.concurrency) < 1 or min(args.requests, args.repeats, args.max_tokens) < 1 or args.warmup < 0:
+        parser.error("--concurrency, --requests, --repeats and --max-tokens must be at least 1, --warmup at least 0")
     if not all(1 <= n < 24 for n in args.levels) or len(set(args.levels)) != len(args.levels):
         parser.error(f"--levels {' '.join(map(str, args.levels))}: each a different compressed side from 1 to 23 "
                      f"(the stand-ins' tower has a 24×24 grid)")

@@ -22,7 +22,7 @@ def _report(rounds: dict[str, list[dict]]) -> dict:
     return {
         "variants": variants, "comparison": bench_vllm.compare(variants),
         "environment": {"machine": "test CPU", "load_average_end": [1.5, 1.0, 1.0]},
-        "settings": {"requests": 8, "max_tokens": 4},
+        "settings": {"requests": 8, "max_tokens": 4, "repeats": 1},
     }
 
 
@@ -58,13 +58,27 @@ def test_every_compressed_variant_is_compared_with_none_for_every_image_size():
     assert table.index("| 400×300 |") < table.index("| 1000×1000 |")  # smaller images first
 
 
+def test_repeats_give_the_median_of_paired_ratios_and_their_spread():
+    """Three repeats of one cell: the ratio is the median of the three within-repeat ratios, not a ratio of medians."""
+    none = [_round(1, (336, 336), 2.0, ttft, 618) for ttft in (0.40, 0.90, 0.50)]
+    comp = [_round(1, (336, 336), 3.0, ttft, 186) for ttft in (0.20, 0.30, 0.50)]
+    report = _report({"none": none, "24→12": comp})
+    report["settings"]["repeats"] = 3
+    (row,) = report["comparison"]
+    assert row["repeats"] == 3
+    assert row["ttft_ratio"] == pytest.approx(2.0)  # ratios 2.0, 3.0, 1.0
+    assert row["ttft_ratio_range"] == pytest.approx([1.0, 3.0])
+    assert row["ttft_median_s"] == {"none": pytest.approx(0.5), "compressed": pytest.approx(0.3)}
+    assert "| 500 | 300 | 2.00 (1.00–3.00) | 3.32 |" in bench_vllm.markdown(report)
+
+
 def test_rounds_must_pair_up():
     with pytest.raises(ValueError, match="must pair up"):
         bench_vllm.compare({"none": {"rounds": [_round(1, (336, 336), 1.0, 1.0, 10)]}, "24→12": {"rounds": []}})
 
 
 @pytest.mark.parametrize("argv", [["--concurrency", "0"], ["--requests", "0"], ["--max-tokens", "0"],
-                                  ["--warmup", "-1"]])
+                                  ["--warmup", "-1"], ["--repeats", "0"]])
 def test_bad_settings_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         bench_vllm.parse_args(argv)

@@ -400,7 +400,7 @@ def test_bench_vllm_on_the_running_servers(launched, tmp_path):
     argv = [
         "--baseline-url", launched.servers["none"].url,
         "--compressed-url", launched.servers["24to12"].url, launched.servers["24to8"].url,
-        "--concurrency", "1", "4", "--requests", "4", "--max-tokens", "4", "--warmup", "1",
+        "--concurrency", "1", "4", "--requests", "4", "--max-tokens", "4", "--warmup", "1", "--repeats", "1",
         "--json", str(tmp_path / "vllm.json"), "--markdown", str(tmp_path / "vllm.md"),
     ]
     report = bench_vllm.main(argv)
@@ -530,7 +530,7 @@ def test_bench_vllm_anyres_on_the_running_servers(launched, tmp_path):
     compressed = [launched.servers[name].url for name in NEXT_SERVERS]
     argv = [
         "--anyres", "--baseline-url", launched.servers["next-none"].url, "--compressed-url", *compressed,
-        "--concurrency", "2", "--requests", "2", "--max-tokens", "2", "--warmup", "1",
+        "--concurrency", "2", "--requests", "2", "--max-tokens", "2", "--warmup", "1", "--repeats", "2",
         "--json", str(tmp_path / "anyres.json"), "--markdown", str(tmp_path / "anyres.md"),
     ]
     report = bench_vllm.main(argv)
@@ -546,5 +546,5 @@ def test_bench_vllm_anyres_on_the_running_servers(launched, tmp_path):
         # vLLM's own LLaVA-NeXT, uncompressed: 1,368 / 1,976 / 2,928 image tokens (its unpad rule agrees here).
         assert tokens["none"] - text_tokens[size] == {(400, 300): 1368, (300, 700): 1976, (1000, 1000): 2928}[size]
         assert row["sequence_length_bound"] > 1 and row["throughput_ratio"] > 0 and row["ttft_ratio"] > 0
-    assert len(report["comparison"]) == 2 * 3
+    assert len(report["comparison"]) == 2 * 3 and all(row["repeats"] == 2 for row in report["comparison"])
     assert (tmp_path / "anyres.md").read_text().count("\n| ") == 1 + 2 * 3  # header + one row per variant × size
