@@ -203,8 +203,10 @@ def create_tiny_llava(
     torch.manual_seed(seed)
     model_cls = LlavaLlamaForCausalLM if language_model == "llama" else LlavaMistralForCausalLM
     model = model_cls(config)
+    # A local tower by absolute path: the checkpoint then loads from any working directory.
+    tower = Path(vision_tower_path)
     model_args = VisionModelArgs(
-        vision_tower=str(vision_tower_path),
+        vision_tower=str(tower.resolve()) if tower.exists() else str(vision_tower_path),
         mm_projector_type=mm_projector_type,
         mm_patch_merge_type=mm_patch_merge_type,
         use_token_compression=compression_output_size is not None,
