@@ -499,20 +499,35 @@ def test_llava_1_6_prompt_holds_the_anyres_token_count_for_every_size(next_answe
 
 
 @pytest.mark.parametrize("name", list(NEXT_SERVERS))
-def test_llava_1_6_greedy_tokens_equal_the_forks_generate(next_answers, checkpoints, name):
-    """Same weights, prompt and image, float32: vLLM's greedy tokens are the fork's ``generate``'s, for every size."""
+def test_llava_1_6_greedy_tokens_equal_the_forks_and_transformers(next_answers, checkpoints, name):
+    """One converted checkpoint, three engines, float32: vLLM's prompt and greedy tokens are transformers' (the
+    converted checkpoint through ``llava.hf``) and the fork's ``generate``'s (its checkpoint before conversion),
+    for every size."""
     import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    import llava.hf  # noqa: F401  (toconv_llava_next for the Auto classes)
     from llava.mm_utils import process_images
     from llava.model.builder import load_pretrained_model
 
-    config = json.loads((checkpoints.served[name] / "config.json").read_text())
+    served = checkpoints.served[name]
+    config = json.loads((served / "config.json").read_text())
     tokenizer, model, image_processor, _ = load_pretrained_model(
         str(checkpoints.fork[name]), None, "llava-v1.6-tiny", device="cpu"
     )
     model = model.float().eval()
+    hf_model = AutoModelForImageTextToText.from_pretrained(served, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(served)
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    chat = processor.apply_chat_template(message, add_generation_prompt=True)
     for i, answer in enumerate(next_answers[name]):
         image = _next_image(i).convert("RGB")
+        tokens = answer["choices"][0]["token_ids"]
+        inputs = processor(images=image, text=chat, add_special_tokens=False, return_tensors="pt")  # as docs/serving.md
+        assert inputs["input_ids"][0].tolist() == answer["prompt_token_ids"], NEXT_SIZES[i]
+        with torch.inference_mode():
+            hf_generated = hf_model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+        assert hf_generated[0, inputs["input_ids"].shape[1]:].tolist() == tokens, ("transformers", NEXT_SIZES[i])
         input_ids = torch.tensor([_fork_ids(answer["prompt_token_ids"], config["image_token_index"])])
         pixels = process_images([image], image_processor, model.config)
         with torch.inference_mode():
@@ -520,7 +535,7 @@ def test_llava_1_6_greedy_tokens_equal_the_forks_generate(next_answers, checkpoi
                 input_ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=MAX_TOKENS,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        assert generated[0].tolist() == answer["choices"][0]["token_ids"], NEXT_SIZES[i]
+        assert generated[0].tolist() == tokens, ("fork", NEXT_SIZES[i])
 
 
 def test_bench_vllm_anyres_on_the_running_servers(launched, tmp_path):
