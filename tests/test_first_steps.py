@@ -86,3 +86,51 @@ def test_the_filter_is_removed_after_loading():
     with quiet_compressor_report():
         assert len(loader.filters) == len(before) + 1
     assert loader.filters == before
+
+
+SAVE_A_MODEL = """
+import sys
+if sys.argv[1] == "with-library":
+    import vision_token_compression  # noqa: F401
+from transformers import CLIPVisionConfig, CLIPVisionModel
+config = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=28, patch_size=14)
+CLIPVisionModel(config).save_pretrained(sys.argv[2])
+print("saved")
+"""
+
+
+def test_saving_a_model_prints_no_deepspeed_cpu_notice(tmp_path):
+    """transformers' save_pretrained imports DeepSpeed (through accelerate); its CPU notice stays off stdout."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed here, so there is no notice to keep quiet")
+    outputs = {}
+    for mode in ("without-library", "with-library"):
+        result = subprocess.run([sys.executable, "-c", SAVE_A_MODEL, mode, str(tmp_path / mode)],
+                                capture_output=True, text=True, timeout=300, check=True)
+        outputs[mode] = result
+    if "Setting accelerator to CPU" not in outputs["without-library"].stdout:
+        pytest.skip("DeepSpeed found an accelerator here, so it prints no CPU notice")
+    quiet = outputs["with-library"]
+    assert quiet.stdout == "saved\n" and "Setting accelerator" not in quiet.stderr, quiet.stdout + quiet.stderr
+
+
+def test_synthetic_images_command_runs_without_warnings(tmp_path):
+    """``python -m vision_token_compression.testing.synthetic`` (docs/compressor_pretraining.md): no runpy warning."""
+    import subprocess
+    import sys
+
+    from vision_token_compression.testing import make_structured_images  # the package still exports it
+
+    assert callable(make_structured_images)
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "vision_token_compression.testing.synthetic",
+         str(tmp_path / "images"), "--num", "2", "--size", "64", "48"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0 and "RuntimeWarning" not in result.stderr, result.stderr
+    assert len(list((tmp_path / "images").iterdir())) == 2
