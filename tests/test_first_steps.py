@@ -134,3 +134,27 @@ def test_synthetic_images_command_runs_without_warnings(tmp_path):
     )
     assert result.returncode == 0 and "RuntimeWarning" not in result.stderr, result.stderr
     assert len(list((tmp_path / "images").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_cpu_training_walkthrough_in_the_docs_runs_as_written(tmp_path):
+    """docs/training.md "Try it on a CPU": its commands, with work/ in a temporary folder, train both stages."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = (repo / "docs" / "training.md").read_text()
+    section = docs[docs.index("### Try it on a CPU"):docs.index("## Data")]
+    (commands,) = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    commands = commands.replace("work/", f"{tmp_path}/work/").replace("'work'", f"'{tmp_path}/work'")
+    env = {**os.environ, "DEVICE": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    work = tmp_path / "work"
+    assert (work / "pretrain" / "mm_projector.bin").is_file()
+    _, model, _, _ = load_pretrained_model(str(work / "llava-tiny-toconv12"), None, "llava-tiny", device="cpu")
+    assert model.get_vision_tower().num_patches == 144
