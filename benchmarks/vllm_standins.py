@@ -9,6 +9,11 @@
   ``LlavaForConditionalGeneration`` checkpoint with the very same CLIP, projector and decoder
   weights, which vLLM serves with its own LLaVA and 576 image tokens.
 
+``build_serving_standins(..., anyres=True)`` makes the same for LLaVA-1.6 (anyres, ``spatial_unpad``):
+the converted checkpoints are ``toconv_llava_next`` and the baseline a plain llava-hf
+``LlavaNextForConditionalGeneration``, which vLLM serves with its own LLaVA-NeXT (up to 2,928 image
+tokens per image).
+
 The decoder's head dimension is 64 (hidden 256, 4 heads): vLLM's CPU attention refuses small head
 dimensions such as the 16 of ``llava.standins``'s default.
 """
@@ -25,6 +30,11 @@ from llava.model.compressor_layout import HF_HUB
 # vLLM's CPU attention needs a supported head dimension: 256 / 4 heads = 64.
 DECODER_HIDDEN_SIZE = 256
 _TOCONV_CONFIG_KEYS = ("compression_input_size", "compression_output_size", "auto_map")
+# What a converted checkpoint becomes without its compressor: transformers' own model and processor.
+_PLAIN = {
+    "toconv_llava": ("llava", "LlavaForConditionalGeneration", "LlavaProcessor"),
+    "toconv_llava_next": ("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor"),
+}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
            "chat_template.jinja")
 
@@ -64,24 +74,27 @@ def convert_to_hf(source: str | os.PathLike, output: str | os.PathLike, **option
 
 
 def strip_compression(converted: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A converted ``toconv_llava`` checkpoint as a plain llava-hf one: same weights, no compressor, 576 image tokens.
+    """A converted checkpoint as a plain llava-hf one: same weights, no compressor, every tower token.
 
-    The config becomes transformers' ``LlavaConfig`` (``model_type: llava``); the weights lose
-    ``token_compressor.*``; the processor becomes ``LlavaProcessor`` (CLIP's resize and centre crop,
-    no pad-to-square: identical pixels for square images).
+    ``toconv_llava`` becomes transformers' ``LlavaConfig`` (576 image tokens) with ``LlavaProcessor``
+    (CLIP's resize and centre crop, no pad-to-square: identical pixels for square images);
+    ``toconv_llava_next`` becomes ``LlavaNextConfig`` with ``LlavaNextProcessor`` (the same anyres
+    tiling, on the uncompressed 24×24 grid). The weights lose ``token_compressor.*``.
     """
+    import transformers
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     converted, out_dir = Path(converted), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((converted / "config.json").read_text())
+    model_type, architecture, processor_class = _PLAIN[config["model_type"]]
     for key in _TOCONV_CONFIG_KEYS:
         config.pop(key, None)
     vision = config["vision_config"]
     config.update(
-        model_type="llava", architectures=["LlavaForConditionalGeneration"],
+        model_type=model_type, architectures=[architecture],
         image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
     )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -98,7 +111,7 @@ def strip_compression(converted: str | os.PathLike, out_dir: str | os.PathLike) 
             shutil.copyfile(converted / name, out_dir / name)
     tokenizer = AutoTokenizer.from_pretrained(converted)
     chat_template = (converted / "chat_template.jinja").read_text() if (converted / "chat_template.jinja").is_file() else None
-    processor = LlavaProcessor(
+    processor = getattr(transformers, processor_class)(
         AutoImageProcessor.from_pretrained(converted), tokenizer, patch_size=vision["patch_size"],
         vision_feature_select_strategy=config.get("vision_feature_select_strategy", "default"),
         chat_template=chat_template, num_additional_image_tokens=1,
@@ -107,22 +120,39 @@ def strip_compression(converted: str | os.PathLike, out_dir: str | os.PathLike) 
     return out_dir
 
 
-def build_serving_standins(work_dir: str | os.PathLike, *, compression_output_size: int = 12) -> dict[str, Path]:
-    """``fork``, ``compressed`` and ``baseline`` checkpoints under ``work_dir`` (reused when already there)."""
+def build_serving_standins(
+    work_dir: str | os.PathLike, *, levels: tuple[int, ...] = (12,), anyres: bool = False,
+) -> dict[str, Path]:
+    """The served checkpoints under ``work_dir`` (reused when already there), by variant name.
+
+    ``none``: the plain llava-hf baseline; ``24to{N}`` for each compressed grid side N in ``levels``
+    (each converted from the fork checkpoint ``fork_source`` names). All share the tower, projector and
+    decoder weights (one seed), so the variants differ only in the compressor. ``anyres``: LLaVA-1.6.
+    """
     from llava.standins import build_tiny_clip
 
-    work_dir = Path(work_dir)
-    paths = {
-        "fork": work_dir / f"fork-24to{compression_output_size}",
-        "compressed": work_dir / f"hf-24to{compression_output_size}",
-        "baseline": work_dir / "hf-none",
-    }
+    work_dir = Path(work_dir) / ("llava-1.6" if anyres else "llava-1.5")
+    served = {f"24to{n}": work_dir / f"hf-24to{n}" for n in levels}
+    paths = {"none": work_dir / "hf-none", **served}
     if all((path / "config.json").is_file() for path in paths.values()):
         return paths
-    for path in paths.values():
-        shutil.rmtree(path, ignore_errors=True)
+    for path in (*paths.values(), *map(fork_source, served.values())):
+        if path.exists():  # a run that stopped half-way, or someone else's folder: not ours to delete
+            raise SystemExit(f"{path} exists but the stand-ins under {work_dir} are incomplete; remove {work_dir} "
+                             f"or choose another work folder.")
+    build = build_fork_next_checkpoint if anyres else build_fork_checkpoint
     clip = build_tiny_clip(work_dir / "clip")
-    build_fork_checkpoint(paths["fork"], clip, compression_output_size=compression_output_size)
-    convert_to_hf(paths["fork"], paths["compressed"])
-    strip_compression(paths["compressed"], paths["baseline"])
+    tokenizer = None
+    for n, path in served.items():
+        fork = fork_source(path)
+        build(fork, clip, compression_output_size=int(n.removeprefix("24to")), tokenizer_path=tokenizer)
+        tokenizer = tokenizer or fork
+        convert_to_hf(fork, path)
+    strip_compression(served[f"24to{levels[0]}"], paths["none"])
     return paths
+
+
+def fork_source(served: str | os.PathLike) -> Path:
+    """The fork checkpoint a ``build_serving_standins`` checkpoint ``hf-24toN`` was converted from: ``fork-24toN`` beside it."""
+    served = Path(served)
+    return served.with_name("fork-" + served.name.removeprefix("hf-"))

@@ -94,12 +94,25 @@ def parse_grid_pinpoints(grid_pinpoints: str | Sequence[Sequence[int]], tile: in
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry)):
             raise ValueError(f"image_grid_pinpoints entry {entry!r} is not a [width, height] pair of positive "
                              f"integers: {_PINPOINTS_FIX}.")
-        if tile is not None and (entry[0] % tile or entry[1] % tile):
-            raise ValueError(f"image_grid_pinpoints entry {list(entry)} is not a multiple of the tile size {tile} "
-                             f"(the vision tower's image size), so anyres would cut off part of the canvas: "
-                             f"{_PINPOINTS_FIX}.")
         resolutions.append((entry[0], entry[1]))
+    if tile is not None:
+        check_tile_multiples(resolutions, tile)
     return resolutions
+
+
+def check_tile_multiples(pairs: Sequence[Sequence[int]], tile: int, order: str = "[width, height]") -> None:
+    """Every pinpoint side a multiple of ``tile`` (anyres cuts each canvas into tiles); else a ``ValueError`` naming them.
+
+    ``order`` names the pairs' order in the message (the fork's [width, height]; transformers' [height, width]).
+    """
+    bad = [list(pair) for pair in pairs if min(pair) < tile or pair[0] % tile or pair[1] % tile]
+    if bad:
+        raise ValueError(
+            f"image_grid_pinpoints {bad} ({order}) are not multiples of the tile size {tile} (the vision tower's "
+            f"image_size): anyres cuts each canvas into {tile}×{tile} tiles, and a remainder would be cut off. Use "
+            f"multiples of {tile}, e.g. LLaVA-1.6's [[{tile}, {2 * tile}], [{2 * tile}, {tile}], [{2 * tile}, {2 * tile}], "
+            f"[{3 * tile}, {tile}], [{tile}, {3 * tile}]]."
+        )
 
 
 def select_best_resolution(original_size: Resolution, possible_resolutions: Sequence[Resolution]) -> Resolution:

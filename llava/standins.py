@@ -171,6 +171,25 @@ def tiny_language_config(
     )
 
 
+def build_tiny_language_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A plain tiny Llama (``tiny_language_config``'s shape) and the BPE stand-in tokenizer, saved to ``out_dir``.
+
+    What LLaVA's stage 1 starts from (``--model_name_or_path``), in place of Vicuna: a language model
+    that knows nothing of images.
+    """
+    import torch
+    import transformers
+
+    out_dir = Path(out_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(build_tokenizer(out_dir))
+    tiny = tiny_language_config(vocab_size=len(tokenizer)).to_dict()
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: tiny[k] for k in fields})).save_pretrained(out_dir)
+    return out_dir
+
+
 def create_tiny_llava(
     vision_tower_path: str | os.PathLike,
     tokenizer,
@@ -203,8 +222,10 @@ def create_tiny_llava(
     torch.manual_seed(seed)
     model_cls = LlavaLlamaForCausalLM if language_model == "llama" else LlavaMistralForCausalLM
     model = model_cls(config)
+    # A local tower by absolute path: the checkpoint then loads from any working directory.
+    tower = Path(vision_tower_path)
     model_args = VisionModelArgs(
-        vision_tower=str(vision_tower_path),
+        vision_tower=str(tower.resolve()) if tower.exists() else str(vision_tower_path),
         mm_projector_type=mm_projector_type,
         mm_patch_merge_type=mm_patch_merge_type,
         use_token_compression=compression_output_size is not None,
@@ -315,3 +336,36 @@ def write_question_file(
             record = {"question_id": i, "image": name, "text": questions[i % len(questions)]}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+_SHAPE_COLORS = ("red circle", "green square", "blue triangle", "yellow circle")
+
+
+def write_training_data(folder: str | os.PathLike, image_names: Sequence[str]) -> tuple[Path, Path]:
+    """LLaVA training files for ``image_names``: ``pretrain.json`` (captions, stage 1) and ``finetune.json``.
+
+    Both in LLaVA's conversation format (``id``, ``image``, ``conversations`` of ``from``/``value``);
+    the fine-tuning file has a two-turn chat per image and one text-only sample, as LLaVA's mix does.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = [
+        {"id": f"cap-{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."},
+            {"from": "gpt", "value": f"The image shows a {_SHAPE_COLORS[i % 4]} on a white background."}]}
+        for i, name in enumerate(image_names)
+    ]
+    chats = [
+        {"id": f"chat-{i}", "image": name, "conversations": [
+            {"from": "human", "value": "What is in the image?\n<image>"},
+            {"from": "gpt", "value": f"A {_SHAPE_COLORS[i % 4]}."},
+            {"from": "human", "value": "How many shapes are there?"},
+            {"from": "gpt", "value": "one"}]}
+        for i, name in enumerate(image_names)
+    ]
+    chats.append({"id": "text-0", "conversations": [
+        {"from": "human", "value": "What color is the shape?"}, {"from": "gpt", "value": "red"}]})
+    pretrain, finetune = folder / "pretrain.json", folder / "finetune.json"
+    pretrain.write_text(json.dumps(captions))
+    finetune.write_text(json.dumps(chats))
+    return pretrain, finetune

@@ -105,4 +105,5 @@ def test_run_llava_with_compression_switched_on_feeds_144_image_tokens(off_with_
         ])
     assert isinstance(answer, str)
     assert image_tokens == [144]
+    assert "Image tokens for the language model: 144 (compressed)" in caplog.text  # said in the log, not on stdout
     assert not _ignored_warnings(caplog)  # on: nothing is ignored

@@ -156,5 +156,16 @@ def test_provenance_refuses_other_features_or_sizes_naming_the_file(fields, matc
     with pytest.raises(ValueError, match=match) as exc:
         check_provenance(meta(**fields), "/x/c.safetensors", **TOWER)
     assert "/x/c.safetensors" in str(exc.value)
-    with pytest.raises(ValueError, match="output_grid_size: checkpoint 12 vs expected 8"):
+    with pytest.raises(ValueError, match="output_grid_size: checkpoint 12 vs expected 8") as exc:
         check_provenance(meta(), "/x/c.safetensors", output_grid_size=8, **TOWER)
+    assert "set compression_input_size/compression_output_size to 24/12" in str(exc.value)
+
+
+def test_a_compressor_for_another_width_names_the_real_fix():
+    """Only the width differs: setting the grid sizes (already right) cannot help; the message says what can."""
+    with pytest.raises(ValueError, match="hidden_dim: checkpoint 16 vs expected 8") as exc:
+        check_provenance(meta(hidden_dim=16, vision_tower="openai/clip-vit-base-patch16"), "/x/c.safetensors", **TOWER)
+    message = str(exc.value)
+    assert "compression_input_size" not in message
+    assert "fitted to a 16-channel vision tower (openai/clip-vit-base-patch16), and this one has 8 channels" in message
+    assert "toconv-train-compressor --vision-tower" in message

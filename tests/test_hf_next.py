@@ -223,6 +223,18 @@ def test_unsupported_sources_are_refused_by_name(tmp_path, tiny_tower_336, optio
     assert not (tmp_path / "out").exists()
 
 
+def test_upstream_tile_grid_pinpoints_convert(tmp_path, tiny_tower_336):
+    """A fork config with LLaVA-NeXT's "(1x1),...,(2x3)" form: expanded with the tower's tile, as [height, width] pairs."""
+    source = build_tiny_llava(tmp_path / "src", tiny_tower_336, compression_output_size=12, **ANYRES)
+    config = json.loads((source / "config.json").read_text())
+    config["image_grid_pinpoints"] = "(1x1),...,(2x3)"
+    (source / "config.json").write_text(json.dumps(config))
+    folder = convert(source, tmp_path / "out")
+    converted = json.loads((folder / "config.json").read_text())["image_grid_pinpoints"]
+    # (w×h tiles) 1×1, 1×2, 1×3, 2×1, 2×2, 2×3 of 336 pixels, each written [height, width].
+    assert converted == [[336, 336], [672, 336], [1008, 336], [336, 672], [672, 672], [1008, 672]]
+
+
 def test_compressor_for_another_grid_or_width_is_refused(tmp_path, next_plain):
     for name, (grid, width) in {"grid": (16, 32), "width": (24, 16)}.items():
         path = tmp_path / f"{name}.safetensors"

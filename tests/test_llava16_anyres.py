@@ -277,7 +277,7 @@ def test_llava_next_tile_grid_pinpoints_parse_as_upstream():
 
 
 @pytest.mark.parametrize("pinpoints, message", [
-    ([[336, 672], [500, 672]], r"entry \[500, 672\] is not a multiple of the tile size 336"),
+    ([[336, 672], [500, 672]], r"\[\[500, 672\]\] \(\[width, height\]\) are not multiples of the tile size 336"),
     ([], r"image_grid_pinpoints is empty"),
     ([[336, 0]], r"entry \[336, 0\] is not a \[width, height\] pair of positive integers"),
     ("[[336, 672", r"'\[\[336, 672' cannot be read"),
@@ -322,8 +322,8 @@ def test_off_tile_pinpoints_are_refused_once_the_tower_is_known(llava16, tmp_pat
     from llava.model import builder
 
     off = _rewrite_config(llava16, tmp_path / "off", image_grid_pinpoints=[[336, 672], [700, 336]])
-    with pytest.raises(ValueError, match=r"config.json: image_grid_pinpoints entry \[700, 336\] is not a multiple "
-                                         r"of the tile size 336"):
+    with pytest.raises(ValueError, match=r"config.json: image_grid_pinpoints \[\[700, 336\]\] \(\[width, height\]\) are "
+                                         r"not multiples of the tile size 336"):
         builder.load_pretrained_model(str(off), None, off.name, device="cpu")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import types
@@ -24,10 +25,10 @@ SCRIPTS = REPO / "scripts" / "v1_5"
 
 
 def dry_run(script: str, **env: str) -> list[str]:
-    """The command a launcher would run, as argv (DRY_RUN=1)."""
+    """The command a launcher would run, as argv (DRY_RUN=1); LLaVA-1.5's GPU recipe unless ``DEVICE`` is given."""
     result = subprocess.run(
         ["bash", str(SCRIPTS / script)], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "DRY_RUN": "1", **env}, check=True,
+        env={**os.environ, "DRY_RUN": "1", "DEVICE": "gpu", **env}, check=True,
     )
     return shlex.split(result.stdout)
 
@@ -72,6 +73,41 @@ def test_launcher_settings_from_environment():
     model, _, _ = parse_arguments(trainer_args(cmd))
     assert model.compression_output_size == 8 and model.freeze_token_compressor
     assert model.pretrain_mm_mlp_adapter.endswith("llava-v1.5-13b-toconv8-pretrain/mm_projector.bin")
+
+
+def _without_nvidia_smi(tmp_path: Path) -> str:
+    """A PATH with bash and python but no nvidia-smi: what a machine without a GPU driver offers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "python", "dirname", "printf", "echo"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
+
+
+def test_without_a_gpu_the_launchers_train_on_the_cpu_and_say_so(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PATH": _without_nvidia_smi(tmp_path), "OUTPUT_DIR": str(tmp_path / "out")}
+    env.pop("DEVICE", None)
+    result = subprocess.run(["bash", str(SCRIPTS / "pretrain_compress.sh")], capture_output=True, text=True, cwd=REPO,
+                            env=env, check=True)
+    assert "No GPU found (nvidia-smi): training on the CPU" in result.stderr
+    cmd = shlex.split(result.stdout)
+    assert cmd[:2] == ["python", "llava/train/train.py"] and "--deepspeed" not in cmd
+    args = cmd[2:]
+    assert args[args.index("--bf16") + 1] == "False" and args[args.index("--tf32") + 1] == "False"
+    model, _, training = parse_arguments(args)  # parses as is: no flag to strip for a CPU
+    assert training.use_cpu and not training.bf16 and model.compression_output_size == 12
+    # Asked for by name: the same command, no notice.
+    quiet = subprocess.run(["bash", str(SCRIPTS / "pretrain_compress.sh")], capture_output=True, text=True,
+                           cwd=REPO, env={**env, "DEVICE": "cpu"}, check=True)
+    assert shlex.split(quiet.stdout) == cmd and "No GPU found" not in quiet.stderr
+
+
+def test_an_unknown_device_is_refused_by_name():
+    result = subprocess.run(["bash", str(SCRIPTS / "finetune.sh")], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "DRY_RUN": "1", "DEVICE": "tpu"}, check=False)
+    assert result.returncode == 2 and "DEVICE=tpu is not a training device" in result.stderr
 
 
 @pytest.mark.parametrize(("name", "stage"), [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])

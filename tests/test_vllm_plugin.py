@@ -9,10 +9,11 @@ reference tokens. Without that venv the module is skipped, except under CI (``$C
 Every vLLM start-up costs about a minute on two cores, so they all start at once, in one module
 fixture, and every test reads from them:
 
-- four ``vllm serve`` servers: the fork's 24→12 and 24→8 checkpoints converted with
-  ``toconv-convert-to-hf``, the 24→12 one without its compressor as a plain llava-hf
-  checkpoint (vLLM's own LLaVA, 576 image tokens), and a fork LLaVA-1.6 (anyres) 24→12 one
-  converted (``ToConvLlavaNextForConditionalGeneration``, ``anyres_token_count`` tokens per image);
+- six ``vllm serve`` servers (``benchmarks.vllm_standins.build_serving_standins``): the fork's
+  LLaVA-1.5 24→12 and 24→8 checkpoints converted with ``toconv-convert-to-hf``, the 24→12 one
+  without its compressor as a plain llava-hf checkpoint (vLLM's own LLaVA, 576 image tokens), and
+  the same three for LLaVA-1.6 (anyres): ``ToConvLlavaNextForConditionalGeneration`` with
+  ``anyres_token_count`` tokens per image, and vLLM's own LLaVA-NeXT;
 - ``tests/vllm_llm_checks.py`` in the vLLM venv: four checkpoints (LLaVA-1.5 and 1.6) whose
   compressor does not fit their vision tower (refused at load), then a batch of 8 image prompts
   through ``vllm.LLM``;
@@ -39,12 +40,7 @@ from benchmarks.vllm_server import (
     vllm_python,
     vllm_venv,
 )
-from benchmarks.vllm_standins import (
-    build_fork_checkpoint,
-    build_fork_next_checkpoint,
-    convert_to_hf,
-    strip_compression,
-)
+from benchmarks.vllm_standins import build_serving_standins, fork_source
 from prerequisites import skip_or_fail_under_ci
 
 pytestmark = pytest.mark.slow
@@ -55,11 +51,14 @@ QUESTION = "What is in the image?"
 MAX_TOKENS = 12
 # Image tokens per image for each served LLaVA-1.5 checkpoint.
 IMAGE_TOKENS = {"24to12": 144, "24to8": 64, "none": 576}
-# The LLaVA-1.6 server's name, and the (width, height) of the images it answers: wide, tall, square, tiny,
-# larger than every pinpoint, and one where transformers' unpad rounding (vLLM's own LLaVA-NeXT) would keep
-# 2 more columns than the fork's rule at 24→12 (468 tokens, not 480).
+# The compressed LLaVA-1.6 servers (by compressed grid side), and the (width, height) of the images they
+# answer: wide, tall, square, tiny, larger than every pinpoint, and one where transformers' unpad rounding
+# (vLLM's own LLaVA-NeXT) would keep 2 more columns than the fork's rule at 24→12 (468 tokens, not 480).
 NEXT = "next-24to12"
+NEXT_SERVERS = {NEXT: 12, "next-24to8": 8}
 NEXT_SIZES = [(400, 300), (300, 700), (1000, 1000), (20, 20), (2000, 1500), (792, 352)]
+# LLaVA-1.5 pads a non-square image to a square before CLIP: the plugin's processor must too.
+WIDE = (500, 300)
 
 
 # ---- the vLLM venv and the checkpoints ---------------------------------------------------------
@@ -127,20 +126,14 @@ def _misfits(served: Path, folder: Path, prefix: str = "") -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Checkpoints:
-    from llava.standins import build_tiny_clip, make_images
+    from llava.standins import make_images
 
     folder = tmp_path_factory.mktemp("vllm-plugin")
-    clip = build_tiny_clip(folder / "clip")
-    fork = {"24to12": folder / "fork-24to12", "24to8": folder / "fork-24to8"}
-    build_fork_checkpoint(fork["24to12"], clip, compression_output_size=12)
-    build_fork_checkpoint(fork["24to8"], clip, compression_output_size=8, tokenizer_path=fork["24to12"])
+    llava_15 = build_serving_standins(folder, levels=(12, 8))
+    llava_16 = build_serving_standins(folder, levels=(12, 8), anyres=True)
+    served = {**llava_15, **{f"next-{name}": path for name, path in llava_16.items()}}
+    fork = {name: fork_source(path) for name, path in served.items() if not name.endswith("none")}
     fork["none"] = fork["24to12"]  # loaded with compression switched off, as the baseline serves it
-    served = {"24to12": convert_to_hf(fork["24to12"], folder / "hf-24to12"),
-              "24to8": convert_to_hf(fork["24to8"], folder / "hf-24to8")}
-    served["none"] = strip_compression(served["24to12"], folder / "hf-none")
-    fork[NEXT] = build_fork_next_checkpoint(folder / "fork-next-24to12", clip, compression_output_size=12,
-                                            tokenizer_path=fork["24to12"], seed=1)
-    served[NEXT] = convert_to_hf(fork[NEXT], folder / "hf-next-24to12")
     refused = {**_misfits(served["24to12"], folder), **_misfits(served[NEXT], folder, prefix="next-")}
 
     images = []
@@ -401,26 +394,58 @@ def test_converted_checkpoint_without_the_plugin_fails_at_load(launched):
 
 
 def test_bench_vllm_on_the_running_servers(launched, tmp_path):
-    """benchmarks/bench_vllm.py against the 24→12 and plain servers: every level measured, tokens as served."""
+    """benchmarks/bench_vllm.py against the plain, 24→12 and 24→8 servers: every round measured, tokens as served."""
     from benchmarks import bench_vllm
 
     argv = [
-        "--compressed-url", launched.servers["24to12"].url, "--baseline-url", launched.servers["none"].url,
-        "--concurrency", "1", "4", "--requests", "4", "--max-tokens", "4", "--warmup", "1",
+        "--baseline-url", launched.servers["none"].url,
+        "--compressed-url", launched.servers["24to12"].url, launched.servers["24to8"].url,
+        "--concurrency", "1", "4", "--requests", "4", "--max-tokens", "4", "--warmup", "1", "--repeats", "1",
         "--json", str(tmp_path / "vllm.json"), "--markdown", str(tmp_path / "vllm.md"),
     ]
     report = bench_vllm.main(argv)
     assert json.loads((tmp_path / "vllm.json").read_text())["comparison"] == report["comparison"]
+    assert list(report["variants"]) == ["none", "hf-24to12", "hf-24to8"]
     for variant in report["variants"].values():
-        assert [level["concurrency"] for level in variant["levels"]] == [1, 4]
-        for level in variant["levels"]:
-            assert level["requests"] == 4 and level["requests_per_s"] > 0 and 0 < level["ttft_median_s"]
-            assert all(sample["completion_tokens"] == 4 for sample in level["samples"])  # ignore_eos
+        assert [r["concurrency"] for r in variant["rounds"]] == [1, 4]
+        for measured in variant["rounds"]:
+            assert measured["requests"] == 4 and measured["requests_per_s"] > 0 and 0 < measured["ttft_median_s"]
+            assert measured["image_size"] == [336, 336]
+            assert all(sample["completion_tokens"] == 4 for sample in measured["samples"])  # ignore_eos
     for row in report["comparison"]:
-        assert row["prompt_tokens"]["baseline"] - row["prompt_tokens"]["compressed"] == 576 - 144
+        saved = {"hf-24to12": 576 - 144, "hf-24to8": 576 - 64}[row["variant"]]
+        assert row["prompt_tokens"]["none"] - row["prompt_tokens"]["compressed"] == saved
         assert row["sequence_length_bound"] > 1
     table = (tmp_path / "vllm.md").read_text()
-    assert table.count("\n| ") == 1 + 2  # header + one row per level
+    assert table.count("\n| ") == 1 + 2 * 2  # header + one row per level × compressed variant
+
+
+def test_non_square_image_is_padded_as_the_fork_pads_it(launched, checkpoints):
+    """LLaVA-1.5, a 500×300 image: vLLM (the plugin's processor pads it to a square) answers the fork's greedy tokens."""
+    import torch
+
+    from llava.mm_utils import process_images
+    from llava.model.builder import load_pretrained_model
+    from llava.standins import make_images
+
+    image = make_images(1, size=WIDE, seed=5)[0].convert("RGB")
+    for name in ("24to12", "24to8"):
+        body = {"model": str(checkpoints.served[name]), "messages": image_message(QUESTION, [image]),
+                "max_tokens": MAX_TOKENS, "temperature": 0.0, "return_token_ids": True}
+        answer = chat_completion(launched.servers[name].url, body)
+        config = json.loads((checkpoints.served[name] / "config.json").read_text())
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            str(checkpoints.fork[name]), None, "llava-tiny", device="cpu"
+        )
+        assert model.config.image_aspect_ratio == "pad"
+        input_ids = torch.tensor([_fork_ids(answer["prompt_token_ids"], config["image_token_index"])])
+        pixels = process_images([image], image_processor, model.config).to(model.dtype)
+        with torch.inference_mode():
+            generated = model.generate(
+                input_ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=MAX_TOKENS,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert generated[0].tolist() == answer["choices"][0]["token_ids"], name
 
 
 # ---- LLaVA-1.6 (anyres): ToConvLlavaNextForConditionalGeneration -----------------------------------
@@ -433,55 +458,76 @@ def _next_image(index: int):
 
 
 @pytest.fixture(scope="module")
-def next_answers(launched, checkpoints) -> list[dict]:
-    """One greedy chat completion per NEXT_SIZES image from the LLaVA-1.6 server, with token ids."""
-    server = launched.servers[NEXT]
-    answers = [
-        chat_completion(server.url, {
-            "model": str(checkpoints.served[NEXT]), "messages": image_message(QUESTION, [_next_image(i)]),
-            "max_tokens": MAX_TOKENS, "temperature": 0.0, "return_token_ids": True,
-        })
-        for i in range(len(NEXT_SIZES))
-    ]
+def next_answers(launched, checkpoints) -> dict[str, list[dict]]:
+    """For each compressed LLaVA-1.6 server, one greedy chat completion per NEXT_SIZES image, with token ids."""
+    answers = {
+        name: [
+            chat_completion(launched.servers[name].url, {
+                "model": str(checkpoints.served[name]), "messages": image_message(QUESTION, [_next_image(i)]),
+                "max_tokens": MAX_TOKENS, "temperature": 0.0, "return_token_ids": True,
+            })
+            for i in range(len(NEXT_SIZES))
+        ]
+        for name in NEXT_SERVERS
+    }
     (checkpoints.folder / "next-answers.json").write_text(json.dumps(answers, indent=2))
     return answers
 
 
-def test_llava_1_6_prompt_holds_the_anyres_token_count_for_every_size(next_answers, checkpoints):
-    """usage.prompt_tokens = text tokens + ``anyres_token_count`` on the 12×12 grid, for every image size."""
+@pytest.mark.parametrize("name", list(NEXT_SERVERS))
+def test_llava_1_6_prompt_holds_the_anyres_token_count_for_every_size(next_answers, checkpoints, name):
+    """usage.prompt_tokens = text tokens + ``anyres_token_count`` on the compressed grid (12×12, 8×8), for every size."""
     from transformers import AutoTokenizer
 
     import llava.hf  # noqa: F401  (toconv_llava_next for AutoTokenizer)
     from llava.hf.anyres import anyres_token_count
 
-    folder = checkpoints.served[NEXT]
+    folder = checkpoints.served[name]
     config = json.loads((folder / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text_tokens = len(tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True)["input_ids"]) - 1
-    for (width, height), answer in zip(NEXT_SIZES, next_answers, strict=True):
-        expected = anyres_token_count((height, width), config["image_grid_pinpoints"], 336, 12)
+    counts = []
+    for (width, height), answer in zip(NEXT_SIZES, next_answers[name], strict=True):
+        expected = anyres_token_count((height, width), config["image_grid_pinpoints"], 336, NEXT_SERVERS[name])
         _, image_tokens = _image_run(answer["prompt_token_ids"], config["image_token_index"])
         assert image_tokens == expected, (width, height)
         assert answer["usage"]["prompt_tokens"] == text_tokens + expected, (width, height)
-    assert _image_run(next_answers[NEXT_SIZES.index((792, 352))]["prompt_token_ids"],
-                      config["image_token_index"])[1] == 468  # the fork's unpad rule, not transformers' (480)
+        counts.append(image_tokens)
+    # 400×300, 300×700, 1000×1000 as scripts/anyres_token_counts.py prints them; 792×352 by the fork's unpad rule.
+    assert counts[:3] + counts[-1:] == {12: [348, 508, 744, 468], 8: [152, 226, 336, 216]}[NEXT_SERVERS[name]]
 
 
-def test_llava_1_6_greedy_tokens_equal_the_forks_generate(next_answers, checkpoints):
-    """Same weights, prompt and image, float32: vLLM's greedy tokens are the fork's ``generate``'s, for every size."""
+@pytest.mark.parametrize("name", list(NEXT_SERVERS))
+def test_llava_1_6_greedy_tokens_equal_the_forks_and_transformers(next_answers, checkpoints, name):
+    """One converted checkpoint, three engines, float32: vLLM's prompt and greedy tokens are transformers' (the
+    converted checkpoint through ``llava.hf``) and the fork's ``generate``'s (its checkpoint before conversion),
+    for every size."""
     import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    import llava.hf  # noqa: F401  (toconv_llava_next for the Auto classes)
     from llava.mm_utils import process_images
     from llava.model.builder import load_pretrained_model
 
-    config = json.loads((checkpoints.served[NEXT] / "config.json").read_text())
+    served = checkpoints.served[name]
+    config = json.loads((served / "config.json").read_text())
     tokenizer, model, image_processor, _ = load_pretrained_model(
-        str(checkpoints.fork[NEXT]), None, "llava-v1.6-tiny", device="cpu"
+        str(checkpoints.fork[name]), None, "llava-v1.6-tiny", device="cpu"
     )
     model = model.float().eval()
-    for i, answer in enumerate(next_answers):
+    hf_model = AutoModelForImageTextToText.from_pretrained(served, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(served)
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    chat = processor.apply_chat_template(message, add_generation_prompt=True)
+    for i, answer in enumerate(next_answers[name]):
         image = _next_image(i).convert("RGB")
+        tokens = answer["choices"][0]["token_ids"]
+        inputs = processor(images=image, text=chat, add_special_tokens=False, return_tensors="pt")  # as docs/serving.md
+        assert inputs["input_ids"][0].tolist() == answer["prompt_token_ids"], NEXT_SIZES[i]
+        with torch.inference_mode():
+            hf_generated = hf_model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+        assert hf_generated[0, inputs["input_ids"].shape[1]:].tolist() == tokens, ("transformers", NEXT_SIZES[i])
         input_ids = torch.tensor([_fork_ids(answer["prompt_token_ids"], config["image_token_index"])])
         pixels = process_images([image], image_processor, model.config)
         with torch.inference_mode():
@@ -489,4 +535,31 @@ def test_llava_1_6_greedy_tokens_equal_the_forks_generate(next_answers, checkpoi
                 input_ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=MAX_TOKENS,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        assert generated[0].tolist() == answer["choices"][0]["token_ids"], NEXT_SIZES[i]
+        assert generated[0].tolist() == tokens, ("fork", NEXT_SIZES[i])
+
+
+def test_bench_vllm_anyres_on_the_running_servers(launched, tmp_path):
+    """benchmarks/bench_vllm.py --anyres against the LLaVA-1.6 servers: none, 24→12 and 24→8, every size measured."""
+    from benchmarks import bench_vllm
+
+    compressed = [launched.servers[name].url for name in NEXT_SERVERS]
+    argv = [
+        "--anyres", "--baseline-url", launched.servers["next-none"].url, "--compressed-url", *compressed,
+        "--concurrency", "2", "--requests", "2", "--max-tokens", "2", "--warmup", "1", "--repeats", "2",
+        "--json", str(tmp_path / "anyres.json"), "--markdown", str(tmp_path / "anyres.md"),
+    ]
+    report = bench_vllm.main(argv)
+    assert list(report["variants"]) == ["none", "hf-24to12", "hf-24to8"]  # named by the model each serves
+    text_tokens = {}
+    for row in report["comparison"]:
+        size = tuple(row["image_size"])
+        tokens = row["prompt_tokens"]
+        expected = {"hf-24to12": {(400, 300): 348, (300, 700): 508, (1000, 1000): 744},
+                    "hf-24to8": {(400, 300): 152, (300, 700): 226, (1000, 1000): 336}}[row["variant"]][size]
+        text_tokens.setdefault(size, tokens["compressed"] - expected)
+        assert tokens["compressed"] - expected == text_tokens[size]
+        # vLLM's own LLaVA-NeXT, uncompressed: 1,368 / 1,976 / 2,928 image tokens (its unpad rule agrees here).
+        assert tokens["none"] - text_tokens[size] == {(400, 300): 1368, (300, 700): 1976, (1000, 1000): 2928}[size]
+        assert row["sequence_length_bound"] > 1 and row["throughput_ratio"] > 0 and row["ttft_ratio"] > 0
+    assert len(report["comparison"]) == 2 * 3 and all(row["repeats"] == 2 for row in report["comparison"])
+    assert (tmp_path / "anyres.md").read_text().count("\n| ") == 1 + 2 * 3  # header + one row per variant × size

@@ -11,7 +11,6 @@ Stand-ins: a 2-layer Llama (hidden 64) saved as a plain LLM checkpoint, the BPE 
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 from pathlib import Path
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 # torch, transformers and the trainer are imported where they are used: as a plugin of every test
 # session, this module must not add their import time to runs that never train.
 
-COLORS = ["red circle", "green square", "blue triangle", "yellow circle"]
 ADAPTER_KEYS = {
     "model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
     "model.mm_projector.2.bias", "model.vision_tower.token_compressor.conv.weight",
@@ -40,42 +38,16 @@ SAVED_ADAPTER_KEYS = ADAPTER_KEYS | {GRID_SIZES_RECORD}  # what mm_projector.bin
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> SimpleNamespace:
     """Tokenizer + plain tiny Llama, tiny CLIP, 12 images, caption and conversation data."""
-    import torch
-    import transformers
-
-    from llava.standins import build_tiny_clip, build_tokenizer, make_images, save_images, tiny_language_config
+    from llava.standins import build_tiny_clip, build_tiny_language_model, make_images, save_images, write_training_data
 
     root = tmp_path_factory.mktemp("train-e2e")
-    llm = build_tokenizer(root / "llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(llm)
-    tiny = tiny_language_config(vocab_size=len(tokenizer)).to_dict()
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "intermediate_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: tiny[k] for k in fields})).save_pretrained(llm)
+    llm = build_tiny_language_model(root / "llama")
     clip = build_tiny_clip(root / "clip")
     images = root / "images"
     names = save_images(make_images(12, size=(400, 300), seed=0), images)
-    captions = [
-        {"id": f"cap-{i}", "image": n, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."},
-            {"from": "gpt", "value": f"The image shows a {COLORS[i % 4]} on a white background."}]}
-        for i, n in enumerate(names)
-    ]
-    chats = [
-        {"id": f"chat-{i}", "image": n, "conversations": [
-            {"from": "human", "value": "What is in the image?\n<image>"},
-            {"from": "gpt", "value": f"A {COLORS[i % 4]}."},
-            {"from": "human", "value": "How many shapes are there?"},
-            {"from": "gpt", "value": "one"}]}
-        for i, n in enumerate(names)
-    ]
-    chats.append({"id": "text-0", "conversations": [
-        {"from": "human", "value": "What color is the shape?"}, {"from": "gpt", "value": "red"}]})
-    (root / "pretrain.json").write_text(json.dumps(captions))
-    (root / "finetune.json").write_text(json.dumps(chats))
-    return SimpleNamespace(root=root, llm=llm, clip=clip, images=images, names=names,
-                           pretrain=root / "pretrain.json", finetune=root / "finetune.json")
+    pretrain, finetune = write_training_data(root, names)
+    return SimpleNamespace(root=root, llm=llm, clip=clip, images=images, names=names, pretrain=pretrain,
+                           finetune=finetune)
 
 
 def model_flags(ws) -> list[str]:

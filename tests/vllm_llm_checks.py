@@ -18,7 +18,9 @@ import json
 import sys
 import traceback
 
-ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048, "limit_mm_per_prompt": {"image": 1}}
+# As benchmarks/vllm_server.py's CPU_SERVE_ARGS (this file runs in the vLLM venv, apart from the checkout's imports).
+ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048, "limit_mm_per_prompt": {"image": 1},
+               "kv_cache_memory_bytes": 256 * 2**20}
 
 
 def run_batch(spec: dict) -> list[dict]:

@@ -83,6 +83,7 @@ from .models import (
     choose_geometry,
     validate_grid_sizes,
 )
+from .notices import quiet_deepspeed_cpu_notice
 from .settings import (
     DEFAULT_COMPRESSION_OUTPUT_SIZE,
     DEFAULT_USE_TOKEN_COMPRESSION,
@@ -111,6 +112,8 @@ from .weights import (
     compressor_shapes,
     load_compressor_tensors,
 )
+
+quiet_deepspeed_cpu_notice()
 
 __all__ = [
     "CLIP",

@@ -259,6 +259,17 @@ def provenance_differences(
     return diffs
 
 
+def _metadata_fix(meta: CompressorMetadata, input_grid_size: int, output_grid_size: int, hidden_dim: int) -> str:
+    """What to do about a misfit: the grid sizes can be set to the checkpoint's; a tower's width cannot."""
+    if meta.hidden_dim != hidden_dim:
+        made_for = f" ({meta.vision_tower})" if meta.vision_tower else ""
+        return (f"It was fitted to a {meta.hidden_dim}-channel vision tower{made_for}, and this one has {hidden_dim} "
+                f"channels: use a compressor trained on this tower (toconv-train-compressor --vision-tower with this "
+                f"tower), or the tower it was made for.")
+    return (f"Use a checkpoint trained for {input_grid_size}→{output_grid_size}, or set "
+            f"compression_input_size/compression_output_size to {meta.input_grid_size}/{meta.output_grid_size}.")
+
+
 def check_metadata(
     meta: CompressorMetadata,
     path: str | os.PathLike,
@@ -281,9 +292,7 @@ def check_metadata(
     if diffs:
         raise ValueError(
             f"Token compressor checkpoint {path} does not fit this vision tower ({'; '.join(diffs)}). "
-            f"Use a checkpoint trained for {input_grid_size}→{output_grid_size} at hidden size {hidden_dim}, "
-            f"or set compression_input_size/compression_output_size to "
-            f"{meta.input_grid_size}/{meta.output_grid_size}."
+            f"{_metadata_fix(meta, input_grid_size, output_grid_size, hidden_dim)}"
         )
     soft = provenance_differences(meta, vision_tower, select_layer, select_feature)
     if soft:

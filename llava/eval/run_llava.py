@@ -32,6 +32,8 @@ from llava.utils import (
     resolve_device,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -79,6 +81,9 @@ def eval_model(args) -> str:
 
     images = [load_image(path) for path in args.image_file.split(args.sep)]
     image_sizes = [image.size for image in images]
+    counts = [model.image_token_count(size) for size in image_sizes]
+    logger.info("Image tokens for the language model: %s (%s)", " + ".join(map(str, counts)),
+                "compressed" if model.get_vision_tower().token_compressor is not None else "no compression")
     images_tensor = images_to(process_images(images, image_processor, model.config), model)
     input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from transformers.image_processing_utils import select_best_resolution
 
-from ..mm_utils import unpadded_bounds
+from ..mm_utils import check_tile_multiples, unpadded_bounds
 
 
 def anyres_tile_grid(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: int) -> tuple[int, int]:
@@ -51,11 +51,8 @@ def check_pinpoints(pinpoints, tile: int, where: str, order: str = "[height, wid
         pairs = None
     if not pairs:
         raise ValueError(f"{where}image_grid_pinpoints must be a non-empty list of {order} pairs, got {pinpoints!r}.")
-    bad = [pair for pair in pairs if min(pair) < tile or pair[0] % tile or pair[1] % tile]
-    if bad:
-        raise ValueError(
-            f"{where}image_grid_pinpoints {bad} ({order}) are not multiples of the tile size {tile} (the vision tower's "
-            f"image_size): anyres cuts each canvas into {tile}×{tile} tiles. Use multiples of {tile}, e.g. "
-            f"[[{tile}, {2 * tile}], [{2 * tile}, {tile}], [{2 * tile}, {2 * tile}]]."
-        )
+    try:
+        check_tile_multiples(pairs, tile, order)
+    except ValueError as err:
+        raise ValueError(f"{where}{err}") from None
     return pairs

@@ -29,7 +29,6 @@ from ..model.multimodal_encoder.clip_encoder import (
     DEFAULT_MM_VISION_SELECT_FEATURE,
     CLIPImageProcessor,
 )
-from .anyres import check_pinpoints
 from .chat_template import chat_template
 from .source import SourceParts, refuse_siglip
 from .weight_files import read_weights
@@ -205,12 +204,10 @@ def _pinpoints(config: dict, vision_config, folder: Path) -> list[list[int]]:
     """The fork's ``image_grid_pinpoints`` ([width, height], a list or its repr) as transformers' [height, width]."""
     from ..mm_utils import parse_grid_pinpoints
 
-    where = f"{folder / 'config.json'}: "
     try:
-        pairs = parse_grid_pinpoints(config.get("image_grid_pinpoints") or [])
+        pairs = parse_grid_pinpoints(config.get("image_grid_pinpoints") or [], vision_config.image_size)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}{err}") from err
-    pairs = check_pinpoints(pairs, vision_config.image_size, where, order="[width, height]")
+        raise ValueError(f"{folder / 'config.json'}: {err}") from err
     return [[height, width] for width, height in pairs]
 
 

@@ -45,6 +45,7 @@ from .compressor_layout import FORK
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import check_compressor_weights, load_adapter_weights
+from .load_report import quiet_compressor_report
 from .weights_io import load_weights_file
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,8 @@ def load_pretrained_model(
         source=f"{model_path}/config.json",
     )
     _anyres_pinpoints(config, 1, f"{model_path}/config.json")  # its form, before the weights load
-    tokenizer, model, info, extra = _load_llava(model_cls, config, model_path, model_base, model_name, lora, kwargs)
+    with quiet_compressor_report(switched_on):  # our own line says the compressor starts from its init
+        tokenizer, model, info, extra = _load_llava(model_cls, config, model_path, model_base, model_name, lora, kwargs)
     compressor_missing = _check_missing_weights(info["missing_keys"], extra, model_path)
     _finish_compressor(model, switched_on, token_compressor_path, compressor_missing, model_path,
                        checked=bool(FORK.keys_in(extra)))

@@ -3,9 +3,37 @@
 
 VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
 COMPRESS_TO=${COMPRESS_TO:-}
-LAUNCHER=${LAUNCHER:-deepspeed}
-ENTRY=${ENTRY:-llava/train/train_mem.py}
 REPORT_TO=${REPORT_TO:-none}
+
+# DEVICE: gpu (LLaVA-1.5's recipe: DeepSpeed, FlashAttention-2, bf16, tf32) or cpu (a small run, e.g. on
+# stand-ins: python llava/train/train.py, no DeepSpeed, float32, --use_cpu). Default: gpu when nvidia-smi
+# lists a GPU, else cpu, said on stderr. LAUNCHER, ENTRY and DS_CONFIG still override either.
+if [ -z "${DEVICE:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        DEVICE=gpu
+    else
+        DEVICE=cpu
+        echo "No GPU found (nvidia-smi): training on the CPU (DEVICE=cpu: python llava/train/train.py, no DeepSpeed," \
+             "--bf16 False --tf32 False --use_cpu True). Set DEVICE=gpu for LLaVA-1.5's GPU recipe." >&2
+    fi
+fi
+case "$DEVICE" in
+    gpu)
+        LAUNCHER=${LAUNCHER:-deepspeed}
+        ENTRY=${ENTRY:-llava/train/train_mem.py}
+        PRECISION_ARGS=(--bf16 True --tf32 True)
+        ;;
+    cpu)
+        LAUNCHER=${LAUNCHER:-python}
+        ENTRY=${ENTRY:-llava/train/train.py}
+        DS_CONFIG=${DS_CONFIG-}  # set (empty) here, so the stage scripts' DeepSpeed default does not apply
+        PRECISION_ARGS=(--bf16 False --tf32 False --use_cpu True)
+        ;;
+    *)
+        echo "DEVICE=$DEVICE is not a training device: use DEVICE=gpu (LLaVA-1.5's recipe) or DEVICE=cpu." >&2
+        exit 2
+        ;;
+esac
 
 # LLaVA-1.5's recipe, the same in every stage; the stage scripts add their own settings.
 SHARED_TRAINING_ARGS=(
@@ -13,7 +41,7 @@ SHARED_TRAINING_ARGS=(
     --mm_vision_select_layer -2
     --mm_use_im_start_end False
     --mm_use_im_patch_token False
-    --bf16 True
+    "${PRECISION_ARGS[@]}"
     --num_train_epochs 1
     --per_device_eval_batch_size 4
     --gradient_accumulation_steps 1
@@ -24,7 +52,6 @@ SHARED_TRAINING_ARGS=(
     --warmup_steps 0.03
     --lr_scheduler_type cosine
     --logging_steps 1
-    --tf32 True
     --model_max_length 2048
     --activation_checkpointing True
     --dataloader_num_workers 4

@@ -3,7 +3,7 @@
 # starting from stage 1's mm_projector.bin (which restores the projector and the compressor).
 #
 # Settings (environment; extra arguments go on to the trainer):
-#   LLM, VISION_TOWER, COMPRESS_TO, LAUNCHER, ENTRY, DRY_RUN   as in pretrain.sh
+#   LLM, VISION_TOWER, COMPRESS_TO, DEVICE, LAUNCHER, ENTRY, DRY_RUN   as in pretrain.sh
 #   PROJECTOR      stage 1's mm_projector.bin   (./checkpoints/llava-v1.5-13b[-toconv$COMPRESS_TO]-pretrain/mm_projector.bin)
 #   DATA_PATH      (./playground/data/llava_v1_5_mix665k.json)
 #   IMAGE_FOLDER   (./playground/data)

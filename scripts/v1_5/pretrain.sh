@@ -9,6 +9,8 @@
 #   IMAGE_FOLDER    images of DATA_PATH                     (./playground/data/LLaVA-Pretrain/images)
 #   COMPRESS_TO     compressed grid side: 12 (144 tokens) or 8 (64); unset: no compression
 #   OUTPUT_DIR      (./checkpoints/llava-v1.5-13b[-toconv$COMPRESS_TO]-pretrain)
+#   DEVICE          gpu or cpu (gpu when nvidia-smi lists one); cpu: the launcher, entry, DeepSpeed and
+#                   precision defaults below become python, llava/train/train.py, none, float32 + --use_cpu
 #   LAUNCHER        (deepspeed); e.g. "torchrun --nproc_per_node 8"
 #   ENTRY           (llava/train/train_mem.py: FlashAttention-2); llava/train/train.py without flash-attn
 #   DS_CONFIG       (./scripts/zero2.json); empty: no DeepSpeed (plain DDP under torchrun)

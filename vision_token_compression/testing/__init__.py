@@ -15,7 +15,19 @@ from .standins import (
     build_siglip_standin,
     find_local_tower,
 )
-from .synthetic import make_structured_image, make_structured_images
+
+# ``synthetic`` is also run as a script (python -m ...testing.synthetic): importing it here, with the
+# package, would make runpy warn that the module is already imported. Its names load on first use.
+_SYNTHETIC = ("make_structured_image", "make_structured_images")
+
+
+def __getattr__(name: str):
+    if name in _SYNTHETIC:
+        from . import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CLIP_VISION_CONFIGS",
