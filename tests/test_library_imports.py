@@ -27,6 +27,7 @@ LIBRARY_MODULES = {
     "vision_token_compression.models.geometry",
     "vision_token_compression.models.partial_conv",
     "vision_token_compression.models.token_compressor",
+    "vision_token_compression.notices",
     "vision_token_compression.settings",
     "vision_token_compression.towers",
     "vision_token_compression.weights",
