@@ -199,6 +199,36 @@ def test_relative_scores_and_the_average_come_from_the_rows_own_scores():
     assert "| **average of relative scores** | 12 | | over 2 benchmark(s) | | 102.5 | |" in text
 
 
+def test_the_probe_counts_what_the_decoder_received_per_row_and_flags_cut_prompts():
+    import torch
+
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.eval.image_tokens import ImageTokenProbe, image_counts, summarise
+
+    class Decoder(torch.nn.Module):
+        def forward(self, inputs_embeds=None, attention_mask=None):
+            return inputs_embeds
+
+    decoder = Decoder()
+    probe = ImageTokenProbe(decoder, max_length=40)
+    pad, img = 0, IMAGE_TOKEN_INDEX
+    ids = torch.tensor([[pad, pad, 5, img, 6, 7], [5, 6, img, 7, img, 8], [pad, 5, 6, 7, 8, 9]])
+    mask = (torch.arange(6)[None] >= torch.tensor([[2], [0], [1]])).long()
+    probe.expect(ids, mask)
+    # The decoder's first forward: rows of 3 + 30, 4 + 2 × 18 (= 40, the limit) and 5 text tokens, left-padded.
+    lengths = torch.tensor([33, 40, 5])
+    decoder(inputs_embeds=torch.zeros(3, 40, 2), attention_mask=(torch.arange(40)[None] >= 40 - lengths[:, None]).long())
+    assert probe.take() == [30, 36, 0] and probe.truncated == [False, True, False]
+    assert image_counts(ids) == [1, 2, 0]
+    decoder(inputs_embeds=torch.zeros(3, 1, 2), attention_mask=None)  # a decoding step: not read
+    with pytest.raises(RuntimeError, match="nothing was measured"):
+        probe.take()
+    summary = summarise([{"images": 1, "image_tokens": 30}, {"images": 2, "image_tokens": 36, "truncated": True},
+                         {"images": 0, "image_tokens": 0}])
+    assert summary.as_dict() == {"answers": 3, "images": 3, "mean": 22, "min": 18, "max": 30, "truncated": 1}
+    probe.close()
+
+
 # ---------------------------------------------------------------- reading the scorers' printouts
 
 
@@ -254,7 +284,7 @@ def test_suite_three_levels_then_a_second_run_answers_nothing(tmp_path, tiny_lla
     assert [r["image_tokens"]["images"] for r in rows] == [3] * 3 + [2] * 3
     # Each score is what the scorer gives on the answers the run wrote; relative is score / score at none.
     for row in rows:
-        answers = Path(row["answers"])
+        answers = tmp_path / row["answers"]  # as EVAL_DIR gives it: relative to where the suite ran
         if row["benchmark"] == "pope":
             scores, _ = printed(eval_pope.evaluate, str(eval_dir / "pope" / "coco"),
                                 str(eval_dir / "pope" / "llava_pope_test.jsonl"), str(answers))
@@ -276,13 +306,13 @@ def test_suite_three_levels_then_a_second_run_answers_nothing(tmp_path, tiny_lla
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["commit"] and summary["model_path"] == str(tiny_llava)
 
-    answers_before = {r["answers"]: Path(r["answers"]).read_text() for r in rows}
+    answers_before = {r["answers"]: (tmp_path / r["answers"]).read_text() for r in rows}
     again = run_suite(tmp_path, tiny_llava, BENCHMARKS="pope sqa")
 
     logs = "".join((out / "logs" / f"{b}-{level}.stderr.txt").read_text() for b in ("pope", "sqa")
                    for level in ("none", "12", "8"))
     assert "Loading LLaVA" not in logs and logs.count("nothing to answer") == 6
-    assert {r["answers"]: Path(r["answers"]).read_text() for r in rows} == answers_before
+    assert {r["answers"]: (tmp_path / r["answers"]).read_text() for r in rows} == answers_before
     assert [(r["score"], r["image_tokens"]) for r in again["rows"]] == [(r["score"], r["image_tokens"]) for r in rows]
 
 
@@ -310,18 +340,20 @@ def test_a_benchmark_with_broken_data_fails_alone(tmp_path, tiny_llava):
     # GQA ran in two chunks; their image-token sidecars were merged like the answers.
     gqa_row = by_name["gqa"]
     assert gqa_row["status"] == "ok" and gqa_row["score"] is not None
-    assert gqa_row["image_tokens"] == {"answers": 4, "images": 4, "mean": 576, "min": 576, "max": 576}
-    merged = Path(gqa_row["answers"])
+    assert gqa_row["image_tokens"] == {"answers": 4, "images": 4, "mean": 576, "min": 576, "max": 576,
+                                       "truncated": 0}
+    merged = tmp_path / gqa_row["answers"]
     assert [a["question_id"] for a in read_jsonl(merged)] == [r["question_id"] for r in
                                                              read_jsonl(merged.with_suffix(".image_tokens.jsonl"))]
     mmvet = by_name["mmvet"]
-    assert mmvet["score"] is None and Path(mmvet["submission"]).is_file()
+    assert mmvet["score"] is None and (tmp_path / mmvet["submission"]).is_file()
     assert mmvet["submission"].endswith("mm-vet/results/llava-v1.5-tiny.json")
     assert {s["benchmark"] for s in summary["skipped"]} == set(BENCHMARKS) - {"gqa", "textvqa", "mmvet"}
 
 
-# LLaVA-1.6 stand-in image sizes and their image tokens uncompressed and at 24→12 (test_llava16_anyres.TABLE).
-ANYRES_SIZES = {(400, 300): (1368, 348), (300, 700): (1976, 508), (1000, 1000): (2928, 744)}
+# LLaVA-1.6 stand-in image sizes and their image tokens uncompressed and at 24→12 (test_llava16_anyres.TABLE);
+# each prompt fits the stand-in's 2,048-token context.
+ANYRES_SIZES = {(400, 300): (1368, 348), (300, 700): (1976, 508), (20, 20): (1176, 300)}
 
 
 @pytest.mark.slow
@@ -343,7 +375,7 @@ def test_llava16_anyres_reports_the_measured_mean_per_image(tmp_path, tiny_tower
     for row, column in zip(summary["rows"], (0, 1)):
         counts = [tokens[column] for tokens in ANYRES_SIZES.values()]
         assert row["image_tokens"] == {"answers": 3, "images": 3, "mean": sum(counts) / 3, "min": min(counts),
-                                       "max": max(counts)}
-        sidecar = read_jsonl(Path(row["answers"]).with_suffix(".image_tokens.jsonl"))
+                                       "max": max(counts), "truncated": 0}
+        sidecar = read_jsonl((tmp_path / row["answers"]).with_suffix(".image_tokens.jsonl"))
         assert [r["image_tokens"] for r in sidecar] == counts
-    assert "(1368–2928)" in (tmp_path / EVAL / "suite" / model.name / "summary.md").read_text()
+    assert "1506.7 (1176–1976)" in (tmp_path / EVAL / "suite" / model.name / "summary.md").read_text()

@@ -8,6 +8,10 @@ each ``generate`` call, whose ``attention_mask`` spans every row's text plus its
 embeddings; the row's text tokens (its unpadded ids other than the image placeholder) are subtracted.
 A LLaVA-1.6 (anyres) image gets its own count, which depends on its size.
 
+A prompt the model cut at its context limit (``tokenizer_model_max_length``) lost its end, and the
+count cannot tell lost text from lost image tokens: such a line says ``"truncated": true``, and its
+count is a lower bound.
+
 ``summarise`` reads a sidecar back (the eval suite's "image tokens per image" column).
 """
 
@@ -41,7 +45,9 @@ class ImageTokenProbe:
     (later ones are one-token decoding steps).
     """
 
-    def __init__(self, decoder: torch.nn.Module) -> None:
+    def __init__(self, decoder: torch.nn.Module, max_length: int | None = None) -> None:
+        self.max_length = max_length
+        self.truncated: list[bool] = []
         self._text_tokens: list[int] | None = None
         self._measured: list[int] | None = None
         self._handle = decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -75,6 +81,7 @@ class ImageTokenProbe:
         # No mask: no row is padded (the LLaVA model drops an all-ones mask), each spans the whole length.
         lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None else mask.bool().sum(dim=1).tolist()
         self._measured = [length - text for length, text in zip(lengths, self._text_tokens)]
+        self.truncated = [self.max_length is not None and length >= self.max_length for length in lengths]
         self._text_tokens = None
 
 
@@ -83,41 +90,49 @@ def image_counts(input_ids: torch.Tensor) -> list[int]:
     return (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1).tolist()
 
 
-def sidecar_line(fields: dict[str, Any], images: int, image_tokens: int) -> dict[str, Any]:
+def sidecar_line(fields: dict[str, Any], images: int, image_tokens: int, truncated: bool = False) -> dict[str, Any]:
     """One sidecar record: the answer's ids (``question_id``, and ``round_id`` when it has one) and its counts."""
     ids = {key: fields[key] for key in ("question_id", "round_id") if key in fields}
-    return {**ids, "images": images, "image_tokens": image_tokens}
+    return {**ids, "images": images, "image_tokens": image_tokens, **({"truncated": True} if truncated else {})}
 
 
 @dataclass
 class ImageTokenSummary:
-    """What a sidecar says: answers, images among them, and image tokens per image (mean, min, max)."""
+    """What a sidecar says: answers, images among them, image tokens per image (mean, min, max), cut prompts."""
 
     answers: int
     images: int
     total: int
     min: float | None
     max: float | None
+    truncated: int = 0
 
     @property
     def mean(self) -> float | None:
         return self.total / self.images if self.images else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"answers": self.answers, "images": self.images, "mean": self.mean, "min": self.min, "max": self.max}
+        return {"answers": self.answers, "images": self.images, "mean": self.mean, "min": self.min, "max": self.max,
+                "truncated": self.truncated}
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> ImageTokenSummary:
-    """Per-image statistics of sidecar records; a row with several images counts their mean for each."""
+    """Per-image statistics of sidecar records; a row with several images counts their mean for each.
+
+    Text-only answers (no image) count as answers, not as images.
+    """
     per_image: list[float] = []
     total = images = 0
     for record in records:
         n, tokens = int(record["images"]), int(record["image_tokens"])
         images += n
         total += tokens
-        per_image += [tokens / n] * n
+        if n:
+            per_image += [tokens / n] * n
     per_image = [int(value) if value.is_integer() else value for value in per_image]
-    return ImageTokenSummary(len(records), images, total, min(per_image, default=None), max(per_image, default=None))
+    truncated = sum(bool(record.get("truncated")) for record in records)
+    return ImageTokenSummary(len(records), images, total, min(per_image, default=None), max(per_image, default=None),
+                             truncated)
 
 
 def read_sidecar(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -329,8 +329,12 @@ def result_row(settings: Settings, benchmark: Benchmark, level: str) -> dict[str
         row["image_tokens"] = measured_tokens(benchmark, settings, level)
         if benchmark.score is not None:
             row["score"] = benchmark.score(stdout.read_text())
-    except (ScoreNotFoundError, ValueError) as err:
+    except ScoreNotFoundError as err:
         row.update(status="failed", error=str(err), log=str(stdout))
+        return row
+    except Exception as err:  # a broken sidecar or output fails this row only; the suite goes on
+        logger.exception("Reading the results of %s at level %s failed", benchmark.name, level)
+        row.update(status="failed", error=f"reading its results failed: {type(err).__name__}: {err}")
         return row
     submission = benchmark.submission_file(settings.eval_dir, settings.tag(level))
     if submission is not None:

@@ -46,6 +46,8 @@ def _tokens(row: dict[str, Any]) -> str:
     text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
     if tokens["min"] != tokens["max"]:
         text += f" ({tokens['min']:g}–{tokens['max']:g})"
+    if tokens.get("truncated"):
+        text += f", {tokens['truncated']} answer(s) cut at the context limit"
     return text
 
 

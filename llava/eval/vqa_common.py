@@ -387,14 +387,14 @@ class AnswerWriter:
         self._file.close()
         self._tokens.close()
 
-    def write(self, fields: dict[str, Any], text: str, images: int, tokens: int) -> None:
+    def write(self, fields: dict[str, Any], text: str, images: int, tokens: int, truncated: bool = False) -> None:
         # Updating an existing "text" key keeps its place, so each script's key order is upstream's.
         record = {**fields, "text": text, "answer_id": shortuuid.uuid(), "model_id": self.model_name, "metadata": {}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         # The sidecar line follows its answer: a run killed between the two leaves one answer without a
         # count, which --resume answers again.
-        self._tokens.write(json.dumps(image_tokens.sidecar_line(fields, images, tokens)) + "\n")
+        self._tokens.write(json.dumps(image_tokens.sidecar_line(fields, images, tokens, truncated)) + "\n")
         self._tokens.flush()
 
 
@@ -488,7 +488,9 @@ def answer_prompts(args: argparse.Namespace, loaded: LoadedModel, prompts: Seque
                                 batch_size=args.batch_size, num_workers=num_workers)
     pad_id = loader.collate_fn.pad_token_id
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    probe = image_tokens.ImageTokenProbe(loaded.model.get_model())
+    max_length = getattr(loaded.model.config, "tokenizer_model_max_length", None)
+    probe = image_tokens.ImageTokenProbe(loaded.model.get_model(), max_length)
+    cut = 0
     try:
         with AnswerWriter(args.answers_file, loaded.name, append=start > 0) as writer:
             for (input_ids, attention_mask, images, image_sizes), batch in tqdm(zip(loader, batches),
@@ -496,9 +498,13 @@ def answer_prompts(args: argparse.Namespace, loaded: LoadedModel, prompts: Seque
                 probe.expect(input_ids, attention_mask)
                 texts = generate(loaded, input_ids, attention_mask, images, image_sizes, args, pad_id)
                 counts = image_tokens.image_counts(input_ids)
-                for prompt, text, n, tokens in zip(batch, texts, counts, probe.take()):
-                    writer.write(prompt.fields, text, n, tokens)
+                for prompt, text, n, tokens, truncated in zip(batch, texts, counts, probe.take(), probe.truncated):
+                    writer.write(prompt.fields, text, n, tokens, truncated)
+                    cut += truncated
     finally:
         probe.close()
+    if cut:
+        logger.warning("%d prompt(s) reached the context limit of %s tokens and were cut (their end lost); their "
+                       "image-token counts in %s are lower bounds.", cut, max_length, writer.sidecar)
     logger.info("Wrote %d answers to %s (image tokens in %s)", len(prompts), writer.path, writer.sidecar)
     return writer.path
