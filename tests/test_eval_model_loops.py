@@ -153,6 +153,43 @@ def test_model_vqa_chunks_together_equal_the_whole(tiny_llava, image_folder, lla
     assert seen.num_patches == 576 and set(seen.tokens_per_image) == {576}
 
 
+def test_resume_answers_only_what_is_left_and_loads_nothing_when_complete(
+    tiny_llava, image_folder, llavabench_questions, tmp_path, seen, monkeypatch
+):
+    folder, _ = image_folder
+    questions, _ = llavabench_questions
+    answers = tmp_path / "answers.jsonl"
+    sidecar = tmp_path / "answers.image_tokens.jsonl"
+    args = run_args(tiny_llava, questions, answers, "--image-folder", str(folder), "--batch-size", "2", *COMPRESS)
+    model_vqa.main(args)
+    full, counts = read_answers(answers), read_answers(sidecar)
+    # The image tokens beside each answer are those the projector saw for its image: 144 (24→12 switched on).
+    assert [c["image_tokens"] for c in counts] == seen.tokens_per_image == [144] * 5
+    assert counts == [{"question_id": i, "images": 1, "image_tokens": 144} for i in range(5)]
+
+    # A run killed while writing the third answer: two whole lines and a torn one.
+    answers.write_text("".join(json.dumps(a) + "\n" for a in full[:2]) + json.dumps(full[2])[:25])
+    seen.prompts.clear()
+    model_vqa.main(args + ["--resume"])
+    resumed = read_answers(answers)
+    assert resumed[:2] == full[:2]  # kept as they were, answer ids included
+    assert without_ids(resumed) == without_ids(full) and len(seen.prompts) == 3
+    assert read_answers(sidecar) == counts
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded although every answer was there")
+
+    monkeypatch.setattr(vqa_common, "load_pretrained_model", no_load)
+    before = answers.read_text()
+    model_vqa.main(args + ["--resume"])
+    assert answers.read_text() == before
+    # Answers of another model are not resumed: everything is answered again (and so the model loads).
+    other = [dict(a, model_id="another-model") for a in resumed]
+    answers.write_text("".join(json.dumps(a) + "\n" for a in other))
+    with pytest.raises(AssertionError, match="the model loaded"):
+        model_vqa.main(args + ["--resume"])
+
+
 # ---- model_vqa_science: ScienceQA ----------------------------------------------------------------
 
 

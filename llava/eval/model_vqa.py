@@ -32,9 +32,8 @@ def eval_model(args) -> str:
     questions = vqa_common.read_jsonl(args.question_file, required=vqa_common.IMAGE_QUESTION_KEYS)
     questions = vqa_common.get_chunk(questions, args.num_chunks, args.chunk_idx)
 
-    loaded = vqa_common.load_model(args)
     prompts = vqa_common.image_question_prompts(questions, args.image_folder)
-    return vqa_common.answer_prompts(args, loaded, prompts, args.conv_mode)
+    return vqa_common.answer_all(args, prompts)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

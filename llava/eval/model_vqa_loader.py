@@ -50,10 +50,8 @@ def eval_model(args) -> str:
     questions = vqa_common.read_jsonl(args.question_file, required=vqa_common.IMAGE_QUESTION_KEYS)
     questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
 
-    loaded = vqa_common.load_model(args)
-    conv_mode = vqa_common.plain_model_conv_mode(loaded.name, args.conv_mode)
     prompts = vqa_common.image_question_prompts(questions, args.image_folder)
-    return vqa_common.answer_prompts(args, loaded, prompts, conv_mode, num_workers=args.num_workers)
+    return vqa_common.answer_all(args, prompts, num_workers=args.num_workers, plain_mode_switch=True)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -168,9 +168,7 @@ def eval_model(args) -> str:
                                     single_pred_prompt=args.single_pred_prompt, lang=args.lang)
     ]
 
-    loaded = vqa_common.load_model(args)
-    conv_mode = vqa_common.plain_model_conv_mode(loaded.name, args.conv_mode)
-    return vqa_common.answer_prompts(args, loaded, prompts, conv_mode)
+    return vqa_common.answer_all(args, prompts, plain_mode_switch=True)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -70,9 +70,8 @@ def eval_model(args) -> str:
     vqa_common.check_args(args)
     questions = vqa_common.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
 
-    loaded = vqa_common.load_model(args)
     prompts = [build_prompt(item, args.image_folder, args.single_pred_prompt) for item in questions]
-    return vqa_common.answer_prompts(args, loaded, prompts, args.conv_mode)
+    return vqa_common.answer_all(args, prompts)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -8,7 +8,9 @@ generates in left-padded batches and writes upstream's answer JSONL:
 ``{..fields, "text", "answer_id", "model_id", "metadata"}``.
 
 Flags, defaults and answer keys follow upstream LLaVA 1.2.x; beyond upstream every script takes
-``--batch-size``, ``--device``, ``--max_new_tokens`` and the ToConv compression flags.
+``--batch-size``, ``--device``, ``--max_new_tokens``, ``--resume`` and the ToConv compression flags,
+and writes beside the answers the image tokens the language model received for each answer
+(``image_tokens``: ``answers.image_tokens.jsonl``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from llava.constants import (
     config_value,
 )
 from llava.conversation import conv_templates
-from llava.eval import benchmark_io
+from llava.eval import benchmark_io, image_tokens
 from llava.mm_utils import (
     get_model_name_from_path,
     left_pad_input_ids,
@@ -55,6 +57,7 @@ from llava.utils import (
     images_to,
     resolve_device,
 )
+from vision_token_compression import atomic_write_text
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -96,6 +99,10 @@ def build_parser(
     parser.add_argument("--batch-size", type=int, default=1,
                         help="Prompts per generate call, left-padded; greedy answers equal those of batch size 1.")
     parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the answers already in --answers-file that match the questions in order (each with "
+                             "its image-token record) and answer only the rest; when all are there the model is not "
+                             "loaded. Without it the answers file is rewritten, as upstream does.")
     add_compression_args(parser)
     return parser
 
@@ -356,39 +363,148 @@ def generate(loaded: LoadedModel, input_ids, attention_mask, images, image_sizes
 
 
 class AnswerWriter:
-    """Writes upstream's answer lines, one JSON object per line, flushed as they come."""
+    """Writes upstream's answer lines, one JSON object per line, flushed as they come, and their image-token sidecar.
 
-    def __init__(self, path: str, model_name: str) -> None:
+    ``append`` keeps both files' lines (a resumed run); otherwise both are started afresh.
+    """
+
+    def __init__(self, path: str, model_name: str, append: bool = False) -> None:
         self.path = os.path.expanduser(path)
+        self.sidecar = image_tokens.sidecar_path(self.path)
         self.model_name = model_name
+        self.append = append
         self._file = None
+        self._tokens = None
 
     def __enter__(self) -> Self:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._file = open(self.path, "w")
+        mode = "a" if self.append else "w"
+        self._file = open(self.path, mode)
+        self._tokens = open(self.sidecar, mode)
         return self
 
     def __exit__(self, *exc) -> None:
         self._file.close()
+        self._tokens.close()
 
-    def write(self, fields: dict[str, Any], text: str) -> None:
+    def write(self, fields: dict[str, Any], text: str, images: int, tokens: int, truncated: bool = False) -> None:
         # Updating an existing "text" key keeps its place, so each script's key order is upstream's.
         record = {**fields, "text": text, "answer_id": shortuuid.uuid(), "model_id": self.model_name, "metadata": {}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        # The sidecar line follows its answer: a run killed between the two leaves one answer without a
+        # count, which --resume answers again.
+        self._tokens.write(json.dumps(image_tokens.sidecar_line(fields, images, tokens, truncated)) + "\n")
+        self._tokens.flush()
+
+
+# ---- Resuming -----------------------------------------------------------------------------------
+
+
+def _whole_lines(path: str) -> list[dict]:
+    """The leading complete JSON lines of ``path`` (none if it is absent); stops at a torn or bad line."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if not line.endswith("\n"):
+                break  # the last line of a killed run
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(record, dict):
+                break
+            records.append(record)
+    return records
+
+
+def _same_question(record: dict, fields: dict[str, Any]) -> bool:
+    """Whether an answer (or sidecar) line is for the prompt with these fields (its question and round)."""
+    wanted = json.loads(json.dumps({key: fields[key] for key in ("question_id", "round_id") if key in fields}))
+    return all(record.get(key, object()) == value for key, value in wanted.items())
+
+
+def answered_prefix(answers_file: str, prompts: Sequence[Prompt], model_name: str) -> int:
+    """How many leading prompts already have their answer, by ``model_name``, and its image-token line.
+
+    The files are rewritten to hold exactly those lines when they hold more (a torn last line, answers
+    of other questions, lines past the first mismatch), so a resumed run appends after them.
+    """
+    path = os.path.expanduser(answers_file)
+    sidecar = image_tokens.sidecar_path(path)
+    answers, counts = _whole_lines(path), _whole_lines(sidecar)
+    kept = 0
+    for prompt, answer, count in zip(prompts, answers, counts):
+        if (answer.get("model_id") != model_name or not _same_question(answer, prompt.fields)
+                or not _same_question(count, prompt.fields)):
+            break
+        kept += 1
+    for file, records in ((path, answers), (sidecar, counts)):
+        if os.path.isfile(file) and _line_count(file) != kept:
+            atomic_write_text(file, "".join(json.dumps(record) + "\n" for record in records[:kept]))
+    if answers and kept < len(answers):
+        logger.warning("%s: kept the first %d of its %d answer lines (the rest did not follow the questions, "
+                       "lacked an image-token line in %s, or came from another model); answering from there.",
+                       path, kept, len(answers), sidecar)
+    return kept
+
+
+def _line_count(path: str) -> int:
+    with open(path, "rb") as file:
+        data = file.read()
+    return data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
+
+
+def answer_all(args: argparse.Namespace, prompts: Sequence[Prompt], *, num_workers: int = 0,
+               plain_mode_switch: bool = False) -> str:
+    """Answer ``prompts`` into ``--answers-file``: with ``--resume`` only those not answered yet; returns its path.
+
+    The model is loaded only when something is left to answer. ``plain_mode_switch`` applies
+    upstream's ``_mmtag`` template switch for plain-pretrained checkpoints (the loader and MMBench do).
+    """
+    name = get_model_name_from_path(os.path.expanduser(args.model_path))
+    done = answered_prefix(args.answers_file, prompts, name) if args.resume else 0
+    if args.resume and done == len(prompts):
+        logger.info("All %d answers are in %s with their image tokens; nothing to answer.", done, args.answers_file)
+        return os.path.expanduser(args.answers_file)
+    if done:
+        logger.info("Resuming %s: %d of %d answered; answering the other %d.", args.answers_file, done,
+                    len(prompts), len(prompts) - done)
+    loaded = load_model(args)
+    conv_mode = plain_model_conv_mode(loaded.name, args.conv_mode) if plain_mode_switch else args.conv_mode
+    return answer_prompts(args, loaded, prompts, conv_mode, num_workers=num_workers, start=done)
 
 
 def answer_prompts(args: argparse.Namespace, loaded: LoadedModel, prompts: Sequence[Prompt], conv_mode: str,
-                   num_workers: int = 0) -> str:
-    """Generate an answer for every prompt, in order, into ``--answers-file``; returns its path."""
+                   num_workers: int = 0, start: int = 0) -> str:
+    """Generate an answer for every prompt from ``start`` on, in order, into ``--answers-file``; returns its path.
+
+    With ``start`` > 0 the answers file and its sidecar keep their first ``start`` lines and grow.
+    """
+    prompts = list(prompts)[start:]
     loader = create_data_loader(prompts, loaded.tokenizer, loaded.image_processor, loaded.model.config, conv_mode,
                                 batch_size=args.batch_size, num_workers=num_workers)
     pad_id = loader.collate_fn.pad_token_id
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    with AnswerWriter(args.answers_file, loaded.name) as writer:
-        for (input_ids, attention_mask, images, image_sizes), batch in tqdm(zip(loader, batches), total=len(batches)):
-            texts = generate(loaded, input_ids, attention_mask, images, image_sizes, args, pad_id)
-            for prompt, text in zip(batch, texts):
-                writer.write(prompt.fields, text)
-    logger.info("Wrote %d answers to %s", len(prompts), writer.path)
+    max_length = getattr(loaded.model.config, "tokenizer_model_max_length", None)
+    probe = image_tokens.ImageTokenProbe(loaded.model.get_model(), max_length)
+    cut = 0
+    try:
+        with AnswerWriter(args.answers_file, loaded.name, append=start > 0) as writer:
+            for (input_ids, attention_mask, images, image_sizes), batch in tqdm(zip(loader, batches),
+                                                                                 total=len(batches)):
+                probe.expect(input_ids, attention_mask)
+                texts = generate(loaded, input_ids, attention_mask, images, image_sizes, args, pad_id)
+                counts = image_tokens.image_counts(input_ids)
+                for prompt, text, n, tokens, truncated in zip(batch, texts, counts, probe.take(), probe.truncated):
+                    writer.write(prompt.fields, text, n, tokens, truncated)
+                    cut += truncated
+    finally:
+        probe.close()
+    if cut:
+        logger.warning("%d prompt(s) reached the context limit of %s tokens and were cut (their end lost); their "
+                       "image-token counts in %s are lower bounds.", cut, max_length, writer.sidecar)
+    logger.info("Wrote %d answers to %s (image tokens in %s)", len(prompts), writer.path, writer.sidecar)
     return writer.path

@@ -75,7 +75,7 @@ def _check_weight_files(folder: str) -> None:
                                  f"leaves such a file.")
 
 
-def _read_config_dict(model_path: str) -> dict:
+def read_config_dict(model_path: str) -> dict:
     """``model_path``'s config.json as a dict; a ``FileNotFoundError`` naming the path when it is not found."""
     require_pretrained(model_path, "Model path", _MODEL_PATH_FIX)
     try:
@@ -339,7 +339,7 @@ def load_pretrained_model(
         raise TypeError("load_pretrained_model() got an unexpected keyword argument 'multimodal'")
     kwargs = _from_pretrained_kwargs(device_map, device, load_8bit, load_4bit, use_flash_attn, kwargs)
 
-    config_dict = _read_config_dict(model_path)
+    config_dict = read_config_dict(model_path)
     lora = _is_lora_checkpoint(model_path, model_base)
     if not _is_llava(config_dict):
         return _load_language_model(model_path, model_base, lora, kwargs)
