@@ -135,8 +135,8 @@ class TowerGrid:
 def checkpoint_grid(model_path: str, model_base: str | None) -> TowerGrid:
     """The tower grid of a LLaVA checkpoint from its config files only (no weights are read)."""
     from llava.model.builder import read_config_dict
-    from llava.model.multimodal_encoder.clip_encoder import load_tower_config, require_pretrained
-    from vision_token_compression import CompressionSettings, grid_side
+    from llava.model.multimodal_encoder.clip_encoder import load_tower_config
+    from vision_token_compression import CompressionSettings, grid_side, require_pretrained
     from vision_token_compression.towers import tower_family
 
     try:
