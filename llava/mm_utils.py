@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import re
+import struct
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -28,6 +29,10 @@ from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, config_value
 logger = logging.getLogger(__name__)
 
 Resolution = tuple[int, int]  # (width, height)
+
+# What Pillow raises for a file it cannot open or decode, besides its decompression-bomb check: plugins raise
+# OSError (UnidentifiedImageError), SyntaxError, ValueError, EOFError or struct.error on corrupt data.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 def load_image_from_base64(image: str) -> Image.Image:

@@ -6,7 +6,7 @@ with 24→12 compression (144 image tokens). Heartbeats every second, expiry aft
 Upstream's own client (``llava.serve.test_message`` of llava-torch 1.2.2.post1, from the venv that
 ``scripts/check_upstream_dropin.sh`` builds) talks to our controller too.
 
-Skipped without fastapi, uvicorn and requests, except under CI (``$CI`` set), where that is a failure.
+Skipped without fastapi, uvicorn, requests and httpx, except under CI (``$CI`` set), where that is a failure.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 from prerequisites import skip_or_fail_under_ci
 from serve_cluster import Service, list_models, start_controller, start_worker, stop_all, wait_for_models
 
-SERVE_PACKAGES = ("fastapi", "uvicorn", "requests")
+SERVE_PACKAGES = ("fastapi", "uvicorn", "requests", "httpx")
 UPSTREAM_VENV = Path(os.environ.get("TOCONV_UPSTREAM_VENV", "/tmp/toconv-upstream-venv"))
 PLAIN, SMALL = "llava-v1.5-tiny", "llava-v1.5-tiny-toconv12"
 EXPIRATION_S = 3.0
