@@ -22,20 +22,28 @@ import argparse
 import base64
 import io
 import json
-import socket
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_cluster import Service, free_port, list_models, post_json, start_controller, start_worker, stop_all
+from serve_cluster import (
+    FakeWorker,
+    Service,
+    free_port,
+    list_models,
+    nested_json,
+    png_header,
+    post_json,
+    start_controller,
+    start_worker,
+    stop_all,
+)
 
 ANSWER_TIMEOUT_S = 15
 MODEL = "llava-v1.5-tiny"
@@ -56,16 +64,6 @@ class Case:
     raw: bytes | None = None
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG file whose header announces ``width``×``height`` (its pixel data is one empty IDAT)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -76,10 +74,6 @@ def small_png() -> str:
     buffer = io.BytesIO()
     make_images(1, size=(64, 48), seed=1)[0].save(buffer, format="PNG")
     return b64(buffer.getvalue())
-
-
-def nested(depth: int) -> bytes:
-    return b"[" * depth + b"]" * depth
 
 
 WRONG_TYPES = {"bool": True, "int": 7, "float": 2.5, "list": ["x"], "object": {"a": 1}}
@@ -113,15 +107,15 @@ def generate_cases(endpoint: str, image: str) -> list[Case]:
     add("prompt lone surrogate", "encoding", "prompt", prompt=PROMPT + SURROGATE)
     add("stop lone surrogate", "encoding", "stop", stop=SURROGATE)
     add("model lone surrogate", "encoding", "model", model=MODEL + SURROGATE)
-    add("prompt nested 200 deep", "json", "prompt", prompt=json.loads(nested(200)))
+    add("prompt nested 200 deep", "json", "prompt", prompt=json.loads(nested_json(200)))
     add("temperature 1e400 (inf)", "range", "temperature", temperature=float("inf"))
     add("max_new_tokens 10**30", "range", "max_new_tokens", max_new_tokens=-(10 ** 30))
     add("image header 100000×100000 (Pillow's bomb error)", "image", "images[0]", images=[b64(png_header(100_000, 100_000))])
     add("image header 10000×10000 (Pillow's bomb warning)", "image", "images[0]", images=[b64(png_header(10_000, 10_000))])
     add("image header 65535×300 over the limit", "image", "images[0]", images=[b64(png_header(65_535, 300))])
     raw = [
-        ("body nested 100000 deep", "json", "body", nested(DEEP)),
-        ("field nested 100000 deep", "json", "body", b'{"model": "m", "prompt": ' + nested(DEEP) + b"}"),
+        ("body nested 100000 deep", "json", "body", nested_json(DEEP)),
+        ("field nested 100000 deep", "json", "body", b'{"model": "m", "prompt": ' + nested_json(DEEP) + b"}"),
         ("body not UTF-8", "json", "body", b'{"prompt": "\xff\xfe"}'),
         ("NaN temperature", "json", "temperature", json.dumps(base).replace('"temperature": 0', '"temperature": NaN').encode()),
         ("Infinity top_p", "json", "top_p", json.dumps(base).replace('"top_p": 1.0', '"top_p": Infinity').encode()),
@@ -184,7 +178,7 @@ def registry_cases() -> list[Case]:
                       {"model": SURROGATE}))
     for endpoint, field in (("controller /register_worker", "worker_name"), ("controller /receive_heart_beat",
                             "worker_name"), ("controller /get_worker_address", "model")):
-        cases.append(Case(endpoint, "body nested 100000 deep", "json", "body", raw=nested(DEEP)))
+        cases.append(Case(endpoint, "body nested 100000 deep", "json", "body", raw=nested_json(DEEP)))
         cases.append(Case(endpoint, "body a list", "json", "body", raw=b"[]"))
         cases.append(Case(endpoint, "NaN", "json", field, raw=b'{"model": NaN, "worker_name": NaN, "queue_length": NaN}'))
     return cases
@@ -215,49 +209,6 @@ def send(case: Case, urls: dict[str, str]) -> tuple[bool, str]:
 
 
 # ---- Workers that never answer -------------------------------------------------------------------
-
-
-class FakeWorker:
-    """A socket on 127.0.0.1 that accepts and then ``behaviour``: ``hang`` (reads, never answers),
-    ``trickle`` (HTTP headers, then one body byte a second, forever) or ``garbage`` (a status of wrong types)."""
-
-    def __init__(self, behaviour: str) -> None:
-        self.behaviour = behaviour
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stopped = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.recv(65536)
-            if self.behaviour == "garbage":
-                body = json.dumps({"model_names": 7, "speed": "fast", "queue_length": "x"}).encode()
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\n\r\n" + body)
-                return
-            if self.behaviour == "trickle":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
-            while not self.stopped.wait(1.0):
-                if self.behaviour == "trickle":
-                    try:
-                        conn.sendall(b" ")
-                    except OSError:
-                        return
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.sock.close()
 
 
 def fault_cases(controller: Service, worker: Service) -> list[tuple[str, bool, str]]:

@@ -336,7 +336,8 @@ def _field(data: dict[str, Any], name: str) -> Any:
 
 
 async def _registry_body(request) -> dict[str, Any]:
-    raw = await read_body(request, REGISTRY_MAX_BODY_BYTES, flag="the controller's limit for this endpoint")
+    raw = await read_body(request, REGISTRY_MAX_BODY_BYTES, "the controller's limit for this endpoint",
+                          "upstream's bodies here are a few hundred bytes")
     return check_object(parse_json(raw))
 
 
@@ -422,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per status poll and relay otherwise
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -41,23 +41,22 @@ class UnusableValue(str):
         return f"{self} (beyond the range of a float)"
 
 
-async def read_body(request, max_bytes: int, flag: str = "--max-request-bytes") -> bytes:
-    """The body of a Starlette ``request``; ``BadRequest`` (413) once it passes ``max_bytes``, before the rest is read."""
+async def read_body(request, max_bytes: int, limit: str = "--max-request-bytes",
+                    advice: str = "send fewer or smaller images (the model sees them at 336×336, or a few tiles of "
+                                  "it, anyway)") -> bytes:
+    """The body of a Starlette ``request``; ``BadRequest`` (413) once it passes ``max_bytes``, before the rest is
+    read. ``limit`` names the setting and ``advice`` the fix in the message."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise BadRequest(_too_large(int(declared), max_bytes, flag), status_code=413)
+        raise BadRequest(f"The request body is {declared} bytes, more than this server takes ({max_bytes} bytes, "
+                         f"{limit}); {advice}.", status_code=413)
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > max_bytes:
-            raise BadRequest(_too_large(len(body), max_bytes, flag, at_least=True), status_code=413)
+            raise BadRequest(f"The request body is over {max_bytes} bytes, more than this server takes ({limit}); "
+                             f"{advice}.", status_code=413)
     return bytes(body)
-
-
-def _too_large(size: int, max_bytes: int, flag: str, at_least: bool = False) -> str:
-    return (f"The request body is {'over ' if at_least else ''}{size} bytes, more than this server takes "
-            f"({max_bytes} bytes, {flag}); send fewer or smaller images (the model sees them at 336×336 or a "
-            f"few tiles of it anyway).")
 
 
 def parse_json(raw: bytes) -> Any:
@@ -126,7 +125,7 @@ def describe(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value) if isinstance(value, float) or abs(value) < 10**MAX_INTEGER_DIGITS else "a huge integer"
     if isinstance(value, list):
-        return f"a list of {len(value)} items" if value else "an empty list"
+        return f"a list of {len(value)} item{'s' if len(value) > 1 else ''}" if value else "an empty list"
     if isinstance(value, dict):
         keys = ", ".join(describe(key) for key in list(value)[:5])
         return f"an object with keys {keys}{', ...' if len(value) > 5 else ''}" if value else "an empty object"

@@ -64,7 +64,7 @@ async def fetch_status(client, worker_name: str) -> WorkerStatus | None:
     """The worker's checked ``/worker_get_status``, or None (logged) when it gives none in time."""
     try:
         raw = await asyncio.wait_for(_read_small(client, worker_name + "/worker_get_status"), STATUS_TIMEOUT_S)
-        return parse_worker_status(parse_json(raw), "its /worker_get_status answer")
+        return parse_worker_status(parse_json(raw))
     except NO_ANSWER as err:
         logger.warning("No status from worker %s: %s", worker_name, describe_failure(err, STATUS_TIMEOUT_S))
     except BadRequest as err:
