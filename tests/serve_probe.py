@@ -76,6 +76,15 @@ def small_png() -> str:
     return b64(buffer.getvalue())
 
 
+def thin_png(width: int) -> str:
+    """A real PNG of ``width``×1 pixels (a few hundred bytes), base64."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, 1), (200, 30, 30)).save(buffer, format="PNG")
+    return b64(buffer.getvalue())
+
+
 WRONG_TYPES = {"bool": True, "int": 7, "float": 2.5, "list": ["x"], "object": {"a": 1}}
 
 
@@ -113,6 +122,7 @@ def generate_cases(endpoint: str, image: str) -> list[Case]:
     add("image header 100000×100000 (Pillow's bomb error)", "image", "images[0]", images=[b64(png_header(100_000, 100_000))])
     add("image header 10000×10000 (Pillow's bomb warning)", "image", "images[0]", images=[b64(png_header(10_000, 10_000))])
     add("image header 65535×300 over the limit", "image", "images[0]", images=[b64(png_header(65_535, 300))])
+    add("image 12000×1 (padding makes a 144 MP square)", "image", "images[0]", images=[thin_png(12_000)])
     raw = [
         ("body nested 100000 deep", "json", "body", nested_json(DEEP)),
         ("field nested 100000 deep", "json", "body", b'{"model": "m", "prompt": ' + nested_json(DEEP) + b"}"),

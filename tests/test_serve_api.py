@@ -259,6 +259,12 @@ def _big_png_b64() -> str:
     return _png_b64(Image.new("RGB", (1200, 1000), (200, 30, 30)))  # 1.2 MP, over the plain worker's 1 MP
 
 
+def _thin_png_b64() -> str:
+    from PIL import Image
+
+    return _png_b64(Image.new("RGB", (10_000, 1), (200, 30, 30)))  # 10 kP: padding to a square makes 100 MP
+
+
 BAD_INPUTS = {
     "no image for <image>": ({"images": []}, "1 <image> tokens but 0 images"),
     "two images, one <image>": ({"images": ["IMG", "IMG"]}, "1 <image> tokens but 2 images"),
@@ -288,6 +294,10 @@ BAD_INPUTS = {
                                                       "worker's limit of 1000000 (--max-image-pixels)"),
     "header of 10000×10000 (Pillow's bomb warning)": ({"images": [base64.b64encode(png_header(10_000, 10_000)).decode()]},
                                                       "images[0] is 10000×10000 = 100000000 pixels, over the worker's"),
+    "a truncated PNG": ({"images": ["CUT"]}, "images[0] (200 bytes) is not an image file PIL can read (Truncated"),
+    "a thin image that pads to 100 MP": ({"images": ["THIN"]}, "images[0] is 10000×1, which this model's preprocessing "
+                                         "(image_aspect_ratio 'pad') turns into 100000000 pixels, over the worker's "
+                                         "limit of 1000000 (--max-image-pixels)"),
     "16 images over the context": ({"prompt": "USER: " + "<image>\n" * 16 + "Hi ASSISTANT:", "images": ["IMG"] * 16},
                                    "The 16 images take 9216 image tokens, which fills the model's context of 2048 "
                                    "tokens before any text"),
@@ -301,7 +311,9 @@ def test_bad_input_refused_before_generation(cluster, image_b64, case):
     overrides, message = BAD_INPUTS[case]
     images = overrides.get("images")
     if images:
-        overrides = {**overrides, "images": [{"IMG": image_b64, "BIG": _big_png_b64()}.get(i, i) for i in images]}
+        overrides = {**overrides, "images": [{"IMG": image_b64, "BIG": _big_png_b64(), "THIN": _thin_png_b64(),
+                                     "CUT": base64.b64encode(base64.b64decode(image_b64)[:200]).decode()}.get(i, i)
+                                    for i in images]}
     body = {**_payload(PLAIN, image_b64), **overrides}
     for url in (cluster.plain.url, cluster.controller.url):
         if url == cluster.controller.url and case == "another model":
@@ -669,6 +681,24 @@ def test_images_are_decoded_only_inside_the_admitted_slot(worker_64, image_b64, 
     chunks = [json.loads(raw.rstrip(b"\0")) for raw in worker_64.stream(request, worker_64.admit())]
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["image_tokens"] == 128
     assert list(dict.fromkeys(decoded)) == [(400, 300), (50, 70)]  # load() runs again on loaded images: a no-op
+
+
+def test_corrupt_pixels_behind_a_valid_header_end_the_answer_in_its_slot(worker_64, image_b64):
+    """A JPEG cut short passes the header checks (JPEG has no checksums to verify); decoding it in the slot
+    fails, and the answer is one error chunk naming the image, as upstream's worker answers a failure."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB").save(buffer, format="JPEG")
+    cut = base64.b64encode(buffer.getvalue()[: len(buffer.getvalue()) // 2]).decode()
+    request = worker_64.parse(_payload(worker_64.model_name, cut))
+    [chunk] = [json.loads(raw.rstrip(b"\0")) for raw in worker_64.stream(request, worker_64.admit())]
+    assert chunk["error_code"] == 1
+    assert "images[0] (JPEG, 400×300) could not be decoded: image file is truncated" in chunk["text"], chunk["text"]
+    deadline = time.monotonic() + 10
+    while worker_64.gate.queue_length and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker_64.gate.queue_length == 0
 
 
 def test_admission_gate_order_and_refusal():

@@ -45,7 +45,7 @@ from llava.constants import (
     config_value,
 )
 from llava.eval.vqa_common import parse_args
-from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from llava.mm_utils import get_model_name_from_path, preprocessed_pixels, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.utils import add_compression_args, check_compression_flags, compression_kwargs, images_to, resolve_device
 
@@ -130,7 +130,20 @@ class ModelWorker:
         if image_tokens >= self.context_len:
             raise BadRequest(f"The {len(request.images)} images take {image_tokens} image tokens, which fills the "
                              f"model's context of {self.context_len} tokens before any text; send fewer images.")
+        for image in request.images:
+            self._check_canvas(image)
         return request
+
+    def _check_canvas(self, image: EncodedImage) -> None:
+        """Refuse an image whose preprocessing would make a canvas over the pixel limit (a thin image, padded)."""
+        canvas = preprocessed_pixels(image.size, self.image_processor, self.model.config)
+        if canvas > self.limits.max_image_pixels:
+            width, height = image.size
+            mode = config_value(self.model.config, "image_aspect_ratio")
+            raise BadRequest(f"images[{image.index}] is {width}×{height}, which this model's preprocessing "
+                             f"(image_aspect_ratio {mode!r}) turns into {canvas} pixels, over the worker's limit of "
+                             f"{self.limits.max_image_pixels} (--max-image-pixels); crop it to a less extreme aspect "
+                             f"ratio or downscale it first.")
 
     def parse_body(self, raw: bytes) -> GenerationRequest:
         """``parse`` of a request body's bytes (``BadRequest`` for a body that is not usable JSON)."""

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20  # a generation request: the prompt and its base64 images
 MAX_JSON_DEPTH = 32  # upstream's bodies nest 3 deep
-MAX_INTEGER_DIGITS = 30  # no field takes a longer integer; json would spend quadratic time on 4300 digits
+MAX_INTEGER_DIGITS = 30  # no field takes a longer integer (and int() refuses 4300 digits with no field named)
 MAX_URL_CHARS = 2048
 
 

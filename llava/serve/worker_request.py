@@ -74,12 +74,13 @@ def read_image_header(data: Any, index: int, max_pixels: int) -> EncodedImage:
     try:
         with Image.open(BytesIO(raw)) as image:  # reads the header: size and format, no pixels
             size, image_format = image.size, image.format
+            image.verify()  # PNG: every chunk's checksum, so a truncated upload is refused here (no decoding)
     except _BOMB as err:  # Pillow's own limit, below the worker's (a process that kept Pillow's default)
         raise BadRequest(f"{field}'s header announces more pixels than Pillow opens ({err}); the worker takes at "
                          f"most {max_pixels} (--max-image-pixels): downscale it first.") from None
-    except IMAGE_DECODE_ERRORS:
-        raise BadRequest(f"{field} ({len(raw)} bytes) is not an image file PIL can read; "
-                         f"send a PNG, JPEG or WebP file.") from None
+    except IMAGE_DECODE_ERRORS as err:
+        raise BadRequest(f"{field} ({len(raw)} bytes) is not an image file PIL can read ({err}); "
+                         f"send a complete PNG, JPEG or WebP file.") from None
     width, height = size
     if width * height > max_pixels:
         raise BadRequest(f"{field} is {width}×{height} = {width * height} pixels, over the worker's limit "
