@@ -630,6 +630,27 @@ def test_worker_flags_match_upstream_and_bad_values_are_refused(capsys):
         parse_args(model_worker.build_parser(), ["--limit-model-concurrency", "0"], model_worker.check_args)
     assert exit_info.value.code == 2
     assert "--limit-model-concurrency must be at least 1, got 0" in capsys.readouterr().err
+    for flags, message in ((["--max-request-bytes", "0"], "--max-request-bytes must be at least 1, got 0"),
+                           (["--worker-address", "localhost:21002"], "--worker-address must be an http(s) URL"),
+                           (["--controller-address", "ftp://c:1"], "--controller-address must be an http(s) URL")):
+        with pytest.raises(SystemExit):
+            parse_args(model_worker.build_parser(), flags, model_worker.check_args)
+        assert message in capsys.readouterr().err
+    parse_args(model_worker.build_parser(), ["--no-register", "--worker-address", "x"], model_worker.check_args)
+
+
+def test_controller_flags_match_upstream_and_bad_values_are_refused(capsys):
+    """Upstream's controller flags and defaults, ours beside them; a bad value exits naming the flag."""
+    _missing_or_fail(SERVE_PACKAGES)
+    from llava.serve import controller
+
+    args = controller.build_parser().parse_args([])
+    assert (args.host, args.port, args.dispatch_method) == ("localhost", 21001, "shortest_queue")
+    assert (args.heart_beat_expiration, args.worker_timeout, args.max_request_bytes) == (30, 60, 64 * 2**20)
+    for flag in ("--worker-timeout", "--max-request-bytes", "--heart-beat-expiration"):
+        with pytest.raises(SystemExit) as exit_info:
+            controller.main([flag, "0"])
+        assert exit_info.value.code == 2 and f"{flag} must be > 0, got 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

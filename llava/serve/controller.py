@@ -356,7 +356,7 @@ def create_app(controller: Controller):
         worker_name = check_url(_field(data, "worker_name"), "worker_name")
         check_heart_beat = check_bool(_field(data, "check_heart_beat"), "check_heart_beat")
         status = data.get("worker_status")
-        status = None if status is None else parse_worker_status(status)
+        status = None if status is None or status == {} else parse_worker_status(status)  # upstream: falsy → ask
         if not await controller.register_worker(worker_name, check_heart_beat, status):
             return responses.JSONResponse(status_code=400, content={
                 "registered": False,

@@ -53,7 +53,7 @@ from .admission import AdmissionGate, QueueFull, Ticket
 from .deps import require
 from .measure import CancelCriteria, Job, PromptLengthProbe, TimedStreamer
 from .protocol import DEFAULT_CONTROLLER_ADDRESS, DEFAULT_WORKER_ADDRESS, HEADERS, ErrorCode, encode_chunk, error_chunk
-from .validation import DEFAULT_MAX_REQUEST_BYTES, BadRequest, parse_json, read_body
+from .validation import DEFAULT_MAX_REQUEST_BYTES, BadRequest, check_url, parse_json, read_body
 from .worker_request import EncodedImage, GenerationRequest, parse_request
 
 requests = require("requests", "llava.serve.model_worker")
@@ -457,6 +457,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be at least {low}, got {value}.")
     if not args.heart_beat_interval > 0:
         raise ValueError(f"--heart-beat-interval must be > 0 seconds, got {args.heart_beat_interval}.")
+    if not args.no_register:  # the controller refuses a worker_name that is not one (after the model loaded)
+        check_url(args.worker_address, "--worker-address")
+        check_url(args.controller_address, "--controller-address")
     check_compression_flags(args)
 
 
