@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_cluster import (
+    ROOT,
     FakeWorker,
     Service,
     free_port,
@@ -44,6 +45,8 @@ from serve_cluster import (
     start_worker,
     stop_all,
 )
+
+sys.path.insert(0, str(ROOT))  # run as a script, it builds the stand-ins with this checkout's llava, as the servers do
 
 ANSWER_TIMEOUT_S = 15
 MODEL = "llava-v1.5-tiny"

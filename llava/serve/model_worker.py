@@ -121,7 +121,8 @@ class ModelWorker:
         return {"model_names": [self.model_name], "speed": 1, "queue_length": self.gate.queue_length}
 
     def parse(self, params: Any) -> GenerationRequest:
-        """``parse_request`` with this worker's model name and limits, then the image tokens against the context.
+        """``parse_request`` with this worker's model name and limits, then the images' tokens against the context
+        and the canvas each one's preprocessing makes against the pixel limit.
 
         Everything here reads headers only: no image is decoded before the request is admitted.
         """
