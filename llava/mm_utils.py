@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import re
+import struct
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -28,6 +29,10 @@ from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, config_value
 logger = logging.getLogger(__name__)
 
 Resolution = tuple[int, int]  # (width, height)
+
+# What Pillow raises for a file it cannot open or decode, besides its decompression-bomb check: plugins raise
+# OSError (UnidentifiedImageError), SyntaxError, ValueError, EOFError or struct.error on corrupt data.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 def load_image_from_base64(image: str) -> Image.Image:
@@ -236,6 +241,27 @@ def check_image_size(size: Resolution, index: int = 0, max_pixels: int | None = 
                          f"(PIL.Image.MAX_IMAGE_PIXELS): downscale it first (anyres resizes to at most the "
                          f"largest image_grid_pinpoints resolution anyway), or raise PIL.Image.MAX_IMAGE_PIXELS "
                          f"for images you trust.")
+
+
+def preprocessed_pixels(size: Resolution, image_processor, model_cfg) -> int:
+    """Pixels of the largest image ``process_images`` makes from an image of ``size`` (width, height).
+
+    That is the square ``pad`` pastes it on, the processor's resize of the shortest edge to the tower's
+    size, or anyres' grid canvas. A thin image makes a huge one (``pad`` turns a 20000×1 image into
+    20000×20000), so a server that takes images from clients checks this from the header, before decoding.
+    """
+    width, height = size
+    aspect_ratio = config_value(model_cfg, "image_aspect_ratio")
+    if aspect_ratio == "pad":
+        return max(width, height) ** 2
+    if aspect_ratio == "anyres":
+        best_w, best_h = select_best_resolution(size, parse_grid_pinpoints(model_cfg.image_grid_pinpoints,
+                                                                           _crop_side(image_processor)))
+        return best_w * best_h
+    edge = _size_field(image_processor.size, "shortest_edge")
+    if edge is None:  # resized straight to the tower's square (SigLIP)
+        return _crop_side(image_processor) ** 2
+    return edge * math.ceil(edge * max(width, height) / max(1, min(width, height)))
 
 
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor | list[torch.Tensor]:

@@ -23,6 +23,10 @@ API (stdlib only, so importing it never needs the ``serve`` extra)::
   ``.log_tail()``. Every service runs in its own process group (``start_new_session``), logging to
   ``<log_dir>/<name>.log``; a service that exits while being waited for raises with its log tail.
 - ``stop_all()``: stop every service still running (for fixture teardown).
+- Workers that never answer, to register beside real ones: ``FakeWorker("hang" | "trickle" | "garbage")``
+  listens on 127.0.0.1 (``.url``; ``.stop()``); see its docstring.
+- Bad bodies: ``png_header(width, height)`` is a PNG file announcing any size (no real pixels);
+  ``nested_json(depth)`` is ``[[...]]`` nested ``depth`` deep.
 - Another service (the Gradio page): ``start_service(name, module, args, port, log_dir)`` runs
   ``python -m module *args`` the same way, and ``wait_until(service, ready, what, timeout)`` polls
   ``ready()`` (``_spawn`` and ``_wait`` are the same functions under their first names).
@@ -34,11 +38,14 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +214,67 @@ def wait_until_unlisted(controller: Service, name: str, timeout: float = 30) -> 
             return time.monotonic() - start
         time.sleep(0.2)
     raise TimeoutError(f"The controller still lists {name!r} after {timeout} s.\n{controller.log_tail(3000)}")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG file whose header announces ``width``×``height`` (its pixel data is one empty IDAT)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+
+def nested_json(depth: int) -> bytes:
+    """``[[...]]`` nested ``depth`` deep (far beyond Python's recursion limit for a large ``depth``)."""
+    return b"[" * depth + b"]" * depth
+
+
+
+class FakeWorker:
+    """A worker address on 127.0.0.1 that accepts connections and then, by ``behaviour``: ``hang`` (reads
+    the request, never answers), ``trickle`` (HTTP headers, then one body byte a second, for ever) or
+    ``garbage`` (answers at once with a ``/worker_get_status`` of the wrong types)."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            if self.behaviour == "garbage":
+                body = json.dumps({"model_names": 7, "speed": "fast", "queue_length": "x"}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                return
+            if self.behaviour == "trickle":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            while not self.stopped.wait(1.0):
+                if self.behaviour == "trickle":
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()
 
 
 def stop_all() -> None:

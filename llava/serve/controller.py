@@ -13,20 +13,31 @@ HTTP API (upstream LLaVA's; every route is a POST with a JSON body):
 - ``/worker_generate_stream`` and ``/worker_get_status``: the controller acting as one worker that
   forwards to its workers (upstream's hierarchical mode).
 
+Bodies go through ``llava.serve.validation``: one the controller cannot use is answered HTTP 400
+``{"detail": ...}`` naming the field (``worker_name`` an http(s) URL, ``check_heart_beat`` a boolean,
+``worker_status.model_names`` a list of strings, ``.speed`` a number, ``queue_length`` an integer, ``model``
+a string); the relay answers with an error chunk instead, as a worker does.
+
 A worker registered with ``check_heart_beat`` that has sent no heartbeat for ``--heart-beat-expiration``
-seconds (upstream's 30 by default) is no longer listed or dispatched to, and is removed.
+seconds (upstream's 30 by default) is no longer listed or dispatched to, and is removed. A worker that
+does not answer is dropped at once: ``/refresh_all_workers`` asks all workers together, each within
+5 s in all; a relay to a worker that refuses the connection goes to another worker of the model, and
+one that takes a relayed request but stays silent for ``--worker-timeout`` seconds ends with an error
+chunk. None of them holds up the others (all network calls are asynchronous).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import random
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -34,19 +45,42 @@ from typing import Any
 from llava.constants import CONTROLLER_HEART_BEAT_EXPIRATION
 
 from .deps import require
-from .protocol import HEADERS, ErrorCode, error_chunk, relay_chunks
+from .protocol import HEADERS, ErrorCode, error_chunk
+from .validation import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    BadRequest,
+    check_bool,
+    check_integer,
+    check_object,
+    check_text,
+    check_url,
+    parse_json,
+    read_body,
+)
+from .worker_link import (
+    MAX_QUEUE_LENGTH,
+    NO_ANSWER,
+    WorkerStatus,
+    describe_failure,
+    fetch_status,
+    httpx,
+    one_chunk,
+    parse_worker_status,
+    relay_chunks,
+)
 
-requests = require("requests", "llava.serve.controller")
 fastapi = require("fastapi", "llava.serve.controller")
 responses = require("fastapi.responses", "llava.serve.controller")
+concurrency = require("starlette.concurrency", "llava.serve.controller")
 Request = fastapi.Request  # at module level: FastAPI resolves the (string) annotations here
 
 logger = logging.getLogger(__name__)
 
-STATUS_TIMEOUT_S = 5  # a worker that does not report its status within this is stale (upstream's)
-# Forwarding a stream: connect within 5 s, then a chunk at least every 60 s (workers send one every
-# few seconds while a request waits in their queue).
-FORWARD_TIMEOUT_S = (5, 60)
+CONNECT_TIMEOUT_S = 5.0
+# A relayed stream may be silent this long (for its first chunk, then between chunks); our workers send
+# a chunk at least every second while a request waits in their queue.
+DEFAULT_WORKER_TIMEOUT_S = 60.0
+REGISTRY_MAX_BODY_BYTES = 64 * 1024  # /register_worker, /receive_heart_beat, /get_worker_address
 
 
 class DispatchMethod(Enum):
@@ -72,70 +106,80 @@ class Controller:
         dispatch_method: ``"lottery"`` or ``"shortest_queue"``.
         heart_beat_expiration: Seconds without a heartbeat after which a worker registered with
             ``check_heart_beat`` is dropped.
+        worker_timeout: Seconds a worker may stay silent in a relayed stream before it is given up.
+        max_request_bytes: Largest ``/worker_generate_stream`` body the relay reads.
     """
 
     def __init__(self, dispatch_method: str = DispatchMethod.SHORTEST_QUEUE.value,
-                 heart_beat_expiration: float = CONTROLLER_HEART_BEAT_EXPIRATION) -> None:
+                 heart_beat_expiration: float = CONTROLLER_HEART_BEAT_EXPIRATION,
+                 worker_timeout: float = DEFAULT_WORKER_TIMEOUT_S,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         try:
             self.dispatch_method = DispatchMethod(dispatch_method)
         except ValueError:
             choices = ", ".join(m.value for m in DispatchMethod)
             raise ValueError(f"Unknown dispatch method {dispatch_method!r}; use one of: {choices}.") from None
-        if not heart_beat_expiration > 0:
-            raise ValueError(f"heart_beat_expiration must be > 0 seconds, got {heart_beat_expiration}.")
+        for flag, value in (("--heart-beat-expiration", heart_beat_expiration), ("--worker-timeout", worker_timeout),
+                            ("--max-request-bytes", max_request_bytes)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}.")
         self.heart_beat_expiration = heart_beat_expiration
+        self.worker_timeout = worker_timeout
+        self.max_request_bytes = max_request_bytes
         self.workers: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._client = None  # the httpx.AsyncClient of ``connected``
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[None]:
+        """Hold the HTTP client the controller talks to workers with (the app's lifespan)."""
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)  # no pool to wait for
+        async with httpx.AsyncClient(headers=HEADERS, limits=limits) as client:
+            self._client = client
+            try:
+                yield
+            finally:
+                self._client = None
 
     # ---- Registry --------------------------------------------------------------------------------
 
-    def register_worker(self, worker_name: str, check_heart_beat: bool, worker_status: dict | None) -> bool:
-        """Add or update a worker; without ``worker_status`` the worker is asked for it. False if it cannot be."""
-        if not worker_status:
-            worker_status = self.get_worker_status(worker_name)
-            if worker_status is None:
-                return False
-        info = WorkerInfo(
-            model_names=list(worker_status["model_names"]), speed=float(worker_status.get("speed", 1)),
-            queue_length=int(worker_status.get("queue_length", 0)), check_heart_beat=bool(check_heart_beat),
-            last_heart_beat=time.time(),
-        )
+    def add_worker(self, worker_name: str, check_heart_beat: bool, status: WorkerStatus) -> None:
+        """Add or update a worker with a (checked) status."""
+        info = WorkerInfo(model_names=list(status.model_names), speed=status.speed, queue_length=status.queue_length,
+                          check_heart_beat=check_heart_beat, last_heart_beat=time.time())
         with self._lock:
             known = worker_name in self.workers
             self.workers[worker_name] = info
-        logger.info("%s worker %s: %s", "Re-registered" if known else "Registered", worker_name, worker_status)
+        logger.info("%s worker %s: %s", "Re-registered" if known else "Registered", worker_name, status)
+
+    async def register_worker(self, worker_name: str, check_heart_beat: bool, status: WorkerStatus | None) -> bool:
+        """Add or update a worker; without ``status`` the worker is asked for it. False if it gives none."""
+        if status is None:
+            status = await fetch_status(self._client, worker_name)
+            if status is None:
+                return False
+        self.add_worker(worker_name, check_heart_beat, status)
         return True
 
-    def get_worker_status(self, worker_name: str) -> dict | None:
-        """The worker's ``/worker_get_status`` answer, or None if it does not give one."""
-        try:
-            response = requests.post(worker_name + "/worker_get_status", headers=HEADERS, timeout=STATUS_TIMEOUT_S)
-            response.raise_for_status()
-            status = response.json()
-        except (requests.exceptions.RequestException, ValueError) as err:
-            logger.warning("No status from worker %s: %s", worker_name, err)
-            return None
-        if not isinstance(status, dict) or "model_names" not in status:
-            logger.warning("Worker %s answered /worker_get_status without model_names: %r", worker_name, status)
-            return None
-        return status
-
-    def remove_worker(self, worker_name: str) -> None:
+    def remove_worker(self, worker_name: str, reason: str = "") -> None:
         with self._lock:
-            self.workers.pop(worker_name, None)
+            known = self.workers.pop(worker_name, None) is not None
+        if known and reason:
+            logger.warning("Dropped worker %s: %s", worker_name, reason)
 
-    def refresh_all_workers(self) -> list[str]:
-        """Ask every worker for its status again; returns the workers dropped because they did not answer."""
+    async def refresh_all_workers(self) -> list[str]:
+        """Ask every worker for its status at once; returns the workers dropped because they gave none."""
         with self._lock:
             known = dict(self.workers)
+        statuses = await asyncio.gather(*(fetch_status(self._client, name) for name in known))
         dropped = []
-        for name, info in known.items():
-            status = self.get_worker_status(name)
-            if status is None or not self.register_worker(name, info.check_heart_beat, status):
-                self.remove_worker(name)
+        for (name, info), status in zip(known.items(), statuses):
+            if status is None:
+                self.remove_worker(name, "no usable /worker_get_status answer")
                 dropped.append(name)
-                logger.info("Dropped stale worker %s", name)
+            else:
+                self.add_worker(name, info.check_heart_beat, status)
         return dropped
 
     def receive_heart_beat(self, worker_name: str, queue_length: int) -> bool:
@@ -146,7 +190,7 @@ class Controller:
             if info is None:
                 logger.info("Heartbeat from unknown worker %s", worker_name)
                 return False
-            info.queue_length = int(queue_length)
+            info.queue_length = queue_length
             info.last_heart_beat = time.time()
         logger.debug("Heartbeat from %s (queue %s)", worker_name, queue_length)
         return True
@@ -184,12 +228,12 @@ class Controller:
         with self._lock:
             return sorted({name for info in self.workers.values() for name in info.model_names})
 
-    def get_worker_address(self, model_name: str) -> str:
+    def get_worker_address(self, model_name: str, exclude: Collection[str] = ()) -> str:
         """The address of a worker serving ``model_name`` by the dispatch method; ``""`` if there is none."""
         self.remove_expired_workers()
         with self._lock:
-            candidates = [(name, info) for name, info in self.workers.items() if model_name in info.model_names]
-            candidates = [(name, info) for name, info in candidates if info.speed > 0]
+            candidates = [(name, info) for name, info in self.workers.items()
+                          if model_name in info.model_names and info.speed > 0 and name not in exclude]
             if not candidates:
                 return ""
             if self.dispatch_method == DispatchMethod.LOTTERY:
@@ -201,39 +245,57 @@ class Controller:
 
     # ---- The controller as a worker (hierarchical mode) -------------------------------------------
 
-    def open_stream(self, params: dict[str, Any]) -> tuple[int, Iterator[bytes]]:
-        """Forward a ``/worker_generate_stream`` request to a worker of ``params["model"]``.
+    async def open_stream(self, model: str, body: bytes) -> tuple[int, AsyncIterator[bytes]]:
+        """Forward a ``/worker_generate_stream`` body to a worker of ``model``.
 
-        Returns the worker's HTTP status (so a busy worker's 503 reaches the client) and its chunks; a
-        worker that is missing, unreachable or lost mid-answer gives an error chunk instead.
+        Returns the worker's HTTP status (so a busy worker's 503 reaches the client) and its chunks. A
+        worker that refuses the connection is dropped and the next worker of the model tried; one that
+        takes the request but does not answer within ``worker_timeout`` is dropped and the client gets
+        an error chunk, as it does when no worker serves the model.
         """
-        model = params.get("model")
-        address = self.get_worker_address(model) if isinstance(model, str) else ""
-        if not address:
-            return 200, iter([error_chunk(
-                f"No worker serves the model {model!r}; the controller lists: {self.list_models()}. "
-                f"Start a worker for it, or pick a listed model.", ErrorCode.NO_WORKER)])
-        try:
-            response = requests.post(address + "/worker_generate_stream", headers=HEADERS, json=params, stream=True,
-                                     timeout=FORWARD_TIMEOUT_S)
-        except requests.exceptions.RequestException as err:
-            logger.warning("Cannot reach worker %s: %s", address, err)
-            return 200, iter([error_chunk(
-                f"The worker {address} for {model!r} cannot be reached ({type(err).__name__}); retry: the controller "
-                f"drops it once its heartbeat expires ({self.heart_beat_expiration:g} s).", ErrorCode.WORKER_UNREACHABLE)])
-        return response.status_code, self._relay(response, address, model)
+        refused: list[str] = []
+        while address := self.get_worker_address(model, exclude=refused):
+            timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=self.worker_timeout, write=self.worker_timeout,
+                                    pool=None)
+            request = self._client.build_request("POST", address + "/worker_generate_stream", content=body,
+                                                 headers={"Content-Type": "application/json"}, timeout=timeout)
+            try:
+                response = await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as err:  # it got nothing: another worker may answer
+                reason = describe_failure(err, CONNECT_TIMEOUT_S)
+                self.remove_worker(address, f"it refused a relayed request's connection ({reason})")
+                refused.append(address)
+                continue
+            except NO_ANSWER as err:
+                reason = describe_failure(err, self.worker_timeout)
+                self.remove_worker(address, f"it did not answer a relayed request ({reason})")
+                return 200, one_chunk(error_chunk(
+                    f"The worker {address} for {model!r} did not answer ({reason}); the controller dropped it. "
+                    f"Retry: the model's other workers, or this one once it registers again, take the request.",
+                    ErrorCode.WORKER_UNREACHABLE))
+            return response.status_code, self._relay(response, address, model)
+        if refused:
+            return 200, one_chunk(error_chunk(
+                f"No worker of {model!r} could be reached: {', '.join(refused)} refused the connection and "
+                f"{'were' if len(refused) > 1 else 'was'} dropped. Start a worker for it, or retry once a worker "
+                f"registers again (at its next heartbeat).", ErrorCode.WORKER_UNREACHABLE))
+        return 200, one_chunk(error_chunk(
+            f"No worker serves the model {model!r}; the controller lists: {self.list_models()}. "
+            f"Start a worker for it, or pick a listed model.", ErrorCode.NO_WORKER))
 
-    def _relay(self, response, address: str, model: str) -> Iterator[bytes]:
+    async def _relay(self, response, address: str, model: str) -> AsyncIterator[bytes]:
         """The worker's chunks as they come, then an error chunk if the worker stops before its answer ends."""
         lost = None
         last: dict[str, Any] = {}
         try:
-            with response:
-                for chunk in relay_chunks(response.iter_lines(decode_unicode=False, delimiter=b"\0")):
-                    last = _peek(chunk)
-                    yield chunk
-        except requests.exceptions.RequestException as err:
-            lost = f"{type(err).__name__}: the connection broke"
+            async for chunk in relay_chunks(response.aiter_raw()):
+                last = _peek(chunk)
+                yield chunk
+        except httpx.HTTPError as err:
+            lost = (f"silent for {self.worker_timeout:g} s" if isinstance(err, httpx.TimeoutException)
+                    else f"{type(err).__name__}: the connection broke")
+        finally:
+            await response.aclose()
         # Our workers mark the last chunk of an answer ``finished``; upstream's mark nothing.
         if lost is None and "finished" in last and not last["finished"] and last.get("error_code") == 0:
             lost = "the stream ended before the answer was finished"
@@ -244,23 +306,14 @@ class Controller:
                 f"Retry: the controller drops the worker once its heartbeat expires ({self.heart_beat_expiration:g} s) "
                 f"and sends requests to the model's other workers.", ErrorCode.WORKER_UNREACHABLE)
 
-    def generate_stream(self, params: dict[str, Any]) -> Iterator[bytes]:
-        """The chunks of ``open_stream`` (upstream's ``worker_api_generate_stream``)."""
-        yield from self.open_stream(params)[1]
-
-    def aggregate_status(self) -> dict[str, Any]:
+    async def aggregate_status(self) -> dict[str, Any]:
         """``/worker_get_status`` for the controller as a whole: every worker's models, speeds and queues."""
         with self._lock:
             names = list(self.workers)
-        model_names: set[str] = set()
-        speed, queue_length = 0.0, 0
-        for name in names:
-            status = self.get_worker_status(name)
-            if status is not None:
-                model_names.update(status["model_names"])
-                speed += status.get("speed", 1)
-                queue_length += status.get("queue_length", 0)
-        return {"model_names": sorted(model_names), "speed": speed, "queue_length": queue_length}
+        answers = await asyncio.gather(*(fetch_status(self._client, name) for name in names))
+        statuses = [status for status in answers if status is not None]
+        return {"model_names": sorted({name for s in statuses for name in s.model_names}),
+                "speed": sum(s.speed for s in statuses), "queue_length": sum(s.queue_length for s in statuses)}
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
@@ -275,42 +328,46 @@ def _peek(chunk: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _fields(data: Any, *names: str) -> list[Any]:
-    """``data[name]`` for each name; a 400 error naming what is missing."""
-    missing = [name for name in names if not isinstance(data, dict) or name not in data]
-    if missing:
-        raise fastapi.HTTPException(status_code=400, detail=f"The JSON body lacks {', '.join(missing)}.")
-    return [data[name] for name in names]
+def _field(data: dict[str, Any], name: str) -> Any:
+    """``data[name]``; ``BadRequest`` naming it when it is missing."""
+    if name not in data:
+        raise BadRequest(f"The JSON body lacks {name}.")
+    return data[name]
 
 
-async def _json(request) -> Any:
-    try:
-        return await request.json()
-    except ValueError as err:
-        raise fastapi.HTTPException(status_code=400, detail=f"The body is not JSON: {err}") from err
+async def _registry_body(request) -> dict[str, Any]:
+    raw = await read_body(request, REGISTRY_MAX_BODY_BYTES, "the controller's limit for this endpoint",
+                          "upstream's bodies here are a few hundred bytes")
+    return check_object(parse_json(raw))
 
 
 def create_app(controller: Controller):
     """The FastAPI app serving ``controller`` (routes and bodies as upstream's)."""
-    app = fastapi.FastAPI(title="LLaVA controller")
+    app = fastapi.FastAPI(title="LLaVA controller", lifespan=lambda _app: controller.connected())
+
+    @app.exception_handler(BadRequest)
+    async def refuse(_request, err: BadRequest):
+        logger.info("Refused a request: %s", err)
+        return responses.JSONResponse(status_code=err.status_code, content={"detail": str(err)})
 
     @app.post("/register_worker")
     async def register_worker(request: Request):
-        data = await _json(request)
-        worker_name, check_heart_beat = _fields(data, "worker_name", "check_heart_beat")
+        data = await _registry_body(request)
+        worker_name = check_url(_field(data, "worker_name"), "worker_name")
+        check_heart_beat = check_bool(_field(data, "check_heart_beat"), "check_heart_beat")
         status = data.get("worker_status")
-        ok = await fastapi.concurrency.run_in_threadpool(controller.register_worker, worker_name, check_heart_beat,
-                                                         status)
-        if not ok:
+        status = None if status is None or status == {} else parse_worker_status(status)  # upstream: falsy → ask
+        if not await controller.register_worker(worker_name, check_heart_beat, status):
             return responses.JSONResponse(status_code=400, content={
                 "registered": False,
-                "detail": f"Worker {worker_name} did not answer /worker_get_status; is it running at that address?",
+                "detail": f"Worker {worker_name} did not answer /worker_get_status with a usable status; is it "
+                          f"running at that address?",
             })
         return {"registered": True}
 
     @app.post("/refresh_all_workers")
-    def refresh_all_workers():
-        return {"dropped": controller.refresh_all_workers()}
+    async def refresh_all_workers():
+        return {"dropped": await controller.refresh_all_workers()}
 
     @app.post("/list_models")
     async def list_models():
@@ -318,24 +375,32 @@ def create_app(controller: Controller):
 
     @app.post("/get_worker_address")
     async def get_worker_address(request: Request):
-        (model,) = _fields(await _json(request), "model")
+        model = check_text(_field(await _registry_body(request), "model"), "model")
         return {"address": controller.get_worker_address(model)}
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request):
-        worker_name, queue_length = _fields(await _json(request), "worker_name", "queue_length")
+        data = await _registry_body(request)
+        worker_name = check_url(_field(data, "worker_name"), "worker_name")
+        queue_length = check_integer(_field(data, "queue_length"), "queue_length", 0, MAX_QUEUE_LENGTH)
         return {"exist": controller.receive_heart_beat(worker_name, queue_length)}
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
-        params = await _json(request)
-        status, chunks = await fastapi.concurrency.run_in_threadpool(
-            controller.open_stream, params if isinstance(params, dict) else {})
+        try:
+            raw = await read_body(request, controller.max_request_bytes)
+            params = check_object(await concurrency.run_in_threadpool(parse_json, raw))
+            model = check_text(_field(params, "model"), "model")
+        except BadRequest as err:  # answered as a worker answers it: one error chunk
+            logger.info("Refused a request: %s", err)
+            return responses.Response(content=error_chunk(str(err), ErrorCode.WORKER_ERROR),
+                                      status_code=err.status_code)
+        status, chunks = await controller.open_stream(model, raw)
         return responses.StreamingResponse(chunks, status_code=status)
 
     @app.post("/worker_get_status")
-    def worker_get_status():
-        return controller.aggregate_status()
+    async def worker_get_status():
+        return await controller.aggregate_status()
 
     return app
 
@@ -348,15 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=[m.value for m in DispatchMethod])
     parser.add_argument("--heart-beat-expiration", type=float, default=CONTROLLER_HEART_BEAT_EXPIRATION,
                         help="Seconds without a heartbeat after which a worker is dropped (default: %(default)s).")
+    parser.add_argument("--worker-timeout", type=float, default=DEFAULT_WORKER_TIMEOUT_S,
+                        help="Seconds a worker may stay silent in a relayed stream (for its first chunk, then "
+                             "between chunks) before the relay gives up on it (default: %(default)s).")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="Larger /worker_generate_stream bodies are refused with HTTP 413 (default: %(default)s).")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per status poll and relay otherwise
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        controller = Controller(args.dispatch_method, args.heart_beat_expiration)
+        controller = Controller(args.dispatch_method, args.heart_beat_expiration, args.worker_timeout,
+                                args.max_request_bytes)
     except ValueError as err:
         parser.error(str(err))
     logger.info("args: %s", args)

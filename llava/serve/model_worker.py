@@ -12,9 +12,12 @@ HTTP API (upstream's; POST with a JSON body):
 
 At most ``--limit-model-concurrency`` requests generate at once; up to ``--max-queued-requests`` more
 wait in order (their chunks carry ``queue_position``), and beyond that a request is refused at once
-with HTTP 503 and a ``WORKER_BUSY`` chunk. A request the worker cannot answer (no image for an
-``<image>``, undecodable or oversized image, bad numbers, another model's name) gets HTTP 400 and one
-error chunk saying what to change, before any generation.
+with HTTP 503 and a ``WORKER_BUSY`` chunk. A body the worker cannot use (not JSON, a field of the wrong
+type, text that is not Unicode, no image for an ``<image>``, an image that is not one or whose header
+announces more than ``--max-image-pixels``, more image tokens than the context holds, another model's
+name) gets HTTP 400 (413 over ``--max-request-bytes``) and one error chunk naming the field, before it is
+admitted. Images stay encoded until the request holds a slot, then are decoded one at a time, so the
+memory a worker spends on pixels is bounded by ``--limit-model-concurrency``, not by what clients send.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import StoppingCriteriaList
 
 from llava.constants import (
@@ -41,7 +45,7 @@ from llava.constants import (
     config_value,
 )
 from llava.eval.vqa_common import parse_args
-from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from llava.mm_utils import get_model_name_from_path, preprocessed_pixels, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.utils import add_compression_args, check_compression_flags, compression_kwargs, images_to, resolve_device
 
@@ -49,7 +53,8 @@ from .admission import AdmissionGate, QueueFull, Ticket
 from .deps import require
 from .measure import CancelCriteria, Job, PromptLengthProbe, TimedStreamer
 from .protocol import DEFAULT_CONTROLLER_ADDRESS, DEFAULT_WORKER_ADDRESS, HEADERS, ErrorCode, encode_chunk, error_chunk
-from .worker_request import GenerationRequest, RequestError, parse_request
+from .validation import DEFAULT_MAX_REQUEST_BYTES, BadRequest, check_url, parse_json, read_body
+from .worker_request import EncodedImage, GenerationRequest, parse_request
 
 requests = require("requests", "llava.serve.model_worker")
 fastapi = require("fastapi", "llava.serve.model_worker")
@@ -77,6 +82,7 @@ class WorkerLimits:
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     stream_interval: int = 1
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class ModelWorker:
@@ -115,8 +121,34 @@ class ModelWorker:
         return {"model_names": [self.model_name], "speed": 1, "queue_length": self.gate.queue_length}
 
     def parse(self, params: Any) -> GenerationRequest:
-        """``parse_request`` with this worker's model name and limits."""
-        return parse_request(params, self.model_name, self.multimodal, self.limits.max_image_pixels)
+        """``parse_request`` with this worker's model name and limits, then the images' tokens against the context
+        and the canvas each one's preprocessing makes against the pixel limit.
+
+        Everything here reads headers only: no image is decoded before the request is admitted.
+        """
+        request = parse_request(params, self.model_name, self.multimodal, self.limits.max_image_pixels)
+        image_tokens = sum(self.image_token_count(image.size) for image in request.images)
+        if image_tokens >= self.context_len:
+            raise BadRequest(f"The {len(request.images)} images take {image_tokens} image tokens, which fills the "
+                             f"model's context of {self.context_len} tokens before any text; send fewer images.")
+        for image in request.images:
+            self._check_canvas(image)
+        return request
+
+    def _check_canvas(self, image: EncodedImage) -> None:
+        """Refuse an image whose preprocessing would make a canvas over the pixel limit (a thin image, padded)."""
+        canvas = preprocessed_pixels(image.size, self.image_processor, self.model.config)
+        if canvas > self.limits.max_image_pixels:
+            width, height = image.size
+            mode = config_value(self.model.config, "image_aspect_ratio")
+            raise BadRequest(f"images[{image.index}] is {width}×{height}, which this model's preprocessing "
+                             f"(image_aspect_ratio {mode!r}) turns into {canvas} pixels, over the worker's limit of "
+                             f"{self.limits.max_image_pixels} (--max-image-pixels); crop it to a less extreme aspect "
+                             f"ratio or downscale it first.")
+
+    def parse_body(self, raw: bytes) -> GenerationRequest:
+        """``parse`` of a request body's bytes (``BadRequest`` for a body that is not usable JSON)."""
+        return self.parse(parse_json(raw))
 
     def admit(self) -> Ticket:
         """A slot or a queue place for a request; ``QueueFull`` when there is neither."""
@@ -139,7 +171,7 @@ class ModelWorker:
             streamer = TimedStreamer(self.tokenizer, job)
             self._start_generation(kwargs, streamer, job, cancel, ticket)
             yield from self._answer_chunks(request, streamer, job, cancel)
-        except RequestError as err:
+        except BadRequest as err:
             yield error_chunk(str(err), ErrorCode.WORKER_ERROR)
         except Exception as err:  # the client gets a message instead of a broken stream
             logger.exception("Request failed")
@@ -159,18 +191,14 @@ class ModelWorker:
                                 "queue_s": round(time.perf_counter() - ticket.arrived, 4), "finished": False})
 
     def _prepare(self, request: GenerationRequest, ticket: Ticket) -> tuple[dict[str, Any], Job]:
-        """``generate``'s keyword arguments and the request's ``Job``; ``RequestError`` if it cannot fit."""
+        """``generate``'s keyword arguments and the request's ``Job``; ``BadRequest`` if it cannot fit."""
         started = time.perf_counter()
         prompt, image_kwargs = request.prompt, {}
         if request.images:
             if config_value(self.model.config, "mm_use_im_start_end"):
                 prompt = prompt.replace(DEFAULT_IMAGE_TOKEN,
                                         DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
-            try:
-                pixels = process_images(request.images, self.image_processor, self.model.config)
-            except ValueError as err:  # an image the model cannot take (no pixels, over PIL's limit): the client's fix
-                raise RequestError(str(err)) from err
-            image_kwargs = {"images": images_to(pixels, self.model),
+            image_kwargs = {"images": images_to(self._pixels(request.images), self.model),
                             "image_sizes": [image.size for image in request.images]}
         input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
         input_ids = input_ids.unsqueeze(0).to(self.model.device)  # (1, L) with IMAGE_TOKEN_INDEX per image
@@ -179,7 +207,7 @@ class ModelWorker:
         expected_image_tokens = sum(self.image_token_count(image.size) for image in request.images)
         room = self.context_len - text_tokens - expected_image_tokens
         if room < 1:
-            raise RequestError(
+            raise BadRequest(
                 f"The prompt takes {text_tokens} text + {expected_image_tokens} image tokens, which fills the "
                 f"model's context of {self.context_len} tokens; start a new conversation or shorten the prompt."
             )
@@ -188,6 +216,19 @@ class ModelWorker:
         kwargs = {"inputs": input_ids, "max_new_tokens": min(request.max_new_tokens, room), "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, **sampling, **image_kwargs}
         return kwargs, Job(started=started, queue_s=started - ticket.arrived, text_tokens=text_tokens)
+
+    def _pixels(self, images: list[EncodedImage]) -> torch.Tensor | list[torch.Tensor]:
+        """``process_images`` of ``images``, decoding one at a time: one full-size image in memory, not all."""
+        parts = []
+        for image in images:
+            pixels = image.decode()
+            try:
+                parts.append(process_images([pixels], self.image_processor, self.model.config))
+            except ValueError as err:  # an image the model cannot take: the client's fix
+                raise BadRequest(f"images[{image.index}]: {err}") from err
+        if all(part.shape[1:] == parts[0].shape[1:] for part in parts):
+            return torch.cat(parts)
+        return [part[0] for part in parts]  # anyres images of different crop counts, as process_images gives them
 
     def _start_generation(self, kwargs: dict[str, Any], streamer: TimedStreamer, job: Job,
                           cancel: threading.Event, ticket: Ticket) -> None:
@@ -346,15 +387,11 @@ def create_app(worker: ModelWorker):
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
         try:
-            params = await request.json()
-        except ValueError as err:
-            return _refusal(f"The request body is not JSON ({err}); send a JSON object with prompt, images, ...",
-                            ErrorCode.WORKER_ERROR, 400)
-        try:
-            parsed = await concurrency.run_in_threadpool(worker.parse, params)
-        except RequestError as err:
+            raw = await read_body(request, worker.limits.max_request_bytes)
+            parsed = await concurrency.run_in_threadpool(worker.parse_body, raw)
+        except BadRequest as err:
             logger.info("Refused a request: %s", err)
-            return _refusal(str(err), ErrorCode.WORKER_ERROR, 400)
+            return _refusal(str(err), ErrorCode.WORKER_ERROR, err.status_code)
         try:
             ticket = worker.admit()
         except QueueFull as err:
@@ -398,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                         help="Requests that may wait for a slot; more are refused with HTTP 503 (default: %(default)s).")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="Larger images are refused (width × height; default: %(default)s).")
+                        help="Larger images are refused from their header, before decoding (width × height; "
+                             "default: %(default)s). It replaces Pillow's decompression-bomb limit in the worker.")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="Larger request bodies (prompt plus base64 images) are refused with HTTP 413 before "
+                             "they are read (default: %(default)s).")
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL,
                         help="Seconds between heartbeats to the controller (default: %(default)s); keep it below "
                              "the controller's --heart-beat-expiration.")
@@ -411,11 +452,15 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--limit-model-concurrency", args.limit_model_concurrency, 1),
                              ("--stream-interval", args.stream_interval, 1),
                              ("--max-queued-requests", args.max_queued_requests, 0),
-                             ("--max-image-pixels", args.max_image_pixels, 1)):
+                             ("--max-image-pixels", args.max_image_pixels, 1),
+                             ("--max-request-bytes", args.max_request_bytes, 1)):
         if value < low:
             raise ValueError(f"{flag} must be at least {low}, got {value}.")
     if not args.heart_beat_interval > 0:
         raise ValueError(f"--heart-beat-interval must be > 0 seconds, got {args.heart_beat_interval}.")
+    if not args.no_register:  # the controller refuses a worker_name that is not one (after the model loaded)
+        check_url(args.worker_address, "--worker-address")
+        check_url(args.controller_address, "--controller-address")
     check_compression_flags(args)
 
 
@@ -428,7 +473,7 @@ def load_worker(args: argparse.Namespace) -> ModelWorker:
         device=resolve_device(args.device), use_flash_attn=args.use_flash_attn, **compression_kwargs(args),
     )
     limits = WorkerLimits(args.limit_model_concurrency, args.max_queued_requests, args.max_image_pixels,
-                          args.stream_interval)
+                          args.stream_interval, args.max_request_bytes)
     worker = ModelWorker(tokenizer, model, image_processor, context_len, model_name, limits)
     tower = worker.vision_tower
     if tower is None:
@@ -448,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("args: %s", args)
     if args.multi_modal:
         logger.info("--multi-modal is not needed: images are served whenever the checkpoint has a vision tower.")
+    # The worker checks every image's header against --max-image-pixels before decoding it; Pillow's own
+    # limit would only add a warning (or, at twice its 89 MP, an error) for images the flag lets through.
+    Image.MAX_IMAGE_PIXELS = None
     worker = load_worker(args)
     uvicorn = require("uvicorn", "llava.serve.model_worker")
     server = uvicorn.Server(uvicorn.Config(create_app(worker), host=args.host, port=args.port, log_level="info"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -62,13 +62,6 @@ def iter_chunks(response) -> Iterator[dict[str, Any]]:
     for raw in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
         if raw:
             yield json.loads(raw.decode("utf-8"))
-
-
-def relay_chunks(raw_stream: Iterable[bytes]) -> Iterator[bytes]:
-    """Re-delimit raw chunks (``iter_lines`` output) for a proxy: empty pieces dropped, NUL put back."""
-    for raw in raw_stream:
-        if raw:
-            yield raw + b"\0"
 
 
 @dataclass

@@ -25,7 +25,6 @@ import copy
 import logging
 import math
 import os
-import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from llava.constants import (
     config_value,
 )
 from llava.conversation import Conversation, SeparatorStyle
-from llava.mm_utils import process_images, tokenizer_image_token
+from llava.mm_utils import IMAGE_DECODE_ERRORS, process_images, tokenizer_image_token
 
 from .arguments import DataArguments
 from .data_schema import (  # noqa: F401  (re-exported: DataFileError, HUMAN, count_image_tokens, load_samples)
@@ -65,10 +64,6 @@ from .data_schema import (  # noqa: F401  (re-exported: DataFileError, HUMAN, co
 )
 
 logger = logging.getLogger(__name__)
-
-# What Pillow raises for truncated or corrupt image data (OSError, SyntaxError from a bad chunk,
-# ValueError, EOFError, struct.error); the decompression-bomb check is handled on its own.
-_IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 @dataclass
@@ -405,7 +400,7 @@ class LazySupervisedDataset(Dataset):
                 f"image {path} is over Pillow's decompression-bomb limit ({err}). Downscale it, or raise "
                 f"PIL.Image.MAX_IMAGE_PIXELS if the data is trusted."
             ) from err
-        except _IMAGE_DECODE_ERRORS as err:
+        except IMAGE_DECODE_ERRORS as err:
             raise SampleError(f"cannot read image {path} (truncated or corrupt?): {type(err).__name__}: {err}") from err
         cfg = SimpleNamespace(
             image_aspect_ratio=self.data_args.image_aspect_ratio,
