@@ -115,9 +115,12 @@ def _replace_compressor(folder: Path, hidden: int) -> None:
 def _misfits(served: Path, folder: Path, prefix: str = "") -> dict[str, Path]:
     """Copies of ``served`` (24→12) whose compressor does not fit: its grid (config says 24→8) or its width (64)."""
     refused = {f"{prefix}grid": folder / f"bad-{prefix}grid", f"{prefix}width": folder / f"bad-{prefix}width"}
-    # A 24→12 compressor (grid_sizes [24, 12]) under a config that says 24→8.
+    # A 24→12 compressor (grid_sizes [24, 12]) under a config, and a processor, that say 24→8 (a processor that
+    # disagreed with the config would be refused before the weights are read: tests/test_hf_native.py).
     shutil.copytree(served, refused[f"{prefix}grid"])
     _edit_config(refused[f"{prefix}grid"], compression_output_size=8, image_seq_length=64)
+    processor = refused[f"{prefix}grid"] / "processor_config.json"
+    processor.write_text(json.dumps({**json.loads(processor.read_text()), "compression_output_size": 8}, indent=2))
     # A compressor over 64 channels beside a 32-channel CLIP.
     shutil.copytree(served, refused[f"{prefix}width"])
     _replace_compressor(refused[f"{prefix}width"], hidden=64)
