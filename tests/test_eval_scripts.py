@@ -219,8 +219,13 @@ def test_pope_with_and_without_compression_side_by_side(tmp_path, tiny_llava):
     plain = run_script("pope.sh", tmp_path, tiny_llava, eval_args=LOADER_ARGS)
     compressed = run_script("pope.sh", tmp_path, tiny_llava, eval_args=LOADER_ARGS, COMPRESS_TO="12")
 
-    assert sorted(p.name for p in (root / "answers").iterdir()) == ["llava-v1.5-tiny-toconv12.jsonl",
-                                                                    "llava-v1.5-tiny.jsonl"]
+    assert sorted(p.name for p in (root / "answers").iterdir()) == [
+        "llava-v1.5-tiny-toconv12.image_tokens.jsonl", "llava-v1.5-tiny-toconv12.jsonl",
+        "llava-v1.5-tiny.image_tokens.jsonl", "llava-v1.5-tiny.jsonl"]
+    # Beside each answers file, the image tokens the LLM received for each answer.
+    for tag, tokens in (("llava-v1.5-tiny", 576), ("llava-v1.5-tiny-toconv12", 144)):
+        assert read_jsonl(root / "answers" / f"{tag}.image_tokens.jsonl") == [
+            {"question_id": i, "images": 1, "image_tokens": tokens} for i in range(6)]
     assert "Token compression" not in plain.stderr
     assert SWITCHED_ON_12 in compressed.stderr and "average init" in compressed.stderr
     pope = "./playground/data/eval/pope"

@@ -345,6 +345,9 @@ def result_row(settings: Settings, benchmark: Benchmark, level: str) -> dict[str
 def git_commit() -> str:
     """This checkout's commit (``+dirty`` with uncommitted changes), or why there is none."""
     try:
+        # An installed copy (site-packages) may sit inside some other repository: only this checkout's own counts.
+        if not (REPO / ".git").exists():
+            raise OSError("not a checkout")
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],

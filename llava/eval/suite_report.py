@@ -38,12 +38,15 @@ def average_row(rows: Sequence[dict[str, Any]], levels: Sequence[str]) -> dict[s
     return averages
 
 
+def _count(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def _tokens(row: dict[str, Any]) -> str:
     tokens = row.get("image_tokens")
     if not tokens or tokens.get("mean") is None:
         return "—"
-    mean = tokens["mean"]
-    text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
+    text = _count(tokens["mean"])
     if tokens["min"] != tokens["max"]:
         text += f" ({tokens['min']:g}–{tokens['max']:g})"
     if tokens.get("truncated"):
@@ -94,6 +97,13 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _level_tokens(rows: Sequence[dict[str, Any]], level: str) -> str:
+    """`` (N image tokens)`` when every row of ``level`` measured the same N per image, else nothing."""
+    means = {row["image_tokens"]["mean"] for row in rows
+             if row["level"] == level and row.get("image_tokens") and row["image_tokens"].get("mean") is not None}
+    return f" ({_count(means.pop())} image tokens)" if len(means) == 1 else ""
+
+
 def write_chart(summary: dict[str, Any], path: Path) -> bool:
     """Relative score per benchmark (groups) per level (bars), plus the average; False without matplotlib."""
     try:
@@ -112,7 +122,9 @@ def write_chart(summary: dict[str, Any], path: Path) -> bool:
     for i, level in enumerate(levels):
         heights = [relative.get((title, level)) for title in scored] + [summary["average"][level]["relative"]]
         xs = [g + (i - (len(levels) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [h if h is not None else 0 for h in heights], width, label=f"level {level}")
+        bars = ax.bar(xs, [h if h is not None else float("nan") for h in heights], width,
+                      label=f"level {level}{_level_tokens(summary['rows'], level)}")
+        ax.bar_label(bars, labels=["" if h is None else f"{h:.1f}" for h in heights], fontsize=6)
     ax.axhline(100, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("% of the uncompressed score")
