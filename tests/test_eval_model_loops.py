@@ -400,7 +400,7 @@ BAD_ARGS = [
     (["--num-chunks", "2", "--chunk-idx", "2"], ["--chunk-idx 2", "0..1"]),
     (["--chunk-idx", "-1"], ["--chunk-idx -1"]),
     (["--batch-size", "0"], ["--batch-size", "got 0"]),
-    (["SAME"], ["is the --question-file"]),
+    (["SAME"], ["is the same file as --question-file"]),
     (["--question-file", "missing.tsv"], ["'missing.tsv'", "does not exist"]),
 ]
 
@@ -427,17 +427,19 @@ def test_bad_arguments_fail_before_the_model_loads(module, bad, message, tmp_pat
 @pytest.mark.parametrize("module, content, message", [
     (model_vqa, '{"question_id": 0, "text": "Hi?"}\n', "line 1 has no 'image'"),
     (model_vqa_loader, '\n{"question_id": 0, "image": "a.png"}\n', "line 2 has no 'text'"),
-    (model_vqa_science, '{"id": "1"}', "JSON list"),
-    (model_vqa_science, '[{"id": "1"}]', "item 0 needs 'id' and a non-empty 'conversations'"),
+    (model_vqa_science, '{"id": "1"}', "not a list"),
+    (model_vqa_science, '[{"id": "1"}]', "item 0 has no 'conversations'"),
+    (model_vqa_science, '[{"id": "1", "conversations": []}]', "item 0: 'conversations' is empty"),
     (model_vqa_mmbench, "index\tquestion\thint\tA\n1\tWhy?\t\tyes\n", "lacks the column(s) image"),
 ])
 def test_malformed_question_files_fail_before_the_model_loads(module, content, message, tmp_path, monkeypatch):
     monkeypatch.setattr(vqa_common, "load_pretrained_model", lambda *a, **k: pytest.fail("model loaded"))
     questions = tmp_path / "questions"
     questions.write_text(content)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit) as exit_info:
         module.main(["--model-path", "nowhere", "--question-file", str(questions),
                      "--answers-file", str(tmp_path / "a.jsonl")])
+    assert str(exit_info.value.code).startswith("error: ") and message in exit_info.value.code
 
 
 def test_model_vqa_loader_keeps_upstream_answer_lines(tiny_llava, image_folder, tmp_path, seen):

@@ -1,7 +1,7 @@
 """Benchmark scorers and converters (llava/eval, scripts/convert_*.py) on hand-made fixtures.
 
 Every fixture is written in the benchmark's real file format by the writers of
-``benchmark_fixtures`` (shared with the end-to-end script tests). For each scorer the ground truth
+``llava.eval.sample_benchmarks`` (shared with the end-to-end script tests). For each scorer the ground truth
 scores 100% and a known mix scores the value worked out by hand in the test; converters must
 produce upstream LLaVA's structure exactly. A few tests run upstream's command lines through a
 subprocess from the repository root.
@@ -17,7 +17,24 @@ from pathlib import Path
 
 import pytest
 
-from benchmark_fixtures import (
+from llava.eval import (
+    convert_answer_to_mme,
+    convert_gqa_for_eval,
+    convert_mmbench_for_submission,
+    convert_mmvet_for_eval,
+    convert_seed_for_submission,
+    convert_vizwiz_for_submission,
+    convert_vqav2_for_submission,
+    eval_gqa,
+    eval_mmbench,
+    eval_mme,
+    eval_pope,
+    eval_science_qa,
+    eval_textvqa,
+)
+from llava.eval.benchmark_io import BenchmarkInputError
+from llava.eval.m4c_evaluator import EvalAIAnswerProcessor, STVQAANLSEvaluator, TextVQAAccuracyEvaluator
+from llava.eval.sample_benchmarks import (
     PopeItem,
     SeedQuestion,
     SQAProblem,
@@ -37,23 +54,6 @@ from benchmark_fixtures import (
     write_vizwiz,
     write_vqav2,
 )
-from llava.eval import (
-    convert_answer_to_mme,
-    convert_gqa_for_eval,
-    convert_mmbench_for_submission,
-    convert_mmvet_for_eval,
-    convert_seed_for_submission,
-    convert_vizwiz_for_submission,
-    convert_vqav2_for_submission,
-    eval_gqa,
-    eval_mmbench,
-    eval_mme,
-    eval_pope,
-    eval_science_qa,
-    eval_textvqa,
-)
-from llava.eval.benchmark_io import BenchmarkInputError
-from llava.eval.m4c_evaluator import EvalAIAnswerProcessor, STVQAANLSEvaluator, TextVQAAccuracyEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 

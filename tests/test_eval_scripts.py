@@ -2,7 +2,7 @@
 
 A test lays out ``playground/data/eval/<benchmark>`` in its temporary working directory as upstream
 LLaVA's docs/Evaluation.md describes it (LLaVA's question files, generated images, the benchmark's
-own annotations; the writers live in ``benchmark_fixtures``), runs the script with ``bash`` on the
+own annotations; the writers live in ``llava.eval.sample_benchmarks``), runs the script with ``bash`` on the
 CPU with a stand-in LLaVA-1.5 checkpoint (3 new tokens per answer), and checks each stage:
 
 * the command lines: a logging ``python`` first on the script's PATH records every call, so the
@@ -32,7 +32,22 @@ from pathlib import Path
 
 import pytest
 
-from benchmark_fixtures import (
+from llava.eval import (
+    convert_answer_to_mme,
+    convert_gqa_for_eval,
+    convert_mmvet_for_eval,
+    convert_seed_for_submission,
+    convert_vizwiz_for_submission,
+    convert_vqav2_for_submission,
+    eval_gqa,
+    eval_mmbench,
+    eval_mme,
+    eval_pope,
+    eval_science_qa,
+    eval_textvqa,
+)
+from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
+from llava.eval.sample_benchmarks import (
     OPTION_LETTER,
     PopeItem,
     SeedQuestion,
@@ -57,21 +72,6 @@ from benchmark_fixtures import (
     write_vizwiz,
     write_vqav2,
 )
-from llava.eval import (
-    convert_answer_to_mme,
-    convert_gqa_for_eval,
-    convert_mmvet_for_eval,
-    convert_seed_for_submission,
-    convert_vizwiz_for_submission,
-    convert_vqav2_for_submission,
-    eval_gqa,
-    eval_mmbench,
-    eval_mme,
-    eval_pope,
-    eval_science_qa,
-    eval_textvqa,
-)
-from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
 from llava.standins import make_images
 
 # Each script starts several Python processes (about 7 s of imports each).

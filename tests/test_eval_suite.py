@@ -4,7 +4,7 @@ The quick tests check the parts without a model: the bad inputs refused before a
 script starts, so no model loads), which benchmarks run or are skipped for the data present, the
 relative scores and the average row computed from the rows' own scores, and the score readers on
 the scorers' own printouts. The slow ones run ``suite.sh`` on tiny fixtures in each benchmark's real
-layout (``benchmark_fixtures``) with random-weight stand-ins on the CPU: the image tokens measured at
+layout (``llava.eval.sample_benchmarks``) with random-weight stand-ins on the CPU: the image tokens measured at
 the LLM's input (576 / 144 / 64; LLaVA-1.6 anyres per image size), a second run that answers nothing,
 and a benchmark with broken data that fails alone.
 """
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmark_fixtures import (
+from llava.eval import eval_gqa, eval_mme, eval_pope, eval_science_qa, suite
+from llava.eval.convert_seed_for_submission import SeedScores, Tally, print_scores
+from llava.eval.sample_benchmarks import (
     PopeItem,
     SQAProblem,
     TextVQAItem,
@@ -30,8 +32,6 @@ from benchmark_fixtures import (
     write_scienceqa,
     write_textvqa,
 )
-from llava.eval import eval_gqa, eval_mme, eval_pope, eval_science_qa, suite
-from llava.eval.convert_seed_for_submission import SeedScores, Tally, print_scores
 from llava.eval.suite_benchmarks import BENCHMARKS, ScoreNotFoundError
 from llava.eval.suite_report import add_relative_scores, average_row, markdown
 from llava.standins import make_images

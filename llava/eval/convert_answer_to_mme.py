@@ -35,24 +35,34 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 
-from llava.eval.benchmark_io import BenchmarkInputError, exits_on_input_error, read_jsonl
+from llava.eval.benchmark_io import BenchmarkInputError, exits_on_input_error, read_jsonl, refuse_overwriting_inputs
+from vision_token_compression import atomic_write_text
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 YES_NO_INSTRUCTION = "Please answer yes or no."
 IMAGES_SUBDIR = "images"
 QA_SUBDIR = "questions_answers_YN"
+ANSWERS = ("Yes", "No")
 
 GroundTruth = dict[tuple[str, str, str], str]  # (subtask, txt file name, question) -> "Yes" / "No"
 
 
-def load_ground_truth(data_path: str) -> GroundTruth:
-    """Every (subtask, txt file, question) -> answer in an MME release folder."""
+def load_ground_truth(files: Sequence[tuple[str, str]]) -> GroundTruth:
+    """Every (subtask, txt file, question) -> answer in the ``ground_truth_files`` of an MME release folder."""
+    truth: GroundTruth = {}
+    for subtask, path in files:
+        truth.update(_read_qa_file(subtask, path))
+    return truth
+
+
+def ground_truth_files(data_path: str) -> list[tuple[str, str]]:
+    """(subtask, path) of every ground-truth ``.txt`` file in an MME release folder."""
     if not os.path.isdir(data_path):
         raise BenchmarkInputError(
             f"MME data folder {data_path!r} does not exist. Put MME_Benchmark_release_version in the "
             "working directory (see docs/Evaluation.md, MME) or pass --data-path."
         )
-    truth: GroundTruth = {}
+    files = []
     for subtask in sorted(os.listdir(data_path)):
         subtask_dir = os.path.join(data_path, subtask)
         if not os.path.isdir(subtask_dir):
@@ -63,8 +73,8 @@ def load_ground_truth(data_path: str) -> GroundTruth:
             raise BenchmarkInputError(f"MME subtask {subtask!r} has {IMAGES_SUBDIR}/ but no {QA_SUBDIR}/ folder.")
         for name in sorted(os.listdir(qa_dir)):
             if name.endswith(".txt"):
-                truth.update(_read_qa_file(subtask, os.path.join(qa_dir, name)))
-    return truth
+                files.append((subtask, os.path.join(qa_dir, name)))
+    return files
 
 
 def _read_qa_file(subtask: str, path: str) -> GroundTruth:
@@ -78,6 +88,10 @@ def _read_qa_file(subtask: str, path: str) -> GroundTruth:
                 raise BenchmarkInputError(
                     f"MME ground-truth file {path!r} line {number} should be 'question<TAB>answer', "
                     f"got {len(fields)} tab-separated field(s)."
+                )
+            if fields[1] not in ANSWERS:
+                raise BenchmarkInputError(
+                    f"MME ground-truth file {path!r} line {number}: the answer is {fields[1]!r}, not Yes or No."
                 )
             entries[(subtask, os.path.basename(path), fields[0])] = fields[1]
     return entries
@@ -103,6 +117,7 @@ def convert(answers_file: str, truth: GroundTruth, data_path: str) -> dict[str, 
     """``{subtask: [tab-separated line, ...]}`` in answer order."""
     answers, _ = read_jsonl(
         answers_file, "MME answers file", required=("question_id", "prompt", "text"),
+        unique=("question_id", "prompt"),
         hint="Run model_vqa_loader on llava_mme.jsonl first (scripts/v1_5/eval/mme.sh).",
     )
     subtasks = {subtask for subtask, _, _ in truth}
@@ -141,13 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     """Write the subtask files and return their folder."""
     args = build_parser().parse_args(argv)
-    truth = load_ground_truth(args.data_path)
-    lines = convert(os.path.join("answers", f"{args.experiment}.jsonl"), truth, args.data_path)
+    answers_file = os.path.join("answers", f"{args.experiment}.jsonl")
+    truth_files = ground_truth_files(args.data_path)
+    truth = load_ground_truth(truth_files)
+    lines = convert(answers_file, truth, args.data_path)
     result_dir = os.path.join("eval_tool", "answers", args.experiment)
-    os.makedirs(result_dir, exist_ok=True)
+    outputs = {f"subtask file {subtask}.txt": os.path.join(result_dir, f"{subtask}.txt") for subtask in lines}
+    refuse_overwriting_inputs(outputs, [("answers file", answers_file)]
+                              + [("MME ground-truth file", path) for _, path in truth_files])
     for subtask, subtask_lines in lines.items():
-        with open(os.path.join(result_dir, f"{subtask}.txt"), "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in subtask_lines)
+        atomic_write_text(outputs[f"subtask file {subtask}.txt"], "".join(line + "\n" for line in subtask_lines))
     return result_dir
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from llava.eval.benchmark_io import exits_on_input_error, index_by_question_id, read_jsonl, write_json
+from llava.eval.benchmark_io import exits_on_input_error, read_jsonl, refuse_overwriting_inputs, write_json
 
 
 def gqa_prediction(text: str) -> str:
@@ -22,8 +22,7 @@ def gqa_prediction(text: str) -> str:
 
 
 def convert(src: str) -> list[dict]:
-    answers, _ = read_jsonl(src, "GQA answers file", required=("question_id", "text"))
-    index_by_question_id(answers, src, "GQA answers file")
+    answers, _ = read_jsonl(src, "GQA answers file", required=("question_id", "text"), unique=("question_id",))
     return [{"questionId": a["question_id"], "prediction": gqa_prediction(a["text"])} for a in answers]
 
 
@@ -37,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    refuse_overwriting_inputs({"--dst": args.dst}, {"--src": args.src})
     predictions = convert(args.src)
     write_json(args.dst, predictions)
     return predictions

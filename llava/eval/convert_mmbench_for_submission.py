@@ -27,9 +27,11 @@ from llava.eval.benchmark_io import (
     BenchmarkInputError,
     exits_on_input_error,
     read_jsonl,
+    refuse_overwriting_inputs,
     require_file,
     unknown_ids_error,
 )
+from vision_token_compression import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ def _pandas():
 
 def first_round_texts(result_file: str) -> dict[str, str]:
     """Answer text by TSV index (as a string), round 0 only."""
-    answers, _ = read_jsonl(result_file, "MMBench answers file", required=("question_id", "text"))
+    answers, _ = read_jsonl(result_file, "MMBench answers file", required=("question_id", "text"),
+                            unique=("question_id", "round_id"))
     texts, later_rounds = {}, 0
     for answer in answers:
         if answer.get("round_id", 0) != 0:
@@ -96,10 +99,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     """Write the upload file and return its path."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    upload = build_upload(args.annotation_file, os.path.join(args.result_dir, f"{args.experiment}.jsonl"))
-    os.makedirs(args.upload_dir, exist_ok=True)
+    result_file = os.path.join(args.result_dir, f"{args.experiment}.jsonl")
     path = os.path.join(args.upload_dir, f"{args.experiment}.xlsx")
-    upload.to_excel(path, index=False, engine="openpyxl")
+    refuse_overwriting_inputs({"upload file (--upload-dir/--experiment.xlsx)": path},
+                              {"--annotation-file": args.annotation_file, "answers file": result_file})
+    upload = build_upload(args.annotation_file, result_file)
+    with atomic_write(path) as tmp:
+        upload.to_excel(tmp, index=False, engine="openpyxl")
     return path
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from llava.eval.benchmark_io import exits_on_input_error, index_by_question_id, read_jsonl, write_json
+from llava.eval.benchmark_io import exits_on_input_error, read_jsonl, refuse_overwriting_inputs, write_json
 
 KEY_PREFIX = "v1_"
 
 
 def convert(src: str) -> dict[str, str]:
-    answers, _ = read_jsonl(src, "MM-Vet answers file", required=("question_id", "text"))
-    index_by_question_id(answers, src, "MM-Vet answers file")
+    answers, _ = read_jsonl(src, "MM-Vet answers file", required=("question_id", "text"), unique=("question_id",))
     return {f"{KEY_PREFIX}{a['question_id']}": a["text"] for a in answers}
 
 
@@ -33,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     args = build_parser().parse_args(argv)
+    refuse_overwriting_inputs({"--dst": args.dst}, {"--src": args.src})
     results = convert(args.src)
     write_json(args.dst, results, indent=2)
     return results

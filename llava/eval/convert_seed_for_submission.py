@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from llava.eval.benchmark_io import (
+    QUESTION_ID,
     BenchmarkInputError,
+    check_fields,
     exits_on_input_error,
+    first_repeat,
     read_json,
     read_jsonl,
+    refuse_overwriting_inputs,
     unknown_ids_error,
 )
+from vision_token_compression import atomic_write_text
 
 DATA_TYPES = ("image", "video")
+QUESTION_FIELDS = {"question_id": QUESTION_ID, "question_type_id": int, "data_type": str, "answer": str}
 
 
 @dataclass
@@ -60,17 +65,26 @@ class SeedScores:
 
 
 def load_annotation(path: str) -> dict:
-    data = read_json(path, "SEED-Bench annotation file", "Download SEED-Bench.json from AILab-CVC/SEED-Bench.")
-    if not isinstance(data, dict) or "questions" not in data or "question_type" not in data:
-        raise BenchmarkInputError(
-            f"SEED-Bench annotation file {path!r} needs 'question_type' and 'questions'; pass SEED-Bench.json."
-        )
+    """SEED-Bench.json, each question checked for the fields scoring reads, ids unique."""
+    what = f"SEED-Bench annotation file {path!r}"
+    fix = "Pass SEED-Bench.json from AILab-CVC/SEED-Bench."
+    data = read_json(path, "SEED-Bench annotation file", fix, expect=dict)
+    check_fields(data, {"question_type": dict, "questions": list}, what, fix)
+    if not data["questions"]:
+        raise BenchmarkInputError(f"{what} is empty: its 'questions' list has no questions. {fix}")
+    for number, question in enumerate(data["questions"], start=1):
+        check_fields(question, QUESTION_FIELDS, f"{what}, question {number} of 'questions'", fix)
+    repeat = first_repeat(str(q["question_id"]) for q in data["questions"])
+    if repeat:
+        qid = data["questions"][repeat[1] - 1]["question_id"]
+        raise BenchmarkInputError(f"{what}: questions {repeat[0]} and {repeat[1]} share the 'question_id' {qid!r}.")
     return data
 
 
 def load_texts(result_file: str) -> dict[str, str]:
     """Answer text by question id as a string (ids are strings in SEED-Bench.json, ints in some answers)."""
-    answers, _ = read_jsonl(result_file, "SEED-Bench answers file", required=("question_id", "text"))
+    answers, _ = read_jsonl(result_file, "SEED-Bench answers file", required=("question_id", "text"),
+                            unique=("question_id",))
     return {str(a["question_id"]): a["text"] for a in answers}
 
 
@@ -105,13 +119,10 @@ def write_upload(path: str, questions: Sequence[dict], texts: dict[str, str], re
             f"questions (first: {missing[:5]}); the upload needs them all. Re-run inference for them "
             "(when merging chunks, include every chunk)."
         )
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for question in questions:
-            qid = question["question_id"]
-            f.write(json.dumps({"question_id": qid, "prediction": texts[str(qid)]}) + "\n")
+    atomic_write_text(path, "".join(
+        json.dumps({"question_id": q["question_id"], "prediction": texts[str(q["question_id"])]}) + "\n"
+        for q in questions
+    ))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> SeedScores:
     args = build_parser().parse_args(argv)
+    refuse_overwriting_inputs({"--result-upload-file": args.result_upload_file},
+                              {"--annotation-file": args.annotation_file, "--result-file": args.result_file})
     data = load_annotation(args.annotation_file)
     texts = load_texts(args.result_file)
     known = {str(q["question_id"]) for q in data["questions"]}

@@ -20,6 +20,7 @@ from llava.eval.benchmark_io import (
     BenchmarkInputError,
     exits_on_input_error,
     read_jsonl,
+    refuse_overwriting_inputs,
     unknown_ids_error,
     write_json,
 )
@@ -30,12 +31,13 @@ logger = logging.getLogger(__name__)
 
 def convert(annotation_file: str, result_file: str) -> list[dict]:
     answers, bad_lines = read_jsonl(
-        result_file, "VizWiz answers file", required=("question_id", "text"), skip_invalid=True
+        result_file, "VizWiz answers file", required=("question_id", "text"), skip_invalid=True,
+        unique=("question_id",),
     )
     if bad_lines:
         logger.warning("%s: skipped %d line(s) that are not JSON: %s", result_file, len(bad_lines), bad_lines[:10])
     texts = {a["question_id"]: a["text"] for a in answers}
-    questions, _ = read_jsonl(annotation_file, "VizWiz question file", required=("question_id", "image"),
+    questions, _ = read_jsonl(annotation_file, "VizWiz question file", required=("question_id", "image"), unique=("question_id",),
                               hint="LLaVA's eval.zip has it as vizwiz/llava_test.jsonl.")
     print(f"total results: {len(texts)}, total split: {len(questions)}, error_line: {len(bad_lines)}")
     known = {q["question_id"] for q in questions}
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    refuse_overwriting_inputs({"--result-upload-file": args.result_upload_file},
+                              {"--annotation-file": args.annotation_file, "--result-file": args.result_file})
     upload = convert(args.annotation_file, args.result_file)
     write_json(args.result_upload_file, upload)
     return upload

@@ -21,7 +21,13 @@ import logging
 import os
 from collections.abc import Sequence
 
-from llava.eval.benchmark_io import exits_on_input_error, read_jsonl, unknown_ids_error, write_json
+from llava.eval.benchmark_io import (
+    exits_on_input_error,
+    read_jsonl,
+    refuse_overwriting_inputs,
+    unknown_ids_error,
+    write_json,
+)
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor
 
 logger = logging.getLogger(__name__)
@@ -40,14 +46,14 @@ def paths(root: str, split: str, ckpt: str) -> tuple[str, str, str]:
 
 def convert(src: str, test_questions: str) -> list[dict]:
     answers, bad_lines = read_jsonl(
-        src, "VQAv2 answers file", required=("question_id", "text"), skip_invalid=True,
+        src, "VQAv2 answers file", required=("question_id", "text"), skip_invalid=True, unique=("question_id",),
         hint="Run scripts/v1_5/eval/vqav2.sh first; it merges the chunk answers into merge.jsonl.",
     )
     if bad_lines:
         logger.warning("%s: skipped %d line(s) that are not JSON: %s", src, len(bad_lines), bad_lines[:10])
     texts = {a["question_id"]: a["text"] for a in answers}
     questions, _ = read_jsonl(
-        test_questions, "VQAv2 test2015 question file", required=("question_id",),
+        test_questions, "VQAv2 test2015 question file", required=("question_id",), unique=("question_id",),
         hint=f"It comes with LLaVA's eval.zip as {TEST_QUESTIONS}.",
     )
     known = {q["question_id"] for q in questions}
@@ -80,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     src, test_questions, dst = paths(args.dir, args.split, args.ckpt)
+    refuse_overwriting_inputs({"upload file": dst}, {"answers file": src, "test2015 question file": test_questions})
     write_json(dst, convert(src, test_questions))
     return dst
 

@@ -36,7 +36,16 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from llava.eval.benchmark_io import BenchmarkInputError, exits_on_input_error, read_json, unknown_ids_error
+from llava.eval.benchmark_io import (
+    QUESTION_ID,
+    BenchmarkInputError,
+    check_fields,
+    check_optional_fields,
+    exits_on_input_error,
+    first_repeat,
+    read_json,
+    unknown_ids_error,
+)
 
 OPEN_STRUCTURAL_TYPE = "query"
 # A semantic step whose "operation: argument" holds one of these does not count as reasoning.
@@ -118,37 +127,41 @@ def score(questions: Mapping[str, Mapping], predictions: Mapping[str, str]) -> G
     )
 
 
+def check_question(question: object, qid: str, questions_file: str) -> None:
+    """Refuse a GQA question without the fields scoring reads, or with one of another type."""
+    where = f"GQA questions file {questions_file!r}, question {qid!r}"
+    fix = "Pass GQA's own questions file of a split with answers (testdev_balanced_questions.json)."
+    check_fields(question, {"answer": str, "types": dict}, where, fix)
+    check_fields(question["types"], {"structural": str, "semantic": str}, f"{where}, 'types'", fix)
+    check_optional_fields(question, {"isBalanced": bool, "question": str, "semantic": list, "groups": dict}, where, fix)
+    for step in question.get("semantic", []):
+        check_fields(step, {"operation": str, "argument": str}, f"{where}, a step of 'semantic'", fix)
+
+
+def load_predictions(predictions_file: str) -> dict[str, str]:
+    """``{question id: prediction}`` from a predictions file, each entry checked, ids unique."""
+    fix = "Write it with: python scripts/convert_gqa_for_eval.py --src merge.jsonl --dst <this file>."
+    raw = read_json(predictions_file, "GQA predictions file", fix, expect=list)
+    for number, entry in enumerate(raw, start=1):
+        check_fields(entry, {"questionId": QUESTION_ID, "prediction": str},
+                     f"GQA predictions file {predictions_file!r}, entry {number}", fix)
+    repeat = first_repeat(str(entry["questionId"]) for entry in raw)
+    if repeat:
+        raise BenchmarkInputError(
+            f"GQA predictions file {predictions_file!r}, entry {repeat[1]} repeats entry {repeat[0]}'s questionId "
+            f"{raw[repeat[1] - 1]['questionId']!r}: each question needs one prediction. When merging chunk files, "
+            "concatenate each chunk once."
+        )
+    return {str(entry["questionId"]): entry["prediction"] for entry in raw}
+
+
 def load(questions_file: str, predictions_file: str) -> tuple[dict, dict]:
     questions = read_json(questions_file, "GQA questions file",
-                          "Download the balanced question files from https://cs.stanford.edu/people/dorarad/gqa/download.html.")
-    if not isinstance(questions, dict):
-        raise BenchmarkInputError(f"GQA questions file {questions_file!r} must map question ids to questions.")
+                          "Download the balanced question files from https://cs.stanford.edu/people/dorarad/gqa/download.html.",
+                          expect=dict)
     for qid, question in questions.items():
-        if not isinstance(question, dict) or "answer" not in question:
-            raise BenchmarkInputError(
-                f"GQA question {qid!r} in {questions_file!r} has no 'answer'; pass a split with answers "
-                "(testdev_balanced_questions.json), not the challenge test questions."
-            )
-        types = question.get("types")
-        if not isinstance(types, dict) or "structural" not in types or "semantic" not in types:
-            raise BenchmarkInputError(
-                f"GQA question {qid!r} in {questions_file!r} lacks types.structural / types.semantic; "
-                "pass GQA's own questions file."
-            )
-    raw = read_json(predictions_file, "GQA predictions file",
-                    "Write it with: python scripts/convert_gqa_for_eval.py --src merge.jsonl --dst <this file>.")
-    if not isinstance(raw, list):
-        raise BenchmarkInputError(
-            f"GQA predictions file {predictions_file!r} must be a list of {{questionId, prediction}} objects."
-        )
-    predictions = {}
-    for number, entry in enumerate(raw, start=1):
-        if not isinstance(entry, dict) or "questionId" not in entry or "prediction" not in entry:
-            raise BenchmarkInputError(
-                f"GQA predictions file {predictions_file!r}, entry {number}: needs 'questionId' and "
-                f"'prediction', got {entry!r}. Write it with scripts/convert_gqa_for_eval.py."
-            )
-        predictions[str(entry["questionId"])] = entry["prediction"]
+        check_question(question, qid, questions_file)
+    predictions = load_predictions(predictions_file)
     unknown = [qid for qid in predictions if qid not in questions]
     if unknown:
         raise unknown_ids_error(

@@ -79,8 +79,32 @@ def load_questions(tsv: str) -> dict[str, Question]:
                 if letter in row and row[letter] is not None and row[letter].strip().lower() not in _EMPTY
             }
             answer = (row["answer"] or "").strip()  # a short row leaves its trailing cells None
+            if answer not in options:
+                raise BenchmarkInputError(
+                    f"MMBench TSV {tsv!r} row {reader.line_num} (index {row['index']!r}): its 'answer' {answer!r} "
+                    f"is not one of its options' letters {sorted(options)}. Pass MMBench's own dev TSV."
+                )
             questions[row["index"].strip()] = Question(answer, row.get("category") or "", options)
+    if not questions:
+        raise BenchmarkInputError(f"MMBench TSV {tsv!r} is empty: it has no rows under its header.")
     return questions
+
+
+def check_rotation(answer: dict, question: Question, result_file: str, number: int) -> dict[str, str]:
+    """The options as this answer's round showed them, checked against the round's ``option_char``."""
+    shown = question.options
+    if answer.get("options"):  # the texts as shown in this round; fewer than four when the TSV has blanks
+        shown = dict(zip(LETTERS, answer["options"], strict=False))
+    where = f"MMBench answers file {result_file!r} line {number}"
+    if not all(isinstance(text, str) for text in shown.values()) or len(shown) > len(LETTERS):
+        raise BenchmarkInputError(f"{where}: 'options' must be at most {len(LETTERS)} strings, got {answer['options']!r}.")
+    letters = answer.get("option_char")
+    if letters and (len(letters) < len(shown) or any(not isinstance(letter, str) or letter not in question.options for letter in letters)):
+        raise BenchmarkInputError(
+            f"{where}: 'option_char' {letters!r} must give each of the {len(shown)} options shown its letter in "
+            f"the TSV ({sorted(question.options)}). Use the answers model_vqa_mmbench wrote."
+        )
+    return shown
 
 
 def parse_letter(text: str, options: dict[str, str]) -> str | None:
@@ -105,7 +129,8 @@ def original_letter(shown: str, option_char: Sequence[str] | None) -> str:
 
 def evaluate(tsv: str, result_file: str) -> MMBenchScores:
     questions = load_questions(tsv)
-    answers, _ = read_jsonl(result_file, "MMBench answers file", required=("question_id", "text"))
+    answers, _ = read_jsonl(result_file, "MMBench answers file", required=("question_id", "text"),
+                            unique=("question_id", "round_id"))
     unknown = sorted({str(a["question_id"]) for a in answers} - set(questions))
     if unknown:
         raise unknown_ids_error(
@@ -113,17 +138,13 @@ def evaluate(tsv: str, result_file: str) -> MMBenchScores:
             "Pass the TSV the answers were generated from.",
         )
     rounds: dict[str, dict[int, bool]] = defaultdict(dict)
-    for answer in answers:
+    for number, answer in enumerate(answers, start=1):
         qid = str(answer["question_id"])
         question = questions[qid]
-        shown_options = question.options
-        if answer.get("options"):  # the texts as shown in this round; fewer than four when the TSV has blanks
-            shown_options = dict(zip(LETTERS, answer["options"], strict=False))
+        shown_options = check_rotation(answer, question, result_file, number)
         shown = parse_letter(answer["text"], shown_options)
         right = shown is not None and original_letter(shown, answer.get("option_char")) == question.answer
         rounds[qid][int(answer.get("round_id", 0))] = right
-    if not rounds:
-        raise BenchmarkInputError(f"MMBench answers file {result_file!r} has no answers.")
     missing_round0 = [qid for qid, r in rounds.items() if 0 not in r]
     if missing_round0:
         raise BenchmarkInputError(

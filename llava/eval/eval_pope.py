@@ -52,6 +52,7 @@ from llava.eval.benchmark_io import (
 ANNOTATION_PREFIX = "coco_pope_"
 ANNOTATION_SUFFIX = ".json"
 _NO_WORDS = ("No", "not", "no")
+LABELS = ("yes", "no")
 
 
 def answer_is_yes(text: str) -> bool:
@@ -140,17 +141,18 @@ def annotation_files(annotation_dir: str) -> dict[str, str]:
 
 
 def load_labels(path: str) -> list[bool]:
-    records, _ = read_jsonl(path, "POPE annotation file", required=("label",))
-    return [record["label"] != "no" for record in records]
+    records, _ = read_jsonl(path, "POPE annotation file", required=("label",), choices={"label": LABELS})
+    return [record["label"] == "yes" for record in records]
 
 
 def evaluate(annotation_dir: str, question_file: str, result_file: str) -> dict[str, PopeScores]:
     """Print and return the scores of each POPE category."""
     questions, _ = read_jsonl(question_file, "POPE question file", required=("question_id", "category"),
-                              hint="LLaVA's eval.zip has it as pope/llava_pope_test.jsonl.")
+                              unique=("question_id",), hint="LLaVA's eval.zip has it as pope/llava_pope_test.jsonl.")
     questions = index_by_question_id(questions, question_file, "POPE question file")
     position = {qid: i for i, qid in enumerate(questions)}
-    answers, _ = read_jsonl(result_file, "POPE answers file", required=("question_id", "text"))
+    answers, _ = read_jsonl(result_file, "POPE answers file", required=("question_id", "text"),
+                            unique=("question_id",))
     unknown = [a["question_id"] for a in answers if a["question_id"] not in questions]
     if unknown:
         raise unknown_ids_error(

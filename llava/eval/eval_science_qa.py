@@ -34,10 +34,12 @@ from collections.abc import Sequence
 
 from llava.eval.benchmark_io import (
     BenchmarkInputError,
+    check_fields,
     exits_on_input_error,
     index_by_question_id,
     read_json,
     read_jsonl,
+    refuse_overwriting_inputs,
     unknown_ids_error,
     write_json,
 )
@@ -65,6 +67,41 @@ def choice_index(letter: str, num_choices: int, options: Sequence[str]) -> int:
     return allowed.index(letter) if letter in allowed else -1
 
 
+def check_problem(problem: object, pid: str, path: str, options: Sequence[str]) -> dict:
+    """``problem`` if it has a list of string ``choices`` and an ``answer`` index among them and ``options``."""
+    where = f"ScienceQA problems file {path!r}, problem {pid!r}"
+    check_fields(problem, {"choices": list, "answer": int}, where, _DATA_HINT)
+    if not all(isinstance(choice, str) for choice in problem["choices"]):
+        raise BenchmarkInputError(f"{where}: 'choices' must be a list of strings, got {problem['choices']!r}.")
+    answer = problem["answer"]
+    if not 0 <= answer < len(problem["choices"]):
+        raise BenchmarkInputError(
+            f"{where}: 'answer' {answer} is not an index of its {len(problem['choices'])} choices."
+        )
+    if answer >= len(options):
+        raise BenchmarkInputError(
+            f"{where}: 'answer' {answer} has no letter among --options {''.join(options)!r}; pass more letters."
+        )
+    return problem
+
+
+def load_split(base_dir: str, split: str) -> tuple[list[str], dict]:
+    """(the problem ids of ``split``, problems.json), both checked for the shapes scoring reads."""
+    splits_file = os.path.join(base_dir, "pid_splits.json")
+    splits = read_json(splits_file, "ScienceQA split file", _DATA_HINT, expect=dict)
+    problems = read_json(os.path.join(base_dir, "problems.json"), "ScienceQA problems file", _DATA_HINT, expect=dict)
+    if split not in splits:
+        raise BenchmarkInputError(f"--split {split!r} is not in {splits_file!r}; it has {sorted(splits)}.")
+    pids = splits[split]
+    if not isinstance(pids, list) or not all(isinstance(pid, str) for pid in pids):
+        raise BenchmarkInputError(
+            f"ScienceQA split file {splits_file!r}: {split!r} must be a list of problem ids (strings), got {pids!r:.80}."
+        )
+    if not pids:
+        raise BenchmarkInputError(f"split {split!r} of {splits_file!r} is empty.")
+    return pids, problems
+
+
 def _letters(value: str) -> list[str]:
     """``--options ABCD`` means the letters A, B, C, D (upstream declares ``type=list``)."""
     return list(value)
@@ -75,30 +112,28 @@ def evaluate(
 ) -> tuple[dict, dict]:
     """Return (the ``--output-file`` document, the ``--output-result`` document)."""
     options = list(options)
-    splits = read_json(os.path.join(base_dir, "pid_splits.json"), "ScienceQA split file", _DATA_HINT)
-    problems = read_json(os.path.join(base_dir, "problems.json"), "ScienceQA problems file", _DATA_HINT)
-    if split not in splits:
-        raise BenchmarkInputError(f"--split {split!r} is not in pid_splits.json; it has {sorted(splits)}.")
-    answers, _ = read_jsonl(result_file, "ScienceQA answers file", required=("question_id", "text"))
+    pids, problems = load_split(base_dir, split)
+    answers, _ = read_jsonl(result_file, "ScienceQA answers file", required=("question_id", "text"),
+                            unique=("question_id",))
     predictions = index_by_question_id(answers, result_file, "ScienceQA answers file")
-    split_ids = set(splits[split])
+    split_ids = set(pids)
     unknown = [qid for qid in predictions if qid not in split_ids]
     if unknown:
         raise unknown_ids_error(
             unknown, result_file, "ScienceQA answers file", f"split {split!r} of pid_splits.json",
             "The question_id must be a ScienceQA problem id; pass the --split the answers were generated for.",
         )
-    missing = [pid for pid in splits[split] if pid not in predictions]
+    missing = [pid for pid in pids if pid not in predictions]
     if missing:
         logger.warning("%d of %d %s problems have no answer in %s; they count as wrong.",
                        len(missing), len(split_ids), split, result_file)
 
     outcome = {"correct": [], "incorrect": []}
     result = {"acc": None, "correct": None, "count": None, "results": {}, "outputs": {}}
-    for pid in splits[split]:
-        problem = problems.get(pid)
-        if problem is None:
+    for pid in pids:
+        if pid not in problems:
             raise BenchmarkInputError(f"problem {pid!r} of split {split!r} is not in problems.json.")
+        problem = check_problem(problems[pid], pid, os.path.join(base_dir, "problems.json"), options)
         prediction = predictions.get(pid, {"text": FAILED, "prompt": "Unknown"})
         text = prediction["text"]
         letter = parse_answer(text, options)
@@ -117,8 +152,6 @@ def evaluate(
 
     correct = len(outcome["correct"])
     total = correct + len(outcome["incorrect"])
-    if total == 0:
-        raise BenchmarkInputError(f"split {split!r} of pid_splits.json is empty.")
     result["acc"] = correct / total * 100
     result["correct"] = correct
     result["count"] = total
@@ -148,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Print the accuracies, write both output files, return the ``--output-result`` document."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    refuse_overwriting_inputs(
+        {"--output-file": args.output_file, "--output-result": args.output_result},
+        {"--result-file": args.result_file, "--base-dir pid_splits.json": os.path.join(args.base_dir, "pid_splits.json"),
+         "--base-dir problems.json": os.path.join(args.base_dir, "problems.json")},
+    )
     outcome, result = evaluate(args.base_dir, args.result_file, args.split, args.options)
     print(
         f"Total: {result['count']}, Correct: {result['correct']}, Accuracy: {result['acc']:.2f}%, "

@@ -26,7 +26,15 @@ import os
 import re
 from collections.abc import Sequence
 
-from llava.eval.benchmark_io import BenchmarkInputError, exits_on_input_error, read_json, read_jsonl
+from llava.eval.benchmark_io import (
+    QUESTION_ID,
+    BenchmarkInputError,
+    check_fields,
+    check_optional_fields,
+    exits_on_input_error,
+    read_json,
+    read_jsonl,
+)
 from llava.eval.m4c_evaluator import TextVQAAccuracyEvaluator
 
 _OCR_PREFIX = "OCR tokens: "
@@ -54,24 +62,36 @@ def question_from_prompt(prompt: str) -> str:
     return question.lower()
 
 
-def load_annotations(annotation_file: str) -> dict[tuple, dict]:
-    """TextVQA annotations keyed by ``(image_id, lower-cased question)``."""
-    data = read_json(
-        annotation_file, "TextVQA annotation file",
-        "Download TextVQA_0.5.1_val.json from https://dl.fbaipublicfiles.com/textvqa/data/.",
-    )
-    if not isinstance(data, dict) or "data" not in data:
-        raise BenchmarkInputError(
-            f"TextVQA annotation file {annotation_file!r} has no 'data' list; pass TextVQA_0.5.1_val.json."
-        )
-    return {(item["image_id"], item["question"].lower()): item for item in data["data"]}
+def load_annotations(annotation_file: str) -> dict[tuple, list[dict]]:
+    """TextVQA annotations keyed by ``(image_id, lower-cased question)``.
+
+    A key holds every annotation that has it (the same question may be asked twice about one image);
+    upstream scores all its answers against the last of them, and so does ``score_result_file``.
+    """
+    fix = "Pass TextVQA_0.5.1_val.json from https://dl.fbaipublicfiles.com/textvqa/data/."
+    data = read_json(annotation_file, "TextVQA annotation file", fix, expect=dict)
+    what = f"TextVQA annotation file {annotation_file!r}"
+    check_fields(data, {"data": list}, what, fix)
+    if not data["data"]:
+        raise BenchmarkInputError(f"{what} is empty: its 'data' list has no questions. {fix}")
+    annotations: dict[tuple, list[dict]] = {}
+    for number, item in enumerate(data["data"], start=1):
+        where = f"{what}, entry {number} of 'data'"
+        check_fields(item, {"image_id": QUESTION_ID, "question": str}, where, fix)
+        check_optional_fields(item, {"answers": list}, where, fix)
+        if "answers" in item and not all(isinstance(a, str) for a in item["answers"]):
+            raise BenchmarkInputError(f"{where}: 'answers' must be a list of strings, got {item['answers']!r}.")
+        annotations.setdefault((item["image_id"], item["question"].lower()), []).append(item)
+    return annotations
 
 
-def score_result_file(annotations: dict[tuple, dict], result_file: str) -> tuple[int, float]:
-    """(number of answers, accuracy in [0, 1]) of one answers file."""
+def score_result_file(annotations: dict[tuple, list[dict]], result_file: str) -> tuple[int, float]:
+    """(number of answers, accuracy in [0, 1]) of one answers file.
+
+    A question may be answered as often as the annotation file asks it; a further answer repeats one.
+    """
     results, _ = read_jsonl(result_file, "TextVQA answers file", required=("question_id", "prompt", "text"))
-    if not results:
-        raise BenchmarkInputError(f"TextVQA answers file {result_file!r} has no answers.")
+    lines_of: dict[tuple, list[int]] = {}
     pred_list = []
     for number, result in enumerate(results, start=1):
         try:
@@ -82,13 +102,22 @@ def score_result_file(annotations: dict[tuple, dict], result_file: str) -> tuple
                 f"{result['question_id']!r}): {err}. Use the answers written from "
                 "llava_textvqa_val_v051_ocr.jsonl."
             ) from None
-        annotation = annotations.get((result["question_id"], question))
-        if annotation is None:
+        key = (result["question_id"], question)
+        asked = annotations.get(key)
+        if asked is None:
             raise BenchmarkInputError(
                 f"TextVQA answers file {result_file!r}, answer {number}: no annotation with image_id "
                 f"{result['question_id']!r} and question {question!r}. The question_id must be the "
                 "TextVQA image_id; check that the answers and the annotation file are the same split."
             )
+        lines_of.setdefault(key, []).append(number)
+        if len(lines_of[key]) > len(asked):
+            raise BenchmarkInputError(
+                f"TextVQA answers file {result_file!r} line {number} answers the question of line "
+                f"{lines_of[key][0]} again (question_id {result['question_id']!r}, {question!r}), which the "
+                f"annotation file asks {len(asked)} time(s). When merging chunk files, concatenate each chunk once."
+            )
+        annotation = asked[-1]
         if "answers" not in annotation:
             raise BenchmarkInputError(
                 f"TextVQA annotation for image_id {result['question_id']!r} has no 'answers' (a test "
@@ -127,7 +156,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.result_dir is not None:
         if not os.path.isdir(args.result_dir):
             raise BenchmarkInputError(f"--result-dir {args.result_dir!r} is not a directory.")
-        for name in sorted(os.listdir(args.result_dir)):
+        names = sorted(os.listdir(args.result_dir))
+        if not any(name.endswith(".jsonl") for name in names):
+            raise BenchmarkInputError(
+                f"--result-dir {args.result_dir!r} holds no answers (*.jsonl) files; run the model first "
+                "(scripts/v1_5/eval/textvqa.sh) or pass the folder it wrote."
+            )
+        for name in names:
             if not name.endswith(".jsonl"):
                 print(f"Skipping {name}")
                 continue

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from llava.eval import vqa_common
+from llava.eval.benchmark_io import exits_on_input_error
 
 logger = logging.getLogger("llava.eval.model_vqa")
 
@@ -36,6 +37,7 @@ def eval_model(args) -> str:
     return vqa_common.answer_all(args, prompts)
 
 
+@exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> str:
     vqa_common.configure_logging()
     return eval_model(vqa_common.parse_args(build_parser(), argv))

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from torch.utils.data import DataLoader
 
 from llava.eval import vqa_common
+from llava.eval.benchmark_io import exits_on_input_error
 from llava.eval.vqa_common import get_chunk, split_list  # noqa: F401  (upstream's names)
 
 logger = logging.getLogger("llava.eval.model_vqa_loader")
@@ -54,6 +55,7 @@ def eval_model(args) -> str:
     return vqa_common.answer_all(args, prompts, num_workers=args.num_workers, plain_mode_switch=True)
 
 
+@exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> str:
     vqa_common.configure_logging()
     parser = build_parser()

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from llava.eval import vqa_common
+from llava.eval.benchmark_io import BenchmarkInputError, exits_on_input_error
 from llava.eval.vqa_common import Prompt
 
 logger = logging.getLogger("llava.eval.model_vqa_mmbench")
@@ -74,16 +75,18 @@ def read_tsv(path: str) -> list[dict[str, str]]:
     finally:
         csv.field_size_limit(previous_limit)
     if not lines:
-        raise ValueError(f"{path} is empty; an MMBench TSV starts with a header row.")
+        raise BenchmarkInputError(f"{path} is empty; an MMBench TSV starts with a header row.")
     header, body = lines[0], lines[1:]
     missing = [column for column in REQUIRED_COLUMNS if column not in header]
     if missing:
-        raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}; its header is {header}.")
+        raise BenchmarkInputError(f"{path} lacks the column(s) {', '.join(missing)}; its header is {header}.")
     rows = []
     for number, cells in enumerate(body, start=2):
         if len(cells) > len(header):
-            raise ValueError(f"{path} row {number} has {len(cells)} cells for {len(header)} columns.")
+            raise BenchmarkInputError(f"{path} row {number} has {len(cells)} cells for {len(header)} columns.")
         rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
+    if not rows:
+        raise BenchmarkInputError(f"{path} is empty: it has a header but no question rows.")
     if rows and all(_INT.fullmatch(row["index"]) for row in rows):
         for row in rows:
             row["index"] = int(row["index"])
@@ -138,7 +141,7 @@ def row_image(row: dict, lookup: dict[str, str]) -> str:
     if len(data) > _IMAGE_REFERENCE_MAX_LEN:
         return data
     if data not in lookup:
-        raise ValueError(f"Row with index {row['index']}: its image cell {data!r} is neither base64 data nor "
+        raise BenchmarkInputError(f"Row with index {row['index']}: its image cell {data!r} is neither base64 data nor "
                          f"the index of a row with an image.")
     return lookup[data]
 
@@ -171,6 +174,7 @@ def eval_model(args) -> str:
     return vqa_common.answer_all(args, prompts, plain_mode_switch=True)
 
 
+@exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> str:
     vqa_common.configure_logging()
     return eval_model(vqa_common.parse_args(build_parser(), argv))

@@ -24,7 +24,14 @@ from functools import partial
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval import vqa_common
-from llava.eval.benchmark_io import read_json
+from llava.eval.benchmark_io import (
+    QUESTION_ID,
+    BenchmarkInputError,
+    check_fields,
+    check_optional_fields,
+    exits_on_input_error,
+    read_json,
+)
 from llava.eval.vqa_common import Prompt
 
 logger = logging.getLogger("llava.eval.model_vqa_science")
@@ -33,14 +40,18 @@ SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices dir
 
 
 def read_questions(path: str) -> list[dict]:
-    """The question list, each item checked for ``id`` and a first turn in ``conversations``."""
-    questions = read_json(os.path.expanduser(path), "ScienceQA question file")
-    if not isinstance(questions, list):
-        raise ValueError(f"{path} holds a JSON {type(questions).__name__}; ScienceQA questions are a JSON list.")
+    """The question list, each item checked for ``id``, an optional ``image`` and a first turn in ``conversations``."""
+    fix = "Pass LLaVA's llava_test_CQM-A.json."
+    questions = read_json(os.path.expanduser(path), "ScienceQA question file", fix, expect=list)
     for number, item in enumerate(questions):
-        if not isinstance(item, dict) or "id" not in item or not item.get("conversations"):
-            found = sorted(item) if isinstance(item, dict) else f"a JSON {type(item).__name__}"
-            raise ValueError(f"{path} item {number} needs 'id' and a non-empty 'conversations' (it has {found}).")
+        where = f"ScienceQA question file {path!r} item {number}"
+        check_fields(item, {"id": QUESTION_ID, "conversations": list}, where, fix)
+        if item.get("image") is not None:
+            check_fields(item, {"image": str}, where, fix)
+        if not item["conversations"]:
+            raise BenchmarkInputError(f"{where}: 'conversations' is empty; the first turn is the question.")
+        check_fields(item["conversations"][0], {"value": str}, f"{where}, first turn of 'conversations'", fix)
+        check_optional_fields(item["conversations"][0], {"from": str}, where, fix)
     return questions
 
 
@@ -74,6 +85,7 @@ def eval_model(args) -> str:
     return vqa_common.answer_all(args, prompts)
 
 
+@exits_on_input_error
 def main(argv: Sequence[str] | None = None) -> str:
     vqa_common.configure_logging()
     return eval_model(vqa_common.parse_args(build_parser(), argv))

@@ -110,6 +110,9 @@ def build_parser(
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that would fail (or overwrite the questions) only after the model has loaded.
 
+    The answers file and its image-token sidecar may not be the question file by any path (symlink,
+    hard link, another spelling).
+
     The generation and compression flags go through the checks ``run_llava`` and ``serve.cli`` share.
     """
     check_generation_args(args)
@@ -126,11 +129,11 @@ def check_args(args: argparse.Namespace) -> None:
     question_file = os.path.expanduser(args.question_file)
     if not os.path.isfile(question_file):
         raise ValueError(f"--question-file {args.question_file!r} does not exist (or is not a file).")
-    if os.path.realpath(os.path.expanduser(args.answers_file)) == os.path.realpath(question_file):
-        raise ValueError(
-            f"--answers-file {args.answers_file!r} is the --question-file: writing answers would overwrite "
-            f"the questions; choose another --answers-file."
-        )
+    answers_file = os.path.expanduser(args.answers_file)
+    benchmark_io.refuse_overwriting_inputs(
+        {"--answers-file": answers_file, "its image-token sidecar": image_tokens.sidecar_path(answers_file)},
+        {"--question-file": question_file},
+    )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,

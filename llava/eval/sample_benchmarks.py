@@ -1,7 +1,13 @@
-"""Benchmark files in each benchmark's real format, a few records each, for the eval tests.
+"""Tiny benchmarks in each benchmark's real format and layout, to try the eval scripts without the data.
 
-One writer per file format, shared by the scorer tests (``test_eval_scorers.py``) and the script
-tests (``test_eval_scripts.py``), so each format is spelled out once. A writer takes the records a
+``python -m llava.eval.sample_benchmarks`` writes, under ``--eval-dir`` (default
+``playground/data/eval``, where ``scripts/v1_5/eval/*.sh`` look), two to four questions of every
+benchmark (or of those named) with generated stand-in images, in upstream LLaVA's
+``docs/Evaluation.md`` layout. The files are not the benchmarks' data and the scores on them mean
+nothing; they let one run a script, a converter or a scorer end to end in seconds.
+
+One writer per file format, shared by this command and the eval tests, so each format is spelled
+out once. A writer takes the records a
 test cares about and fills in the rest of the format: LLaVA's question lines (``question_id``,
 ``image``, ``text`` and the prompt suffix LLaVA-1.5 uses), the benchmark's own annotation keys, and
 the file names and folders of upstream LLaVA's ``docs/Evaluation.md`` layout. Writers that produce a
@@ -11,11 +17,12 @@ that runs the model can put real images there with :func:`save_images_as`.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,3 +394,113 @@ def write_mme(mme_dir: Path, questions: Sequence[MMEQuestion], real_images: bool
     write_jsonl(mme_dir / "llava_mme.jsonl",
                 [llava_question(q.image_path, q.image_path, q.prompt, category=q.subtask) for q in questions])
     return images
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _vqav2(folder: Path) -> None:
+    save_images_as(folder / "test2015", write_vqav2(folder, {1000: "What is on the table?", 1001: "Is it red?",
+                                                             2000: "How many dogs are there?"}, test_dev=[1000, 1001]))
+
+
+def _gqa(folder: Path) -> None:
+    questions = {"201": gqa_question("yes", "verify", image_id="n1"),
+                 "202": gqa_question("red", "query", text="What color is it?", image_id="n2"),
+                 "203": gqa_question("no", "verify", image_id="n3", balanced=False)}
+    write_gqa_questions(folder / "data" / "testdev_balanced_questions.json", questions)
+    save_images_as(folder / "data" / "images", write_llava_gqa(folder / "llava_gqa_testdev_balanced.jsonl", questions))
+
+
+def _scienceqa(folder: Path) -> None:
+    save_images_as(folder / "images" / "test", write_scienceqa(folder, [
+        SQAProblem("1", ("a cat", "a dog"), 0, "Which animal is shown?"),
+        SQAProblem("2", ("yes", "no"), 1, "Is the sky green?", image=False),
+        SQAProblem("3", ("red", "blue", "green"), 2, "Which color is it?", split="val"),
+    ]))
+
+
+def _textvqa(folder: Path) -> None:
+    save_images_as(folder / "train_images", write_textvqa(folder, [
+        TextVQAItem("0054c91397f2fe05", "what brand is the camera?", ("nikon",) * 10, ("nikon", "d90")),
+        TextVQAItem("003a8ae2ef43b901", "what number is shown?", ("7",) * 8 + ("seven",) * 2, ("7",)),
+    ]))
+
+
+def _pope(folder: Path) -> None:
+    items = [PopeItem(split, f"COCO_val2014_00000000004{i}.jpg", thing, label)
+             for i, (split, thing, label) in enumerate([("adversarial", "dog", "yes"), ("adversarial", "cat", "no"),
+                                                        ("popular", "car", "yes"), ("random", "chair", "no")])]
+    save_images_as(folder / "val2014", write_pope(folder, items))
+
+
+def _mmbench_tsv(path: Path, questions: Sequence[str]) -> None:
+    images = [image_base64(image) for image in make_images(len(questions), size=(64, 48), seed=3)]
+    write_mmbench_tsv(path, [mmbench_row(i, question, ["red", "green", "blue"], "ABC"[i % 3], image)
+                             for i, (question, image) in enumerate(zip(questions, images))])
+
+
+def _seed(folder: Path) -> None:
+    save_images_as(folder, write_seed_bench(folder, [
+        SeedQuestion("101", "Scene Understanding", 1, "A"), SeedQuestion("102", "Instance Identity", 2, "C"),
+        SeedQuestion("103", "Action Recognition", 10, "B", data_type="video"),
+    ]))
+
+
+# benchmark (scripts/v1_5/eval/<name>.sh) -> (its folder under the eval dir, the writer of its files there)
+SAMPLES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "vqav2": ("vqav2", _vqav2),
+    "gqa": ("gqa", _gqa),
+    "vizwiz": ("vizwiz", lambda d: save_images_as(d / "test", write_vizwiz(d / "llava_test.jsonl", [
+        "What is this?", "What color is the shirt?"]))),
+    "sqa": ("scienceqa", _scienceqa),
+    "textvqa": ("textvqa", _textvqa),
+    "pope": ("pope", _pope),
+    "mme": ("MME", lambda d: write_mme(d, mme_questions(images=("0001",)), real_images=True)),
+    "mmbench": ("mmbench", lambda d: _mmbench_tsv(d / "mmbench_dev_20230712.tsv",
+                                                  ["What color is the square?", "Which color is missing?"])),
+    "mmbench_cn": ("mmbench_cn", lambda d: _mmbench_tsv(d / "mmbench_dev_cn_20231003.tsv",
+                                                        ["方块是什么颜色？", "缺少哪种颜色？"])),
+    "seed": ("seed_bench", _seed),
+    "mmvet": ("mm-vet", lambda d: save_images_as(d / "images", write_mmvet(d / "llava-mm-vet.jsonl", [
+        "What is in the image?", "How many shapes are there?"]))),
+    "llavabench": ("llava-bench-in-the-wild", lambda d: save_images_as(d / "images", write_llavabench(
+        d / "questions.jsonl", ["Describe the image.", "What stands out?"]))),
+}
+
+
+def write_samples(eval_dir: Path, names: Sequence[str] = tuple(SAMPLES)) -> list[Path]:
+    """Write the tiny benchmarks ``names`` under ``eval_dir``; returns their folders.
+
+    A benchmark folder that already exists is refused (never overwrite a real benchmark's files).
+    """
+    unknown = [name for name in names if name not in SAMPLES]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; the eval scripts are {list(SAMPLES)}.")
+    folders = [eval_dir / SAMPLES[name][0] for name in names]
+    present = [str(folder) for folder in folders if folder.exists()]
+    if present:
+        raise ValueError(f"{present} already exist; pass an empty --eval-dir (the samples never replace files).")
+    for name, folder in zip(names, folders):
+        SAMPLES[name][1](folder)
+    return folders
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-dir", type=Path, default=Path("playground/data/eval"),
+                        help="where to write (the eval scripts' EVAL_DIR; default: %(default)s)")
+    parser.add_argument("benchmarks", nargs="*", default=list(SAMPLES), metavar="BENCHMARK",
+                        help=f"which to write (default: all of {', '.join(SAMPLES)})")
+    args = parser.parse_args(argv)
+    try:
+        folders = write_samples(args.eval_dir, args.benchmarks)
+    except ValueError as err:
+        parser.error(str(err))
+    for folder in folders:
+        print(folder)
+    return folders
+
+
+if __name__ == "__main__":
+    main()
