@@ -27,7 +27,7 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
             bottom = [b + h for b, h in zip(bottom, heights)]
         row[0].plot(names, [r["ttft_ms"]["median"] for r in results], "k_", markersize=22, label="TTFT (end to end)")
         row[0].set_ylabel("ms")
-        row[0].set_title(f"Time to first token by stage, batch {run['batch_size']}")
+        row[0].set_title(run.get("title", f"Time to first token by stage, batch {run['batch_size']}"))
         row[0].legend(fontsize=8)
         x = range(len(names))
         row[1].bar([i - 0.2 for i in x], [r["speedup"]["ttft"] for r in results], 0.4, label="TTFT speed-up")
