@@ -29,7 +29,9 @@ BUDGETS = (144, 64)
 FASTV_K = 2  # FastV's default: all image tokens through the first 2 decoder layers
 PDROP_RATIO = 0.5  # PyramidDrop's default λ: each stage keeps half the image tokens of the one before
 PDROP_STAGES = 4  # ... over 4 equal stages of the decoder (drops after layers 8, 16, 24 of 32)
-PEER_METHODS = ("toconv", "bilinear", "visionzip", "prumerge", "prumerge_plus", "fastv", "pyramiddrop", "bound")
+PEER_METHODS = (
+    "toconv", "bilinear", "visionzip", "prumerge", "prumerge_plus", "fastv", "fastv_sdpa", "pyramiddrop", "bound",
+)
 
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -95,6 +97,8 @@ def peer_method(name: str, budget: int, grid: int, channels: int, num_layers: in
         return PeerMethod(label, name, budget, reduce=lambda x, a: prumerge(x, a, budget, plus), cls_attention=True)
     if name == "fastv":
         return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, "eager"),))
+    if name == "fastv_sdpa":  # FastV's selection with SDPA kept: what the eager layer costs, by difference
+        return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, "last_query"),))
     if name == "pyramiddrop":
         return PeerMethod(label, name, budget, stages=pyramiddrop_stages(grid * grid, num_layers))
     if name == "bound":  # the fixed-cost bound: the first `budget` tokens, chosen at no cost

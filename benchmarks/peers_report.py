@@ -11,6 +11,7 @@ from benchmarks.markdown import _fmt, _mib, setting_lines
 from benchmarks.memory import peak_memory_measure
 from benchmarks.pipeline_measures import ttft_method
 from benchmarks.report import add_run_notes, write_outputs
+from benchmarks.timing import per_round_ratios
 
 PEERS_SCHEMA = 1
 HEADER = (
@@ -20,17 +21,21 @@ HEADER = (
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's TTFT against ToConv's and the fixed-cost bound's at its budget, and against no compression."""
-    ttft = {(r["method"], r["budget"]): r["ttft_ms"]["median"] for r in rows}
+    """Each row's TTFT against ToConv's and the fixed-cost bound's at its budget, and against no compression.
+
+    Ratios are medians of per-round ratios (methods are interleaved round by round, so load drift on a
+    shared machine cancels within a round), with their quartiles.
+    """
+    rounds = {(r["method"], r["budget"]): r["ttft_ms_by_round"] for r in rows}
     none = next(r for r in rows if r["method"] == "none")
     for r in rows:
         if r["method"] == "none":
             continue
-        median = r["ttft_ms"]["median"]
-        r["ttft_over_toconv"] = median / ttft[("toconv", r["budget"])]
-        r["ttft_over_bound"] = median / ttft[("bound", r["budget"])]
+        own = r["ttft_ms_by_round"]
+        r["ttft_over_toconv"] = per_round_ratios(own, rounds[("toconv", r["budget"])])
+        r["ttft_over_bound"] = per_round_ratios(own, rounds[("bound", r["budget"])])
         r["speedup_vs_none"] = {
-            "ttft": none["ttft_ms"]["median"] / median,
+            "ttft": per_round_ratios(none["ttft_ms_by_round"], own)["median"],
             "sequence_length_bound": none["seq_len"] / r["mean_seq_len_per_layer"],
         }
 
@@ -55,6 +60,8 @@ def peers_notes(preset: dict[str, Any], device: torch.device) -> list[str]:
         "FastV and PyramidDrop reduce inside the prefill: their reduction is timed in the prefill column ('in prefill').",
         "Bound = the fixed-cost bound at the budget: the first `budget` tokens handed on at no cost (tower with SDPA, "
         "projector and prefill of the budget); TTFT ÷ bound is each method's distance to it.",
+        "TTFT ÷ ToConv and TTFT ÷ bound are medians (quartiles) of per-round ratios: each round runs every method "
+        "once, so load drift cancels within a round; the stage columns are medians ± half the IQR over rounds.",
         "PyramidDrop runs its default schedule whatever the budget (mean image tokens per layer in the table).",
         f"Peak memory: {peak_memory_measure(device)}.",
     ]
@@ -66,8 +73,8 @@ def peers_markdown(report: dict[str, Any]) -> str:
     """A table per batch size and budget (medians ± half the IQR), then the notes."""
     lines = setting_lines(report)
     env, preset = report["environment"], report["preset"]
-    lines += [f"Load average (1, 5, 15 min): {env.get('load_average_start')} at the start, "
-              f"{env.get('load_average_end')} at the end.", ""]
+    lines += [f"Load average (1, 5, 15 min): {load_text(env.get('load_average_start'))} at the start, "
+              f"{load_text(env.get('load_average_end'))} at the end (timings on a busy machine are noisy).", ""]
     for batch in preset["batch_sizes"]:
         rows = [r for r in report["rows"] if r["batch_size"] == batch]
         none = next(r for r in rows if r["method"] == "none")
@@ -82,6 +89,15 @@ def peers_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines + [f"- {note}" for note in report["notes"]]) + "\n"
 
 
+def _ratio(stats: dict[str, float]) -> str:
+    """Median of per-round ratios with its quartiles: 1.08× (1.02–1.15)."""
+    return f"{stats['median']:.2f}× ({stats['q1']:.2f}–{stats['q3']:.2f})"
+
+
+def load_text(load: list[float] | None) -> str:
+    return "unknown" if load is None else " / ".join(f"{x:.2f}" for x in load)
+
+
 def table_row(r: dict[str, Any]) -> str:
     chosen = r["image_token_counts_chosen"]
     tokens = "/".join(str(c) for c in chosen) if chosen else str(r["image_tokens_to_llm"])
@@ -89,7 +105,7 @@ def table_row(r: dict[str, Any]) -> str:
     return (
         f"| {r['method']} | {tokens} | {r['mean_image_tokens_per_layer']:.0f} | {_fmt(r['vision_tower_ms'])} | "
         f"{reduction} | {_fmt(r['projector_ms'])} | {_fmt(r['prefill_ms'])} | {_fmt(r['ttft_ms'])} | "
-        f"{r['ttft_over_toconv']:.2f}× | {r['ttft_over_bound']:.2f}× | {_fmt(r['decode_ms_per_token'])} | "
+        f"{_ratio(r['ttft_over_toconv'])} | {_ratio(r['ttft_over_bound'])} | {_fmt(r['decode_ms_per_token'])} | "
         f"{_mib(r['kv_cache_bytes'])} | {_mib(r['peak_memory_bytes'])} | {r['attention_kernels']} |"
     )
 

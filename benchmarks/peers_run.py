@@ -77,6 +77,7 @@ def method_row(pipe: PeerPipeline, method: PeerMethod, inputs: PipelineInputs, s
         "prefill_ms": summarize(samples["prefill"]),
         "first_token_sampling_ms": summarize(samples["first_token_sampling"]),
         "ttft_ms": summarize(samples["ttft"]),
+        "ttft_ms_by_round": [seconds * 1e3 for seconds in samples["ttft"]],  # in round order, for per-round ratios
         "decode_ms_per_token": summarize([d / max(decode_tokens, 1) for d in samples["decode"]]),
         "kv_cache_bytes": kv_bytes,
         "peak_memory_bytes": peak,

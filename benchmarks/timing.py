@@ -48,3 +48,12 @@ def time_interleaved(
             if round_index >= warmup:
                 samples[name].append(time.perf_counter() - start)
     return samples
+
+
+def per_round_ratios(numerators: list[float], denominators: list[float]) -> dict[str, float]:
+    """Median and quartiles of a/b over rounds: with interleaved rounds, drift in machine load cancels in each ratio."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators, strict=True))
+    if len(ratios) == 1:
+        return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0]}
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": med, "q1": q1, "q3": q3}
