@@ -124,6 +124,11 @@ PRESETS: dict[str, Preset] = {
         "Llama hidden 512, 4 layers; microbenchmark at the real ViT-L/14-336 shape; one thread",
         TINY_LLM, TINY_CLIP, (1,), 64, 8, 1, 5, {}, 15, 3, threads=1,
     ),
+    "tiny-deep": Preset(
+        "tiny with LLaVA-1.5's LLM depth: CLIP as in tiny; Llama hidden 512 with 32 layers (Vicuna-7B's count), "
+        "so FastV's K=2 and PyramidDrop's stages (8/16/24) sit where they do at 7B; one thread",
+        {**TINY_LLM, "num_hidden_layers": 32}, TINY_CLIP, (1,), 64, 8, 1, 11, {}, 15, 3, threads=1,
+    ),
     "small": Preset(
         "real CLIP ViT-L/14-336 with a TinyLlama-1.1B-shaped LLM: a workstation CPU (minutes) or a small GPU",
         TINYLLAMA_1B, {}, (1,), 64, 16, 1, 5, {}, 20, 3,
