@@ -10,7 +10,6 @@ timed as part of the prefill.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from benchmarks.attention_weights import eager_attention
 from benchmarks.layerwise_llm import DropStage, LayerwiseLlama, check_stages, mean_image_tokens
 from benchmarks.memory import cache_bytes
 from benchmarks.peer_reducers import bilinear_pool, prumerge, visionzip
-from benchmarks.timing import synchronize
+from benchmarks.timing import StageClock
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from vision_token_compression import TokenCompressor
 
@@ -170,32 +169,22 @@ class PeerPipeline:
 
     def staged(self, method: PeerMethod, images, prefix_ids, suffix_ids, steps: int) -> tuple[dict[str, float], int]:
         """One generation timed stage by stage (synchronised between stages): seconds per stage, KV-cache bytes."""
-        times: dict[str, float] = {}
-        clock = time.perf_counter
-
-        def mark(name: str, start: float) -> float:
-            synchronize(self.device)
-            now = clock()
-            times[name] = now - start
-            return now
-
-        synchronize(self.device)
-        t = clock()
+        clock = StageClock(self.device)
         features, attention = self.encode(method, images)
-        t = mark("vision_tower", t)
+        clock.mark("vision_tower")
         tokens = self.reduce(method, features, attention)
-        t = mark("compressor", t)
+        clock.mark("compressor")
         image_embeds = self.projector(tokens)
-        t = mark("projector", t)
+        clock.mark("projector")
         logits, state = self.prefill(method, prefix_ids, image_embeds, suffix_ids)
-        t = mark("prefill", t)
+        clock.mark("prefill")
         token = self.sample(logits)
-        t = mark("first_token_sampling", t)
+        clock.mark("first_token_sampling")
         kv_bytes = cache_bytes(state.cache)
-        t = clock()
+        clock.restart()
         self.decode(token, state, steps)
-        mark("decode", t)
-        return times, kv_bytes
+        clock.mark("decode")
+        return clock.times, kv_bytes
 
 
 def check_methods(methods: list[PeerMethod], num_layers: int) -> None:

@@ -57,3 +57,24 @@ def per_round_ratios(numerators: list[float], denominators: list[float]) -> dict
         return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0]}
     q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return {"median": med, "q1": q1, "q3": q3}
+
+
+class StageClock:
+    """Seconds between successive marks, the device synchronised at each: one generation timed stage by stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}
+        synchronize(device)
+        self.start = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """Time since the last mark (or restart) is stage ``name``."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = now - self.start
+        self.start = now
+
+    def restart(self) -> None:
+        """Leave the time since the last mark out of every stage (bookkeeping between stages)."""
+        self.start = time.perf_counter()
