@@ -23,7 +23,8 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
         bottom = [0.0] * len(names)
         for stage in ("vision_tower", "compressor", "projector", "prefill"):
             heights = [r[f"{stage}_ms"]["median"] for r in results]
-            row[0].bar(names, heights, bottom=bottom, label=stage.replace("_", " "))
+            label = run.get("stage_labels", {}).get(stage, stage.replace("_", " "))
+            row[0].bar(names, heights, bottom=bottom, label=label)
             bottom = [b + h for b, h in zip(bottom, heights)]
         row[0].plot(names, [r["ttft_ms"]["median"] for r in results], "k_", markersize=22, label="TTFT (end to end)")
         row[0].set_ylabel("ms")

@@ -123,7 +123,7 @@ def chart_report(report: dict[str, Any]) -> dict[str, Any]:
                 for r in rows if r["budget"] == budget
             }
             runs.append({"batch_size": batch, "title": f"TTFT by stage, budget {budget}, batch {batch}",
-                         "variants": variants})
+                         "stage_labels": {"compressor": "reduction"}, "variants": variants})
     return {**report, "runs": runs}
 
 
