@@ -23,11 +23,12 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
         bottom = [0.0] * len(names)
         for stage in ("vision_tower", "compressor", "projector", "prefill"):
             heights = [r[f"{stage}_ms"]["median"] for r in results]
-            row[0].bar(names, heights, bottom=bottom, label=stage.replace("_", " "))
+            label = run.get("stage_labels", {}).get(stage, stage.replace("_", " "))
+            row[0].bar(names, heights, bottom=bottom, label=label)
             bottom = [b + h for b, h in zip(bottom, heights)]
         row[0].plot(names, [r["ttft_ms"]["median"] for r in results], "k_", markersize=22, label="TTFT (end to end)")
         row[0].set_ylabel("ms")
-        row[0].set_title(f"Time to first token by stage, batch {run['batch_size']}")
+        row[0].set_title(run.get("title", f"Time to first token by stage, batch {run['batch_size']}"))
         row[0].legend(fontsize=8)
         x = range(len(names))
         row[1].bar([i - 0.2 for i in x], [r["speedup"]["ttft"] for r in results], 0.4, label="TTFT speed-up")

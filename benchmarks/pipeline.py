@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from benchmarks.memory import cache_bytes
 from benchmarks.reducers import Variant
-from benchmarks.timing import synchronize
+from benchmarks.timing import StageClock
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 
 
@@ -64,30 +63,20 @@ class Pipeline:
 
     def staged(self, variant: Variant, images, prefix_ids, suffix_ids, steps: int) -> tuple[dict[str, float], int]:
         """One generation timed stage by stage (synchronised between stages): seconds per stage, KV-cache bytes."""
-        times: dict[str, float] = {}
-        clock = time.perf_counter
-
-        def mark(name: str, start: float) -> float:
-            synchronize(self.device)
-            now = clock()
-            times[name] = now - start
-            return now
-
-        synchronize(self.device)
-        t = clock()
+        clock = StageClock(self.device)
         features = self.tower(images)
-        t = mark("vision_tower", t)
+        clock.mark("vision_tower")
         tokens = self.reduce(variant, features)
-        t = mark("compressor", t)
+        clock.mark("compressor")
         image_embeds = self.projector(tokens)
-        t = mark("projector", t)
+        clock.mark("projector")
         out = self.prefill(prefix_ids, image_embeds, suffix_ids)
-        t = mark("prefill", t)
+        clock.mark("prefill")
         token = self.sample(out)
-        t = mark("first_token_sampling", t)
+        clock.mark("first_token_sampling")
         cache = self.cache_of(out)
         kv_bytes = cache_bytes(cache)
-        t = clock()
+        clock.restart()
         self.decode(token, cache, steps)
-        mark("decode", t)
-        return times, kv_bytes
+        clock.mark("decode")
+        return clock.times, kv_bytes

@@ -114,10 +114,20 @@ PRESETS: dict[str, Preset] = {
         "test-sized: CLIP hidden 32 / 2 layers, Llama hidden 64 / 2 layers (plumbing only)",
         MICRO_LLM, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 3, 2, threads=1,
     ),
+    "peers-micro": Preset(
+        "test-sized, for --compare-peers: CLIP hidden 32 / 2 layers, Llama hidden 64 / 4 layers (room for FastV's "
+        "K=2 and PyramidDrop's stages; plumbing only)",
+        {**MICRO_LLM, "num_hidden_layers": 4}, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 0, 0, threads=1,
+    ),
     "tiny": Preset(
         "CPU-sized: CLIP at the real grid with hidden 256 (real 1024) and 4 layers (real 24); "
         "Llama hidden 512, 4 layers; microbenchmark at the real ViT-L/14-336 shape; one thread",
         TINY_LLM, TINY_CLIP, (1,), 64, 8, 1, 5, {}, 15, 3, threads=1,
+    ),
+    "tiny-deep": Preset(
+        "tiny with LLaVA-1.5's LLM depth: CLIP as in tiny; Llama hidden 512 with 32 layers (Vicuna-7B's count), "
+        "so FastV's K=2 and PyramidDrop's stages (8/16/24) sit where they do at 7B; one thread",
+        {**TINY_LLM, "num_hidden_layers": 32}, TINY_CLIP, (1,), 64, 8, 1, 11, {}, 15, 3, threads=1,
     ),
     "small": Preset(
         "real CLIP ViT-L/14-336 with a TinyLlama-1.1B-shaped LLM: a workstation CPU (minutes) or a small GPU",

@@ -101,12 +101,15 @@ def write_text_outputs(text: str, report: dict[str, Any], json_path: Path | None
 
 
 def write_outputs(report: dict[str, Any], json_path: Path | None, md_path: Path | None,
-                  png_path: Path | None) -> None:
-    """Print the markdown; write JSON, markdown and PNG where asked (markdown and PNG next to the JSON by default)."""
-    write_text_outputs(markdown(report), report, json_path, md_path)
+                  png_path: Path | None, text: str | None = None, chart_source: dict[str, Any] | None = None) -> None:
+    """Print the markdown; write JSON, markdown and PNG where asked (markdown and PNG next to the JSON by default).
+
+    ``text`` and ``chart_source`` replace the main benchmark's markdown and the report the chart reads.
+    """
+    write_text_outputs(markdown(report) if text is None else text, report, json_path, md_path)
     png_path = png_path or (json_path.with_suffix(".png") if json_path else None)
     if png_path:
-        if write_chart(report, png_path):
+        if write_chart(report if chart_source is None else chart_source, png_path):
             print(f"[bench] wrote {png_path}", file=sys.stderr)
         else:
             print("[bench] no chart: matplotlib is not installed (pip install 'toconv-llava[bench]')", file=sys.stderr)

@@ -27,6 +27,10 @@ COMMAND = "python benchmarks/bench_compression.py"  # how the JSON's "command" n
 def run(args: argparse.Namespace, raw_argv: list[str], preset: Preset, settings: RunSettings,
         device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Build the models, measure every variant and the microbenchmark, write the outputs."""
+    if getattr(args, "compare_peers", False):  # ToConv against FastV, VisionZip, PyramidDrop, PruMerge, bilinear
+        from benchmarks.peers_run import run_peers
+
+        return run_peers(args, raw_argv, preset, settings, device, dtype)
     if preset.anyres is not None:  # LLaVA-1.6: image sizes × compression levels through the fork's merging
         from benchmarks.anyres import run_anyres
 

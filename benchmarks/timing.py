@@ -48,3 +48,33 @@ def time_interleaved(
             if round_index >= warmup:
                 samples[name].append(time.perf_counter() - start)
     return samples
+
+
+def per_round_ratios(numerators: list[float], denominators: list[float]) -> dict[str, float]:
+    """Median and quartiles of a/b over rounds: with interleaved rounds, drift in machine load cancels in each ratio."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators, strict=True))
+    if len(ratios) == 1:
+        return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0]}
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": med, "q1": q1, "q3": q3}
+
+
+class StageClock:
+    """Seconds between successive marks, the device synchronised at each: one generation timed stage by stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}
+        synchronize(device)
+        self.start = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """Time since the last mark (or restart) is stage ``name``."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = now - self.start
+        self.start = now
+
+    def restart(self) -> None:
+        """Leave the time since the last mark out of every stage (bookkeeping between stages)."""
+        self.start = time.perf_counter()

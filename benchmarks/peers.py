@@ -1,0 +1,193 @@
+"""ToConv and its peers at equal image-token budgets: the methods, and one pipeline that runs any of them.
+
+Every method runs the same CLIP tower, ``mlp2x_gelu`` projector and Llama (through ``LayerwiseLlama``),
+with the same stages as the main benchmark (``pipeline_measures.STAGES``) so its interleaved timing
+(``time_rounds``) is reused; "compressor" is the reduction stage here. Methods outside the LLM reduce
+between tower and projector; FastV and PyramidDrop reduce inside the prefill, so their reduction is
+timed as part of the prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.attention_weights import eager_attention
+from benchmarks.layerwise_llm import DropStage, LayerwiseLlama, check_stages, mean_image_tokens
+from benchmarks.memory import cache_bytes
+from benchmarks.peer_reducers import bilinear_pool, prumerge, visionzip
+from benchmarks.timing import StageClock
+from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+from vision_token_compression import TokenCompressor
+
+BUDGETS = (144, 64)
+FASTV_K = 2  # FastV's default: all image tokens through the first 2 decoder layers
+PDROP_RATIO = 0.5  # PyramidDrop's default λ: each stage keeps half the image tokens of the one before
+PDROP_STAGES = 4  # ... over 4 equal stages of the decoder (drops after layers 8, 16, 24 of 32)
+PEER_METHODS = (
+    "toconv", "bilinear", "visionzip", "prumerge", "prumerge_plus", "fastv", "fastv_sdpa", "pyramiddrop", "bound",
+)
+
+Reduce = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclasses.dataclass
+class PeerMethod:
+    """One method at one budget: how it reduces, what it needs, and what it chose."""
+
+    name: str
+    method: str  # one of PEER_METHODS, or "none"
+    budget: int  # image tokens the method is configured for (576 for none)
+    reduce: Reduce | None = None  # between tower and projector; None: all tokens go on
+    cls_attention: bool = False  # needs the CLS attention of the selected CLIP layer (eager there)
+    stages: tuple[DropStage, ...] = ()  # drops inside the LLM
+    chosen_counts: list[int] = dataclasses.field(default_factory=list)  # image tokens handed to the LLM per call
+
+    def describe(self, num_layers: int, grid_tokens: int) -> dict[str, Any]:
+        handed = self.chosen_counts[-1] if self.chosen_counts else grid_tokens
+        return {
+            "method": self.method, "budget": self.budget, "image_tokens_to_llm": handed,
+            "mean_image_tokens_per_layer": mean_image_tokens(handed, num_layers, self.stages),
+            "image_token_counts_chosen": sorted(set(self.chosen_counts)),
+            "drop_stages": [dataclasses.asdict(s) for s in self.stages],
+            "attention_kernels": kernels(self),
+        }
+
+
+def kernels(method: PeerMethod) -> str:
+    """Which attention kernel each part runs with, where the method departs from SDPA everywhere."""
+    parts = []
+    if method.cls_attention:
+        parts.append("eager in CLIP's selected layer (CLS attention weights)")
+    if any(s.ranking == "eager" for s in method.stages):
+        parts.append("eager in the LLM layer before the drop (full attention weights)")
+    if any(s.ranking == "last_query" for s in method.stages):
+        parts.append("SDPA + the last token's query × cached keys at each drop")
+    return "; ".join(parts) or "SDPA everywhere"
+
+
+def build_methods(grid: int, channels: int, num_layers: int, device: torch.device, dtype: torch.dtype,
+                  budgets: tuple[int, ...] = BUDGETS) -> list[PeerMethod]:
+    """No compression, then every method at every budget (the reducers' weights random, as in the main benchmark)."""
+    methods = [PeerMethod("none", "none", grid * grid)]
+    for budget in budgets:
+        methods += [peer_method(name, budget, grid, channels, num_layers, device, dtype) for name in PEER_METHODS]
+    return methods
+
+
+def peer_method(name: str, budget: int, grid: int, channels: int, num_layers: int,
+                device: torch.device, dtype: torch.dtype) -> PeerMethod:
+    """One method at one budget."""
+    label = f"{name}-{budget}"
+    if name == "toconv":
+        side = round(budget**0.5)
+        compressor = TokenCompressor(grid, side, channels).to(device=device, dtype=dtype).eval()
+        return PeerMethod(label, name, budget, reduce=lambda x, _a: compressor(x))
+    if name == "bilinear":
+        return PeerMethod(label, name, budget, reduce=lambda x, _a: bilinear_pool(x, budget))
+    if name == "visionzip":
+        return PeerMethod(label, name, budget, reduce=lambda x, a: visionzip(x, a, budget), cls_attention=True)
+    if name in ("prumerge", "prumerge_plus"):
+        plus = name == "prumerge_plus"
+        return PeerMethod(label, name, budget, reduce=lambda x, a: prumerge(x, a, budget, plus), cls_attention=True)
+    if name == "fastv":
+        return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, "eager"),))
+    if name == "fastv_sdpa":  # FastV's selection with SDPA kept: what the eager layer costs, by difference
+        return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, "last_query"),))
+    if name == "pyramiddrop":
+        return PeerMethod(label, name, budget, stages=pyramiddrop_stages(grid * grid, num_layers))
+    if name == "bound":  # the fixed-cost bound: the first `budget` tokens, chosen at no cost
+        return PeerMethod(label, name, budget, reduce=lambda x, _a: x[:, :budget])
+    raise ValueError(f"Unknown peer method {name!r}; choose from {PEER_METHODS}.")
+
+
+def pyramiddrop_stages(image_tokens: int, num_layers: int, stages: int = PDROP_STAGES,
+                       ratio: float = PDROP_RATIO) -> tuple[DropStage, ...]:
+    """PyramidDrop's default schedule: equal stages, each keeping ``ratio`` of the image tokens before it.
+
+    576 image tokens over 32 layers: 576 in layers 0–7, 288 in 8–15, 144 in 16–23, 72 in 24–31 (a
+    mean of 270 per layer). The schedule does not depend on the budget.
+    """
+    return tuple(
+        DropStage(num_layers * s // stages, round(image_tokens * ratio**s), "last_query") for s in range(1, stages)
+    )
+
+
+class PeerPipeline:
+    """Vision tower → method's reduction → projector → layer-by-layer LLM, end to end or stage by stage.
+
+    Has the interface ``pipeline_measures.time_rounds`` times (``staged``, ``first_token``, ``device``).
+    """
+
+    def __init__(self, tower: CLIPVisionTower, projector: nn.Module, llm: nn.Module, device: torch.device) -> None:
+        self.tower, self.projector, self.llm, self.device = tower, projector, llm, device
+        self.decoder = LayerwiseLlama(llm)
+        self.embed = llm.get_input_embeddings()
+        last_run = tower.select_layer % (tower.config.num_hidden_layers + 1) - 1  # the layer whose output is selected
+        layers = next(m for name, m in tower.vision_tower.named_modules() if name.endswith("encoder.layers"))
+        self.selected_attention = layers[last_run].self_attn
+
+    def encode(self, method: PeerMethod, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch features (B, N, C) and, where the method needs it, the CLS attention to each patch (B, N)."""
+        if not method.cls_attention:
+            return self.tower(images), None
+        with eager_attention(self.selected_attention) as captured:
+            features = self.tower(images)
+        return features, captured.last[:, :, 0, 1:].float().mean(dim=1)
+
+    def reduce(self, method: PeerMethod, features: torch.Tensor, cls_attention: torch.Tensor | None) -> torch.Tensor:
+        tokens = features if method.reduce is None else method.reduce(features, cls_attention)
+        method.chosen_counts.append(tokens.shape[1])
+        return tokens
+
+    def prefill(self, method: PeerMethod, prefix_ids, image_embeds, suffix_ids):
+        embeds = torch.cat([self.embed(prefix_ids), image_embeds, self.embed(suffix_ids)], dim=1)
+        return self.decoder.prefill(embeds, prefix_ids.shape[1], image_embeds.shape[1], method.stages)
+
+    @staticmethod
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    def first_token(self, method: PeerMethod, images, prefix_ids, suffix_ids):
+        features, attention = self.encode(method, images)
+        tokens = self.projector(self.reduce(method, features, attention))
+        logits, state = self.prefill(method, prefix_ids, tokens, suffix_ids)
+        return self.sample(logits), state
+
+    def decode(self, token: torch.Tensor, state, steps: int) -> torch.Tensor:
+        for _ in range(steps):
+            token = self.sample(self.decoder.step(token, state))
+        return token
+
+    def generate(self, method: PeerMethod, images, prefix_ids, suffix_ids, steps: int) -> torch.Tensor:
+        token, state = self.first_token(method, images, prefix_ids, suffix_ids)
+        return self.decode(token, state, steps)
+
+    def staged(self, method: PeerMethod, images, prefix_ids, suffix_ids, steps: int) -> tuple[dict[str, float], int]:
+        """One generation timed stage by stage (synchronised between stages): seconds per stage, KV-cache bytes."""
+        clock = StageClock(self.device)
+        features, attention = self.encode(method, images)
+        clock.mark("vision_tower")
+        tokens = self.reduce(method, features, attention)
+        clock.mark("compressor")
+        image_embeds = self.projector(tokens)
+        clock.mark("projector")
+        logits, state = self.prefill(method, prefix_ids, image_embeds, suffix_ids)
+        clock.mark("prefill")
+        token = self.sample(logits)
+        clock.mark("first_token_sampling")
+        kv_bytes = cache_bytes(state.cache)
+        clock.restart()
+        self.decode(token, state, steps)
+        clock.mark("decode")
+        return clock.times, kv_bytes
+
+
+def check_methods(methods: list[PeerMethod], num_layers: int) -> None:
+    """Refuse drop schedules the LLM cannot run, before anything is timed."""
+    for m in methods:
+        check_stages(m.stages, num_layers, m.name)

@@ -1,0 +1,205 @@
+"""The peer comparison (--compare-peers): each reducer on inputs whose answer is known, the layer-by-layer
+Llama against transformers' own forward, and the run at the test-sized preset (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bench_compression
+from benchmarks.attention_weights import eager_attention
+from benchmarks.layerwise_llm import DropStage, LayerwiseLlama, mean_image_tokens
+from benchmarks.models import build_llm
+from benchmarks.peer_reducers import (
+    bilinear_pool,
+    iqr_outliers,
+    merge_neighbours,
+    prumerge,
+    prumerge_count,
+    visionzip,
+    visionzip_split,
+)
+from benchmarks.peers import BUDGETS, PEER_METHODS, pyramiddrop_stages
+from benchmarks.presets import MICRO_LLM, PRESETS
+
+
+def attention_with_top(n: int, top: list[int], batch: int = 2) -> torch.Tensor:
+    """CLS attention (B, n): small distinct values, with the ``top`` tokens far above the rest."""
+    scores = torch.linspace(0.1, 0.2, n).repeat(batch, 1)
+    scores[:, top] = 10.0 + torch.arange(len(top), dtype=torch.float32)
+    return scores
+
+
+# ---------------------------------------------------------------- reducers outside the LLM
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_visionzip_keeps_the_known_dominant_tokens_and_fills_the_budget(budget):
+    dominant, contextual = visionzip_split(budget)
+    assert dominant + contextual == budget and contextual > 0
+    top = list(range(3, 576, 576 // dominant))[:dominant]
+    features = torch.randn(2, 576, 8)
+    out = visionzip(features, attention_with_top(576, top), budget)
+    assert out.shape == (2, budget, 8)
+    torch.testing.assert_close(out[:, :dominant], features[:, top])  # dominant tokens, in token order
+
+
+def test_visionzip_contextual_tokens_are_the_means_of_their_groups():
+    # The 522 non-dominant tokens come in 10 clusters (one direction each, in runs of 52, the last 54): the
+    # targets are every 52nd of them, one in each cluster, so each contextual token is its cluster's mean.
+    bounds = [52 * i for i in range(10)] + [522]
+    cluster = torch.cat([torch.full((bounds[i + 1] - bounds[i],), i) for i in range(10)])
+    rest = torch.eye(10, 16)[cluster] * torch.linspace(1, 2, 522).unsqueeze(1)
+    features = torch.cat([torch.randn(54, 16), rest]).unsqueeze(0)
+    out = visionzip(features, attention_with_top(576, list(range(54)), batch=1), 64)
+    groups = [rest[bounds[i]:bounds[i + 1]] for i in range(10)]
+    expected = torch.stack([g.mean(dim=0) for g in groups])
+    torch.testing.assert_close(out[0, 54:], expected)
+
+
+def test_prumerge_count_is_the_iqr_outliers_capped_at_the_budget():
+    attention = attention_with_top(576, [5, 50, 500])
+    assert iqr_outliers(attention).sum(dim=1).tolist() == [3, 3]
+    assert prumerge_count(attention, 144) == 3 and prumerge_count(attention, 2) == 2
+    features = torch.randn(2, 576, 8)
+    assert prumerge(features, attention, 144).shape == (2, 3, 8)  # adaptive: not the budget
+    assert prumerge(features, attention, 144, plus=True).shape == (2, 144, 8)  # PruMerge+ tops up to it
+    assert prumerge(features, attention, 64, plus=True).shape == (2, 64, 8)
+
+
+def test_prumerge_merge_is_the_attention_weighted_mean_of_the_nearest_tokens():
+    features = torch.randn(1, 576, 8)
+    attention = attention_with_top(576, [7], batch=1)
+    kept = torch.tensor([[7]])
+    torch.testing.assert_close(merge_neighbours(features, attention, kept, neighbours=1), features[:, [7]])
+    near = F.normalize(features, dim=-1)[0] @ F.normalize(features[0, 7], dim=0)
+    group = near.topk(4).indices
+    weights = attention[0, group] / attention[0, group].sum()
+    expected = (weights.unsqueeze(1) * features[0, group]).sum(dim=0)
+    torch.testing.assert_close(merge_neighbours(features, attention, kept, neighbours=4)[0, 0], expected)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_bilinear_pool_resizes_the_grid(budget):
+    features = torch.randn(2, 576, 8)
+    grid = features.unflatten(1, (24, 24)).permute(0, 3, 1, 2)
+    side = round(budget**0.5)
+    expected = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(bilinear_pool(features, budget), expected)
+    assert torch.allclose(bilinear_pool(torch.ones(1, 576, 4), budget), torch.ones(1, budget, 4))
+    with pytest.raises(ValueError, match="square token budget.*120"):
+        bilinear_pool(features, 120)
+
+
+# ---------------------------------------------------------------- drops inside the LLM
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return build_llm({**MICRO_LLM, "num_hidden_layers": 4}, torch.device("cpu"), torch.float32)
+
+
+def test_layerwise_llama_without_drops_is_transformers_forward(llm):
+    embeds, token = torch.randn(2, 40, 64), torch.tensor([[5], [6]])
+    decoder = LayerwiseLlama(llm)
+    with torch.inference_mode():
+        logits, state = decoder.prefill(embeds, 4, 30)
+        full = llm(inputs_embeds=embeds, use_cache=True)
+        torch.testing.assert_close(logits, full.logits[:, -1:], rtol=1e-4, atol=1e-5)
+        step = decoder.step(token, state)
+        cache_arg = decoder.cache_arg
+        torch.testing.assert_close(step, llm(input_ids=token, **{cache_arg: full.past_key_values}).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_drops_keep_the_early_layers_cache_and_the_positions(llm):
+    decoder = LayerwiseLlama(llm)
+    with torch.inference_mode():
+        _, fastv = decoder.prefill(torch.randn(1, 40, 64), 4, 30, (DropStage(2, 10, "eager"),))
+        assert [layer.keys.shape[2] for layer in fastv.cache.layers] == [40, 40, 20, 20]
+        assert fastv.next_position.item() == 40  # kept tokens keep their positions; the next one follows the full prompt
+        decoder.step(torch.tensor([[3]]), fastv)
+        assert [layer.keys.shape[2] for layer in fastv.cache.layers] == [41, 41, 21, 21]
+
+
+def test_eager_and_last_query_rankings_keep_the_same_tokens(llm):
+    """FastV's eager weights and PyramidDrop's recomputed last-query row are the same attention: same tokens kept."""
+    decoder, embeds = LayerwiseLlama(llm), torch.randn(2, 40, 64)
+    with torch.inference_mode():
+        eager, a = decoder.prefill(embeds, 4, 30, (DropStage(2, 12, "eager"),))
+        light, b = decoder.prefill(embeds, 4, 30, (DropStage(2, 12, "last_query"),))
+    torch.testing.assert_close(eager, light, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.cache.layers[3].keys, b.cache.layers[3].keys, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_takes_the_known_top_image_tokens():
+    hidden = torch.arange(10.0).view(1, 10, 1)
+    positions = torch.arange(10).view(1, 10)
+    kept, kept_positions = LayerwiseLlama._keep(hidden, positions, 2, 6, torch.tensor([[3, 6]]))
+    assert kept.flatten().tolist() == [0, 1, 3, 6, 8, 9]  # text, the two image tokens, text
+    assert kept_positions.tolist() == [[0, 1, 3, 6, 8, 9]]
+
+
+def test_eager_attention_captures_one_module_and_restores_its_kernel(llm):
+    attn = llm.model.layers[1].self_attn
+    shared = attn.config
+    with torch.inference_mode(), eager_attention(attn) as captured:
+        llm(inputs_embeds=torch.randn(1, 12, 64))
+    assert attn.config is shared and llm.model.layers[0].self_attn.config is shared
+    assert len(captured.weights) == 1 and captured.last.shape == (1, 4, 12, 12)
+    torch.testing.assert_close(captured.last.sum(dim=-1), torch.ones(1, 4, 12))
+
+
+def test_pyramiddrop_default_schedule():
+    stages = pyramiddrop_stages(576, 32)
+    assert [(s.layer, s.keep) for s in stages] == [(8, 288), (16, 144), (24, 72)]
+    assert mean_image_tokens(576, 32, stages) == 270
+    assert mean_image_tokens(576, 4, (DropStage(2, 144, "eager"),)) == 360
+
+
+# ---------------------------------------------------------------- the run
+
+
+@pytest.fixture(scope="module")
+def peers_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("peers")
+    bench_compression.main(["--compare-peers", "--preset", "peers-micro", "--warmup", "0", "--repeats", "1",
+                            "--json", str(out / "peers.json"), "--cache-dir", str(out / "cache")])
+    return json.loads((out / "peers.json").read_text()), out
+
+
+def test_json_has_one_row_per_method_and_budget(peers_report):
+    report, out = peers_report
+    rows = report["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", 576)] + [
+        (m, b) for b in BUDGETS for m in PEER_METHODS
+    ]
+    for r in rows:
+        assert r["ttft_ms"]["median"] > 0 and r["kv_cache_bytes"] > 0 and r["peak_memory_bytes"] > 0, r["name"]
+        if r["method"] in ("toconv", "bilinear", "visionzip", "prumerge_plus", "bound"):
+            assert r["image_tokens_to_llm"] == r["budget"], r["name"]
+    by = {(r["method"], r["budget"]): r for r in rows}
+    for budget in BUDGETS:
+        assert by[("toconv", budget)]["ttft_over_toconv"]["median"] == 1.0
+        assert by[("bound", budget)]["ttft_over_bound"]["median"] == 1.0
+        assert 1 <= by[("prumerge", budget)]["image_tokens_to_llm"] <= budget
+        fastv = by[("fastv", budget)]
+        assert fastv["image_tokens_to_llm"] == 576 and fastv["mean_image_tokens_per_layer"] == (576 * 2 + budget * 2) / 4
+        # FastV's first two layers keep all 576 image tokens in their cache.
+        assert fastv["kv_cache_bytes"] > by[("toconv", budget)]["kv_cache_bytes"]
+        light = by[("fastv_sdpa", budget)]  # the same drop, ranked without the eager layer
+        assert light["kv_cache_bytes"] == fastv["kv_cache_bytes"] and "eager" not in light["attention_kernels"]
+    assert report["environment"]["load_average_start"] is not None
+    table = (out / "peers.md").read_text()
+    assert "| TTFT ÷ ToConv | TTFT ÷ bound |" in table and "Budget 64 image tokens" in table
+
+
+def test_presets_without_room_for_the_drops_are_refused():
+    assert PRESETS["micro"].llm["num_hidden_layers"] == 2
+    with pytest.raises(SystemExit, match="fastv-144.*decoder layer 2.*2 layers"):
+        bench_compression.main(["--compare-peers", "--preset", "micro"])
+    with pytest.raises(SystemExit, match="anyres"):
+        bench_compression.main(["--compare-peers", "--preset", "anyres-micro"])
