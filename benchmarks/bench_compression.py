@@ -17,6 +17,7 @@ shape, and the tower's early stop at the selected layer against the full 24-laye
     python -m benchmarks.bench_compression --preset micro                        # the same, as a module
     python benchmarks/bench_compression.py --preset anyres-tiny --json any.json  # LLaVA-1.6 anyres, CPU
     python benchmarks/bench_compression.py --compare-peers --preset tiny --json peers.json  # vs FastV, VisionZip, ...
+    python benchmarks/bench_compression.py --compare-peers --preset anyres-tiny --json peers-any.json  # ... on LLaVA-1.6
 
 The anyres presets (``anyres-micro``, ``anyres-tiny``, ``llava-v1.6-vicuna-7b``) run LLaVA-1.6's
 image sizes × compression levels through the fork's model instead (``benchmarks/anyres.py``).
@@ -52,9 +53,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
 
     preset = PRESETS[args.preset]
-    if args.compare_peers and preset.anyres is not None:
-        raise SystemExit(f"--compare-peers runs LLaVA-1.5's single image; preset {args.preset!r} is an anyres one: "
-                         "choose peers-micro, tiny, small or llava-1.5-7b.")
     settings = resolve_settings(args, preset)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -87,8 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: the preset's, else torch's)")
     parser.add_argument("--compare-peers", action="store_true",
-                        help="ToConv against FastV, VisionZip, PyramidDrop, PruMerge(+) and bilinear pooling at 144 "
-                             "and 64 image tokens (docs/benchmarks.md); --variants and the microbenchmark do not apply")
+                        help="ToConv against FastV, VisionZip, PyramidDrop, PruMerge(+) and bilinear pooling at "
+                             "ToConv's token counts: 144 and 64 image tokens, or with an anyres preset each image "
+                             "size's 24→12 and 24→8 counts (docs/benchmarks.md); --variants and the microbenchmark "
+                             "do not apply")
     parser.add_argument("--no-microbenchmark", action="store_true", help="skip the compressor/tower microbenchmark")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where CLIP stand-ins are saved and reused")
     parser.add_argument("--json", type=Path, help="write the full report here")

@@ -20,11 +20,12 @@ from benchmarks.attention_weights import eager_attention
 from benchmarks.layerwise_llm import DropStage, LayerwiseLlama, check_stages, mean_image_tokens
 from benchmarks.memory import cache_bytes
 from benchmarks.peer_reducers import bilinear_pool, prumerge, visionzip
+from benchmarks.presets import OUTPUT_GRIDS
 from benchmarks.timing import StageClock
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from vision_token_compression import TokenCompressor
 
-BUDGETS = (144, 64)
+BUDGETS = tuple(side * side for side in OUTPUT_GRIDS)  # LLaVA-1.5: 144 and 64 image tokens
 FASTV_K = 2  # FastV's default: all image tokens through the first 2 decoder layers
 PDROP_RATIO = 0.5  # PyramidDrop's default λ: each stage keeps half the image tokens of the one before
 PDROP_STAGES = 4  # ... over 4 equal stages of the decoder (drops after layers 8, 16, 24 of 32)
@@ -33,6 +34,20 @@ PEER_METHODS = (
 )
 
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+Arrange = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How one LLaVA-1.6 (anyres) image reaches the LLM: as ``tiles`` tower inputs (base image, then crops).
+
+    ``arrange``: (B·tiles, side², D) projected tile tokens → (B, n, D), the fork's ``spatial_unpad``
+    layout (base tile, crops unpadded, a newline per row); ``image_tokens(side)``: that n.
+    """
+
+    tiles: int
+    arrange: Arrange
+    image_tokens: Callable[[int], int]
 
 
 @dataclasses.dataclass
@@ -43,12 +58,14 @@ class PeerMethod:
     method: str  # one of PEER_METHODS, or "none"
     budget: int  # image tokens the method is configured for (576 for none)
     reduce: Reduce | None = None  # between tower and projector; None: all tokens go on
+    arrange: Arrange | None = None  # after the projector: anyres tiles laid out as the fork does; None: as they are
     cls_attention: bool = False  # needs the CLS attention of the selected CLIP layer (eager there)
     stages: tuple[DropStage, ...] = ()  # drops inside the LLM
     chosen_counts: list[int] = dataclasses.field(default_factory=list)  # image tokens handed to the LLM per call
 
-    def describe(self, num_layers: int, grid_tokens: int) -> dict[str, Any]:
-        handed = self.chosen_counts[-1] if self.chosen_counts else grid_tokens
+    def describe(self, num_layers: int) -> dict[str, Any]:
+        """What the method handed the LLM in its last run, and how (call after running it)."""
+        handed = self.chosen_counts[-1]
         return {
             "method": self.method, "budget": self.budget, "image_tokens_to_llm": handed,
             "mean_image_tokens_per_layer": mean_image_tokens(handed, num_layers, self.stages),
@@ -71,38 +88,63 @@ def kernels(method: PeerMethod) -> str:
 
 
 def build_methods(grid: int, channels: int, num_layers: int, device: torch.device, dtype: torch.dtype,
-                  budgets: tuple[int, ...] = BUDGETS) -> list[PeerMethod]:
-    """No compression, then every method at every budget (the reducers' weights random, as in the main benchmark)."""
-    methods = [PeerMethod("none", "none", grid * grid)]
-    for budget in budgets:
-        methods += [peer_method(name, budget, grid, channels, num_layers, device, dtype) for name in PEER_METHODS]
+                  output_grids: tuple[int, ...] = OUTPUT_GRIDS, tiling: Tiling | None = None) -> list[PeerMethod]:
+    """No compression, then every method at ToConv's token count for each output grid (the reducers'
+    weights random, as in the main benchmark). With ``tiling``, one anyres image's counts."""
+    count = (lambda side: side * side) if tiling is None else tiling.image_tokens
+    arrange = None if tiling is None else tiling.arrange
+    methods = [PeerMethod("none", "none", count(grid), arrange=arrange)]
+    for side in output_grids:
+        methods += [peer_method(name, count(side), side, grid, channels, num_layers, device, dtype, tiling)
+                    for name in PEER_METHODS]
     return methods
 
 
-def peer_method(name: str, budget: int, grid: int, channels: int, num_layers: int,
-                device: torch.device, dtype: torch.dtype) -> PeerMethod:
-    """One method at one budget."""
+def peer_method(name: str, budget: int, side: int, grid: int, channels: int, num_layers: int,
+                device: torch.device, dtype: torch.dtype, tiling: Tiling | None = None) -> PeerMethod:
+    """One method at one budget: ``budget`` image tokens to the LLM, ToConv's count at ``grid``→``side``.
+
+    With ``tiling`` (anyres), the grid methods (ToConv, bilinear) reduce every tile and keep the fork's
+    layout; the selecting ones reduce every tile to an equal share, in one batched call, and hand on
+    the first ``budget`` of the tiles' tokens (the share is rounded up: at most tiles - 1 are cut off).
+    """
     label = f"{name}-{budget}"
+    arrange = None if tiling is None else tiling.arrange
     if name == "toconv":
-        side = round(budget**0.5)
         compressor = TokenCompressor(grid, side, channels).to(device=device, dtype=dtype).eval()
-        return PeerMethod(label, name, budget, reduce=lambda x, _a: compressor(x))
+        return PeerMethod(label, name, budget, reduce=lambda x, _a: compressor(x), arrange=arrange)
     if name == "bilinear":
-        return PeerMethod(label, name, budget, reduce=lambda x, _a: bilinear_pool(x, budget))
+        return PeerMethod(label, name, budget, reduce=lambda x, _a: bilinear_pool(x, side * side), arrange=arrange)
     if name == "visionzip":
-        return PeerMethod(label, name, budget, reduce=lambda x, a: visionzip(x, a, budget), cls_attention=True)
+        return PeerMethod(label, name, budget, reduce=across_tiles(visionzip, budget, tiling), cls_attention=True)
     if name in ("prumerge", "prumerge_plus"):
         plus = name == "prumerge_plus"
-        return PeerMethod(label, name, budget, reduce=lambda x, a: prumerge(x, a, budget, plus), cls_attention=True)
-    if name == "fastv":
-        return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, "eager"),))
-    if name == "fastv_sdpa":  # FastV's selection with SDPA kept: what the eager layer costs, by difference
-        return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, "last_query"),))
+        select = across_tiles(lambda x, a, share: prumerge(x, a, share, plus), budget, tiling)
+        return PeerMethod(label, name, budget, reduce=select, cls_attention=True)
+    if name in ("fastv", "fastv_sdpa"):  # fastv_sdpa: the same selection with SDPA kept (the eager layer's cost)
+        ranking = "eager" if name == "fastv" else "last_query"
+        return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, ranking),), arrange=arrange)
     if name == "pyramiddrop":
-        return PeerMethod(label, name, budget, stages=pyramiddrop_stages(grid * grid, num_layers))
+        full = grid * grid if tiling is None else tiling.image_tokens(grid)
+        return PeerMethod(label, name, budget, stages=pyramiddrop_stages(full, num_layers), arrange=arrange)
     if name == "bound":  # the fixed-cost bound: the first `budget` tokens, chosen at no cost
-        return PeerMethod(label, name, budget, reduce=lambda x, _a: x[:, :budget])
+        return PeerMethod(label, name, budget, reduce=across_tiles(lambda x, _a, share: x[:, :share], budget, tiling))
     raise ValueError(f"Unknown peer method {name!r}; choose from {PEER_METHODS}.")
+
+
+def across_tiles(select: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor], budget: int,
+                 tiling: Tiling | None) -> Reduce:
+    """``select(features, cls_attention, count)`` at ``budget``; with ``tiling``, per tile at an equal share,
+    the tiles' tokens then joined per image and cut to ``budget``: (B·tiles, N, C) → (B, ≤ budget, C)."""
+    if tiling is None:
+        return lambda x, a: select(x, a, budget)
+    share = -(-budget // tiling.tiles)
+
+    def reduce(x: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+        out = select(x, a, share)
+        return out.reshape(-1, tiling.tiles * out.shape[1], out.shape[2])[:, :budget]
+
+    return reduce
 
 
 def pyramiddrop_stages(image_tokens: int, num_layers: int, stages: int = PDROP_STAGES,
@@ -139,10 +181,17 @@ class PeerPipeline:
             features = self.tower(images)
         return features, captured.last[:, :, 0, 1:].float().mean(dim=1)
 
-    def reduce(self, method: PeerMethod, features: torch.Tensor, cls_attention: torch.Tensor | None) -> torch.Tensor:
-        tokens = features if method.reduce is None else method.reduce(features, cls_attention)
-        method.chosen_counts.append(tokens.shape[1])
-        return tokens
+    @staticmethod
+    def reduce(method: PeerMethod, features: torch.Tensor, cls_attention: torch.Tensor | None) -> torch.Tensor:
+        return features if method.reduce is None else method.reduce(features, cls_attention)
+
+    def project(self, method: PeerMethod, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens into the LLM's space (and, for anyres, into the fork's layout); records how many the LLM gets."""
+        embeds = self.projector(tokens)
+        if method.arrange is not None:
+            embeds = method.arrange(embeds)
+        method.chosen_counts.append(embeds.shape[1])
+        return embeds
 
     def prefill(self, method: PeerMethod, prefix_ids, image_embeds, suffix_ids):
         embeds = torch.cat([self.embed(prefix_ids), image_embeds, self.embed(suffix_ids)], dim=1)
@@ -154,7 +203,7 @@ class PeerPipeline:
 
     def first_token(self, method: PeerMethod, images, prefix_ids, suffix_ids):
         features, attention = self.encode(method, images)
-        tokens = self.projector(self.reduce(method, features, attention))
+        tokens = self.project(method, self.reduce(method, features, attention))
         logits, state = self.prefill(method, prefix_ids, tokens, suffix_ids)
         return self.sample(logits), state
 
@@ -174,7 +223,7 @@ class PeerPipeline:
         clock.mark("vision_tower")
         tokens = self.reduce(method, features, attention)
         clock.mark("compressor")
-        image_embeds = self.projector(tokens)
+        image_embeds = self.project(method, tokens)
         clock.mark("projector")
         logits, state = self.prefill(method, prefix_ids, image_embeds, suffix_ids)
         clock.mark("prefill")

@@ -65,6 +65,15 @@ def peers_notes(preset: dict[str, Any], device: torch.device) -> list[str]:
         "PyramidDrop runs its default schedule whatever the budget (mean image tokens per layer in the table).",
         f"Peak memory: {peak_memory_measure(device)}.",
     ]
+    if preset.get("anyres"):
+        lines += [
+            "LLaVA-1.6 (anyres): each image size's budgets are ToConv's counts there with the fork's spatial_unpad "
+            "layout (base tile, crops cropped to the image's aspect ratio, a newline per row). No compression, FastV "
+            "and PyramidDrop hand the LLM the uncompressed layout; ToConv and bilinear pooling reduce each tile and "
+            "keep the layout (the projector column includes laying it out); VisionZip, PruMerge(+) and the bound "
+            "reduce each tile to an equal share of the budget in one batched call and hand on the tiles' tokens "
+            "joined, without newlines.",
+        ]
     add_run_notes(lines, preset["clip_overrides"], preset["vision_tower"], device, "methods")
     return lines
 
@@ -75,18 +84,33 @@ def peers_markdown(report: dict[str, Any]) -> str:
     env, preset = report["environment"], report["preset"]
     lines += [f"Load average (1, 5, 15 min): {load_text(env.get('load_average_start'))} at the start, "
               f"{load_text(env.get('load_average_end'))} at the end (timings on a busy machine are noisy).", ""]
-    for batch in preset["batch_sizes"]:
-        rows = [r for r in report["rows"] if r["batch_size"] == batch]
+    for batch, image_size, rows in row_groups(report):
         none = next(r for r in rows if r["method"] == "none")
-        lines += [f"Batch {batch}, {none['prompt_len']} text tokens, {preset['decode_tokens']} decoded tokens; "
+        image = "" if image_size is None else f"LLaVA-1.6 image {image_size[0]}×{image_size[1]} ({none['tiles']} tiles), "
+        lines += [f"Batch {batch}, {image}{none['prompt_len']} text tokens, {preset['decode_tokens']} decoded tokens; "
                   f"medians ± half the IQR over {preset['repeats']} round(s) after {preset['warmup']} warm-up "
-                  f"round(s). No compression (576 image tokens): TTFT {_fmt(none['ttft_ms'])} ms, decode "
-                  f"{_fmt(none['decode_ms_per_token'])} ms/token, KV cache {_mib(none['kv_cache_bytes'])} MiB.", ""]
-        for budget in sorted({r["budget"] for r in rows if r["method"] != "none"}, reverse=True):
+                  f"round(s). No compression ({none['image_tokens_to_llm']} image tokens): TTFT "
+                  f"{_fmt(none['ttft_ms'])} ms, decode {_fmt(none['decode_ms_per_token'])} ms/token, KV cache "
+                  f"{_mib(none['kv_cache_bytes'])} MiB.", ""]
+        for budget in budgets(rows):
             lines += [f"Budget {budget} image tokens:", "", HEADER, "|---" + "|---:" * 12 + "|---|"]
             lines += [table_row(r) for r in rows if r["budget"] == budget and r["method"] != "none"]
             lines.append("")
     return "\n".join(lines + [f"- {note}" for note in report["notes"]]) + "\n"
+
+
+def row_groups(report: dict[str, Any]) -> list[tuple[int, list[int] | None, list[dict[str, Any]]]]:
+    """(batch size, anyres image size or None, rows) for each table, in run order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in report["rows"]:
+        image_size = r.get("image_size")
+        groups.setdefault((r["batch_size"], None if image_size is None else tuple(image_size)), []).append(r)
+    return [(batch, None if size is None else list(size), rows) for (batch, size), rows in groups.items()]
+
+
+def budgets(rows: list[dict[str, Any]]) -> list[int]:
+    """The budgets of a table's methods, largest first."""
+    return sorted({r["budget"] for r in rows if r["method"] != "none"}, reverse=True)
 
 
 def _ratio(stats: dict[str, float]) -> str:
@@ -113,16 +137,16 @@ def table_row(r: dict[str, Any]) -> str:
 def chart_report(report: dict[str, Any]) -> dict[str, Any]:
     """The rows grouped as ``chart.write_chart`` reads a report: a panel row per batch size and budget."""
     runs = []
-    for batch in report["preset"]["batch_sizes"]:
-        rows = [r for r in report["rows"] if r["batch_size"] == batch and r["method"] != "none"]
-        for budget in sorted({r["budget"] for r in rows}, reverse=True):
+    for batch, image_size, rows in row_groups(report):
+        image = "" if image_size is None else f", image {image_size[0]}×{image_size[1]}"
+        for budget in budgets(rows):
             variants = {
                 r["method"]: {**r, "compressor_ms": r["reduction_ms"],
                               "speedup": {"ttft": r["speedup_vs_none"]["ttft"],
                                           "ideal_bound": r["speedup_vs_none"]["sequence_length_bound"]}}
-                for r in rows if r["budget"] == budget
+                for r in rows if r["budget"] == budget and r["method"] != "none"
             }
-            runs.append({"batch_size": batch, "title": f"TTFT by stage, budget {budget}, batch {batch}",
+            runs.append({"batch_size": batch, "title": f"TTFT by stage, budget {budget}{image}, batch {batch}",
                          "stage_labels": {"compressor": "reduction"}, "variants": variants})
     return {**report, "runs": runs}
 

@@ -142,6 +142,11 @@ PRESETS: dict[str, Preset] = {
         {**MICRO_LLM, "max_position_embeddings": 4096}, MICRO_CLIP, (1,), 16, 1, 1, 2, {}, 0, 0, threads=1,
         anyres=Anyres(),
     ),
+    "peers-anyres-micro": Preset(
+        "test-sized LLaVA-1.6 (anyres), for --compare-peers: CLIP hidden 32 / 2 layers, Llama hidden 64 / 4 layers",
+        {**MICRO_LLM, "num_hidden_layers": 4, "max_position_embeddings": 4096}, MICRO_CLIP, (1,), 16, 2, 1, 2, {}, 0,
+        0, threads=1, anyres=Anyres(),
+    ),
     "anyres-tiny": Preset(
         "CPU-sized LLaVA-1.6 (anyres, spatial_unpad, LLaVA-1.6's pinpoints): CLIP at the real grid with hidden "
         "256 (real 1024) and 4 layers (real 24); Llama hidden 512, 4 layers; one thread",

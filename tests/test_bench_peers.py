@@ -22,8 +22,10 @@ from benchmarks.peer_reducers import (
     visionzip,
     visionzip_split,
 )
-from benchmarks.peers import BUDGETS, PEER_METHODS, pyramiddrop_stages
-from benchmarks.presets import MICRO_LLM, PRESETS
+from benchmarks.peers import BUDGETS, PEER_METHODS, Tiling, across_tiles, pyramiddrop_stages
+from benchmarks.peers_anyres import AnyresImage, image_tiling
+from benchmarks.presets import LLAVA_16_PINPOINTS, MICRO_LLM, PRESETS
+from llava.mm_utils import get_anyres_image_grid_shape
 
 
 def attention_with_top(n: int, top: list[int], batch: int = 2) -> torch.Tensor:
@@ -201,5 +203,94 @@ def test_presets_without_room_for_the_drops_are_refused():
     assert PRESETS["micro"].llm["num_hidden_layers"] == 2
     with pytest.raises(SystemExit, match="fastv-144.*decoder layer 2.*2 layers"):
         bench_compression.main(["--compare-peers", "--preset", "micro"])
-    with pytest.raises(SystemExit, match="anyres"):
+    assert PRESETS["anyres-micro"].llm["num_hidden_layers"] == 2
+    with pytest.raises(SystemExit, match="fastv-.*decoder layer 2.*2 layers"):
         bench_compression.main(["--compare-peers", "--preset", "anyres-micro"])
+
+
+# ---------------------------------------------------------------- LLaVA-1.6 (anyres) images
+
+# (width, height) → image tokens of the fork's spatial_unpad layout at 24×24 (none), 12×12 and 8×8 per tile:
+# the counts the fork's model, its vLLM model and transformers' processor give (tests/test_vllm_plugin.py).
+ANYRES_COUNTS = {(400, 300): (1368, 348, 152), (300, 700): (1976, 508, 226), (1000, 1000): (2928, 744, 336),
+                 (1008, 336): (2328, 588, 264)}
+
+
+def standin_image(size: tuple[int, int]) -> AnyresImage:
+    cols, rows = get_anyres_image_grid_shape(size, [list(p) for p in LLAVA_16_PINPOINTS], 336)
+    return AnyresImage(size, (cols, rows), torch.zeros(1 + cols * rows, 3, 336, 336))
+
+
+@pytest.mark.parametrize("size", list(ANYRES_COUNTS))
+def test_anyres_layout_gives_the_forks_token_counts(size):
+    image = standin_image(size)
+    newline = torch.full((6,), -1.0)
+    tiling = image_tiling(image, LLAVA_16_PINPOINTS, 336, newline)
+    cols, rows = image.crop_grid
+    for side, expected in zip((24, 12, 8), ANYRES_COUNTS[size]):
+        assert tiling.image_tokens(side) == expected
+        embeds = torch.rand(2 * tiling.tiles, side * side, 6)  # two images' tiles; newline is the only negative
+        arranged = tiling.arrange(embeds)
+        assert arranged.shape == (2, expected, 6)
+        for b in range(2):
+            tiles = embeds[b * tiling.tiles:(b + 1) * tiling.tiles]
+            torch.testing.assert_close(arranged[b, :side * side], tiles[0])  # the base tile first
+            newlines = (arranged[b] < 0).all(dim=-1).nonzero().flatten()
+            height = len(newlines)  # one newline per row of the unpadded crops
+            width = (expected - side * side) // height - 1
+            assert height <= rows * side and width <= cols * side and height * (width + 1) == expected - side * side
+            assert newlines.tolist() == [side * side + (i + 1) * (width + 1) - 1 for i in range(height)]
+
+
+def test_across_tiles_reduces_every_tile_to_an_equal_share_and_cuts_to_the_budget():
+    tiles, budget = 5, 744  # 1000×1000 at 24→12: a share of 149 per tile, 1 token cut from the last
+    tiling = Tiling(tiles, arrange=lambda x: x, image_tokens=lambda side: 0)
+    features = torch.arange(tiles, dtype=torch.float32).repeat(2).view(2 * tiles, 1, 1).expand(-1, 576, 4)
+    out = across_tiles(lambda x, _a, share: x[:, :share], budget, tiling)(features, None)
+    assert out.shape == (2, budget, 4)
+    for b in range(2):
+        assert torch.bincount(out[b, :, 0].long()).tolist() == [149, 149, 149, 149, 148]
+    # VisionZip per tile keeps each tile's own dominant tokens: channel 0 = token index, channel 1 = tile
+    top = [3, 100, 400]
+    attention = attention_with_top(576, top, batch=2 * tiles)
+    index = torch.arange(576, dtype=torch.float32).expand(2 * tiles, -1)
+    tile = torch.arange(tiles, dtype=torch.float32).repeat(2)[:, None].expand(-1, 576)
+    features = torch.stack([index, tile, torch.randn(2 * tiles, 576)], dim=-1)
+    reduced = across_tiles(visionzip, 64 * tiles, tiling)(features, attention)
+    assert reduced.shape == (2, 64 * tiles, 3)
+    dominant, _ = visionzip_split(64)
+    for b in range(2):
+        for t in range(tiles):
+            kept = reduced[b, t * 64:t * 64 + dominant]
+            assert set(top) <= set(kept[:, 0].long().tolist()) and (kept[:, 1] == t).all()
+    assert across_tiles(visionzip, 64, None)(features[:2], attention[:2]).shape == (2, 64, 3)
+
+
+@pytest.mark.slow
+def test_anyres_peers_run_every_method_at_toconvs_count_per_image(tmp_path):
+    bench_compression.main(["--compare-peers", "--preset", "peers-anyres-micro", "--warmup", "0", "--repeats", "1",
+                            "--json", str(tmp_path / "p.json"), "--cache-dir", str(tmp_path / "cache")])
+    report = json.loads((tmp_path / "p.json").read_text())
+    rows = report["rows"]
+    sizes = [tuple(size) for size in PRESETS["peers-anyres-micro"].anyres.image_sizes]
+    assert [(tuple(r["image_size"]), r["method"], r["budget"]) for r in rows] == [
+        (size, m, b) for size in sizes for m, b in
+        [("none", ANYRES_COUNTS[size][0])] + [(m, b) for b in ANYRES_COUNTS[size][1:] for m in PEER_METHODS]
+    ]
+    for r in rows:
+        none = ANYRES_COUNTS[tuple(r["image_size"])][0]
+        if r["method"] in ("none", "fastv", "fastv_sdpa", "pyramiddrop"):  # the uncompressed layout enters the LLM
+            assert r["image_tokens_to_llm"] == none, r["name"]
+        elif r["method"] == "prumerge":
+            assert 1 <= r["image_tokens_to_llm"] <= r["budget"]
+        else:
+            assert r["image_tokens_to_llm"] == r["budget"], r["name"]
+        assert r["tiles"] == {(400, 300): 3, (300, 700): 4, (1000, 1000): 5, (1008, 336): 4}[tuple(r["image_size"])]
+        if r["method"] == "fastv":
+            assert r["mean_image_tokens_per_layer"] == (none * 2 + r["budget"] * 2) / 4
+            toconv = next(t for t in rows if t["image_size"] == r["image_size"] and t["name"] == f"toconv-{r['budget']}")
+            assert r["kv_cache_bytes"] > toconv["kv_cache_bytes"]
+            assert toconv["ttft_over_toconv"]["median"] == 1.0
+    assert report["preset"]["anyres"]["merge_type"] == "spatial_unpad"
+    table = (tmp_path / "p.md").read_text()
+    assert "Batch 1, LLaVA-1.6 image 1000×1000 (5 tiles)" in table and "Budget 744 image tokens" in table

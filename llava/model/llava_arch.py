@@ -84,6 +84,26 @@ def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.T
     return tensor[:, top:bottom, left:right]
 
 
+def arrange_crops(crops: torch.Tensor, crop_grid: tuple[int, int], image_size: tuple[int, int] | None,
+                  newline: torch.Tensor | None) -> torch.Tensor:
+    """(rows·cols, side², D) crop features, row by row → (tokens, D) in raster order over the crops' canvas.
+
+    ``crop_grid`` is (columns, rows). With ``newline`` (``spatial_unpad``) the canvas is cropped to
+    ``image_size`` (width, height) and every row ends with ``newline`` (D,); without it (``spatial``)
+    the whole canvas is kept.
+    """
+    cols, rows = crop_grid
+    side = math.isqrt(crops.shape[1])
+    grid = crops.view(rows, cols, side, side, -1)  # (rows, cols, h, w, D)
+    if newline is None:
+        return grid.permute(0, 2, 1, 3, 4).flatten(0, 3)  # (rows*h*cols*w, D)
+    grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, rows*h, cols*w)
+    grid = unpad_image(grid, image_size)
+    column = newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
+    grid = torch.cat([grid, column], dim=-1)  # (D, H, W + 1)
+    return grid.flatten(1, 2).transpose(0, 1)  # (H * (W + 1), D)
+
+
 def _new_image_newline(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Initial ``image_newline``: normal with std 1/sqrt(hidden_size), like the token embeddings' scale."""
     return torch.randn(hidden_size, dtype=dtype) / math.sqrt(hidden_size)
@@ -305,15 +325,7 @@ class LlavaMetaForCausalLM(ABC):
                 f"An image of size {image_size} splits into {cols}×{rows} crops under image_grid_pinpoints, but "
                 f"{crops.shape[0]} crops were given: process images with the model's image_grid_pinpoints."
             )
-        grid = crops.view(rows, cols, side, side, -1)  # (rows, cols, h, w, D)
-        if "unpad" in merge_type:
-            grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, rows*h, cols*w)
-            grid = unpad_image(grid, image_size)
-            column = newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
-            grid = torch.cat([grid, column], dim=-1)  # (D, H, W + 1)
-            crop_tokens = grid.flatten(1, 2).transpose(0, 1)  # (H * (W + 1), D)
-        else:
-            crop_tokens = grid.permute(0, 2, 1, 3, 4).flatten(0, 3)  # (rows*h*cols*w, D) in raster order
+        crop_tokens = arrange_crops(crops, (cols, rows), image_size, newline if "unpad" in merge_type else None)
         return torch.cat([base, crop_tokens], dim=0)
 
     def image_token_count(self, image_size: tuple[int, int]) -> int:
