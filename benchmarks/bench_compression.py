@@ -30,6 +30,7 @@ the command line; the steps live beside it in ``benchmarks/`` (``run.py`` runs t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -37,9 +38,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.arguments import image_size
 from benchmarks.models import CLIP_TOWERS
 from benchmarks.presets import PRESETS, Preset, RunSettings
 from benchmarks.run import run
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    preset = PRESETS[args.preset]
+    preset = resolve_preset(args)
     settings = resolve_settings(args, preset)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -89,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "ToConv's token counts: 144 and 64 image tokens, or with an anyres preset each image "
                              "size's 24→12 and 24→8 counts (docs/benchmarks.md); --variants and the microbenchmark "
                              "do not apply")
+    parser.add_argument("--image-sizes", type=image_size, nargs="+", metavar="WxH",
+                        help="anyres presets: the LLaVA-1.6 image sizes to measure (default: the preset's "
+                             "400x300 300x700 1000x1000 1008x336)")
     parser.add_argument("--no-microbenchmark", action="store_true", help="skip the compressor/tower microbenchmark")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where CLIP stand-ins are saved and reused")
     parser.add_argument("--json", type=Path, help="write the full report here")
@@ -96,6 +103,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--png", type=Path, help="chart (default: next to --json; needs matplotlib)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    """The named preset, with ``--image-sizes`` in place of an anyres preset's image sizes."""
+    preset = PRESETS[args.preset]
+    if not args.image_sizes:
+        return preset
+    if preset.anyres is None:
+        logger.warning("--image-sizes applies to the anyres presets; preset %r runs LLaVA-1.5's single %s image, "
+                       "so it is ignored.", args.preset, "336×336" if "336" in args.vision_tower else "224×224")
+        return preset
+    return dataclasses.replace(preset, anyres=dataclasses.replace(preset.anyres, image_sizes=tuple(args.image_sizes)))
 
 
 def resolve_settings(args: argparse.Namespace, preset: Preset) -> RunSettings:

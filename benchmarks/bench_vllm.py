@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.arguments import image_size
 from benchmarks.vllm_server import StreamTiming, VllmServer, image_message, served_model, timed_stream
 
 logger = logging.getLogger(__name__)
@@ -280,17 +281,6 @@ def environment() -> dict[str, Any]:
 def _ratio(row: dict[str, Any], key: str) -> str:
     low, high = row[f"{key}_range"]
     return f"{row[key]:.2f}" if row["repeats"] == 1 else f"{row[key]:.2f} ({low:.2f}–{high:.2f})"
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """``WxH`` (e.g. ``400x300``) as (width, height)."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an image size; write WIDTHxHEIGHT, e.g. 400x300") from None
-    if width < 1 or height < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 1")
-    return width, height
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

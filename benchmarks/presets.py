@@ -152,6 +152,11 @@ PRESETS: dict[str, Preset] = {
         "256 (real 1024) and 4 layers (real 24); Llama hidden 512, 4 layers; one thread",
         TINY_LLM, TINY_CLIP, (1,), 64, 1, 1, 7, {}, 0, 0, threads=1, anyres=Anyres(),
     ),
+    "anyres-tiny-deep": Preset(
+        "anyres-tiny with LLaVA-1.6-7B's LLM depth: Llama hidden 512 with 32 layers, so FastV's K=2 and PyramidDrop's "
+        "stages sit where they do at 7B (for --compare-peers; slow on a CPU: pick one --image-sizes); one thread",
+        {**TINY_LLM, "num_hidden_layers": 32}, TINY_CLIP, (1,), 64, 8, 1, 5, {}, 0, 0, threads=1, anyres=Anyres(),
+    ),
     "llava-v1.6-vicuna-7b": Preset(
         "LLaVA-1.6-Vicuna-7B shape: real CLIP ViT-L/14-336, mlp2x_gelu, Vicuna-7B-shaped Llama, anyres with "
         "spatial_unpad and LLaVA-1.6's pinpoints (for a GPU)",

@@ -205,3 +205,21 @@ def test_runs_as_a_script_and_as_a_module_from_any_directory(entry, tmp_path):
     report = json.loads((tmp_path / "out.json").read_text())
     assert list(report["runs"][0]["variants"]) == ["none", "window_mean-24to8"]
     assert (tmp_path / "out.md").read_text() in result.stdout  # the markdown written is the one printed
+
+
+def test_image_sizes_replace_an_anyres_presets_and_are_ignored_with_a_warning_elsewhere(caplog):
+    args = bench_compression.parse_args(["--preset", "anyres-tiny", "--image-sizes", "1000x1000", "20x30"])
+    preset = bench_compression.resolve_preset(args)
+    assert preset.anyres.image_sizes == ((1000, 1000), (20, 30))
+    assert preset.llm == PRESETS["anyres-tiny"].llm and PRESETS["anyres-tiny"].anyres.image_sizes != preset.anyres.image_sizes
+    assert bench_compression.resolve_preset(bench_compression.parse_args(["--preset", "anyres-tiny"])) is PRESETS["anyres-tiny"]
+    with caplog.at_level("WARNING"):
+        plain = bench_compression.resolve_preset(bench_compression.parse_args(["--preset", "tiny", "--image-sizes", "400x300"]))
+    assert plain is PRESETS["tiny"] and "--image-sizes applies to the anyres presets" in caplog.text
+
+
+@pytest.mark.parametrize("size", ["400", "0x300", "axb"])
+def test_bad_image_sizes_are_refused_by_name(size, capsys):
+    with pytest.raises(SystemExit):
+        bench_compression.parse_args(["--preset", "anyres-tiny", "--image-sizes", size])
+    assert repr(size) in capsys.readouterr().err
