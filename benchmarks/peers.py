@@ -4,7 +4,9 @@ Every method runs the same CLIP tower, ``mlp2x_gelu`` projector and Llama (throu
 with the same stages as the main benchmark (``pipeline_measures.STAGES``) so its interleaved timing
 (``time_rounds``) is reused; "compressor" is the reduction stage here. Methods outside the LLM reduce
 between tower and projector; FastV and PyramidDrop reduce inside the prefill, so their reduction is
-timed as part of the prefill.
+timed as part of the prefill. With LLaVA-1.6 (anyres) images each method gets a ``Tiling``: the tiles
+go through the tower as one batch, and the budgets are ToConv's counts in the fork's layout
+(``benchmarks/peers_anyres.py``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class PeerMethod:
 
     name: str
     method: str  # one of PEER_METHODS, or "none"
-    budget: int  # image tokens the method is configured for (576 for none)
+    budget: int  # image tokens the method is configured for (for none: the uncompressed count, 576 for one tile)
     reduce: Reduce | None = None  # between tower and projector; None: all tokens go on
     arrange: Arrange | None = None  # after the projector: anyres tiles laid out as the fork does; None: as they are
     cls_attention: bool = False  # needs the CLS attention of the selected CLIP layer (eager there)
