@@ -218,7 +218,7 @@ def test_image_sizes_replace_an_anyres_presets_and_are_ignored_with_a_warning_el
     assert plain is PRESETS["tiny"] and "--image-sizes applies to the anyres presets" in caplog.text
 
 
-@pytest.mark.parametrize("size", ["400", "0x300", "axb"])
+@pytest.mark.parametrize("size", ["400", "0x300", "axb", "100000x100000"])
 def test_bad_image_sizes_are_refused_by_name(size, capsys):
     with pytest.raises(SystemExit):
         bench_compression.parse_args(["--preset", "anyres-tiny", "--image-sizes", size])
