@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,11 @@ def test_bad_image_sizes_are_refused_by_name(size, capsys):
     with pytest.raises(SystemExit):
         bench_compression.parse_args(["--preset", "anyres-tiny", "--image-sizes", size])
     assert repr(size) in capsys.readouterr().err
+
+
+def test_gpu_script_refuses_a_machine_without_cuda_before_running_anything(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_benchmarks.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "No CUDA device" in done.stderr
+    assert list((tmp_path / "out").iterdir()) == []
