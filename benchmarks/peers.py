@@ -23,6 +23,7 @@ from benchmarks.layerwise_llm import DropStage, LayerwiseLlama, check_stages, me
 from benchmarks.memory import cache_bytes
 from benchmarks.peer_reducers import bilinear_pool, prumerge, visionzip
 from benchmarks.presets import OUTPUT_GRIDS
+from benchmarks.sparsevlm import DROP_AFTER_LAYERS, KEEP_COUNTS, MIN_LAYERS, budget_setting
 from benchmarks.timing import StageClock
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from vision_token_compression import TokenCompressor
@@ -32,7 +33,8 @@ FASTV_K = 2  # FastV's default: all image tokens through the first 2 decoder lay
 PDROP_RATIO = 0.5  # PyramidDrop's default λ: each stage keeps half the image tokens of the one before
 PDROP_STAGES = 4  # ... over 4 equal stages of the decoder (drops after layers 8, 16, 24 of 32)
 PEER_METHODS = (
-    "toconv", "bilinear", "visionzip", "prumerge", "prumerge_plus", "fastv", "fastv_sdpa", "pyramiddrop", "bound",
+    "toconv", "bilinear", "visionzip", "prumerge", "prumerge_plus", "fastv", "fastv_sdpa", "pyramiddrop",
+    "sparsevlm", "sparsevlm_sdpa", "bound",
 )
 
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -63,6 +65,7 @@ class PeerMethod:
     arrange: Arrange | None = None  # after the projector: anyres tiles laid out as the fork does; None: as they are
     cls_attention: bool = False  # needs the CLS attention of the selected CLIP layer (eager there)
     stages: tuple[DropStage, ...] = ()  # drops inside the LLM
+    setting: int | None = None  # the published setting run at this budget (SparseVLM's 192/128/96/64)
     chosen_counts: list[int] = dataclasses.field(default_factory=list)  # image tokens handed to the LLM per call
 
     def describe(self, num_layers: int) -> dict[str, Any]:
@@ -72,7 +75,7 @@ class PeerMethod:
             "method": self.method, "budget": self.budget, "image_tokens_to_llm": handed,
             "mean_image_tokens_per_layer": mean_image_tokens(handed, num_layers, self.stages),
             "image_token_counts_chosen": sorted(set(self.chosen_counts)),
-            "drop_stages": [dataclasses.asdict(s) for s in self.stages],
+            "drop_stages": [dataclasses.asdict(s) for s in self.stages], "published_setting": self.setting,
             "attention_kernels": kernels(self),
         }
 
@@ -82,10 +85,11 @@ def kernels(method: PeerMethod) -> str:
     parts = []
     if method.cls_attention:
         parts.append("eager in CLIP's selected layer (CLS attention weights)")
+    rows = "the raters' queries" if any(s.rows == "raters" for s in method.stages) else "the last token's query"
     if any(s.ranking == "eager" for s in method.stages):
-        parts.append("eager in the LLM layer before the drop (full attention weights)")
-    if any(s.ranking == "last_query" for s in method.stages):
-        parts.append("SDPA + the last token's query × cached keys at each drop")
+        parts.append("eager in the LLM layer before each drop (full attention weights)")
+    if any(s.ranking == "query" for s in method.stages):
+        parts.append(f"SDPA + {rows} × cached keys at each drop")
     return "; ".join(parts) or "SDPA everywhere"
 
 
@@ -98,8 +102,22 @@ def build_methods(grid: int, channels: int, num_layers: int, device: torch.devic
     methods = [PeerMethod("none", "none", count(grid), arrange=arrange)]
     for side in output_grids:
         methods += [peer_method(name, count(side), side, grid, channels, num_layers, device, dtype, tiling)
-                    for name in PEER_METHODS]
+                    for name in PEER_METHODS if unavailable(name, count(side), num_layers, tiling is not None) is None]
     return methods
+
+
+def unavailable(name: str, budget: int, num_layers: int, anyres: bool) -> str | None:
+    """Why a method has no published setting for this LLM depth, image layout or budget; None if it runs."""
+    if not name.startswith("sparsevlm"):
+        return None
+    if anyres:
+        return "SparseVLM's released settings are for LLaVA-1.5's 576 image tokens; it has none for anyres images"
+    if num_layers < MIN_LAYERS:
+        return (f"SparseVLM drops after decoder layers {', '.join(map(str, DROP_AFTER_LAYERS))}: the preset's LLM has "
+                f"{num_layers} layers, it needs {MIN_LAYERS} (use tiny-deep or llava-1.5-7b)")
+    if budget_setting(budget) is None:
+        return f"SparseVLM has no setting at or under {budget} image tokens (its smallest is {min(KEEP_COUNTS)})"
+    return None
 
 
 def peer_method(name: str, budget: int, side: int, grid: int, channels: int, num_layers: int,
@@ -124,11 +142,13 @@ def peer_method(name: str, budget: int, side: int, grid: int, channels: int, num
         select = across_tiles(lambda x, a, share: prumerge(x, a, share, plus), budget, tiling)
         return PeerMethod(label, name, budget, reduce=select, cls_attention=True)
     if name in ("fastv", "fastv_sdpa"):  # fastv_sdpa: the same selection with SDPA kept (the eager layer's cost)
-        ranking = "eager" if name == "fastv" else "last_query"
+        ranking = "eager" if name == "fastv" else "query"
         return PeerMethod(label, name, budget, stages=(DropStage(FASTV_K, budget, ranking),), arrange=arrange)
     if name == "pyramiddrop":
         full = grid * grid if tiling is None else tiling.image_tokens(grid)
         return PeerMethod(label, name, budget, stages=pyramiddrop_stages(full, num_layers), arrange=arrange)
+    if name in ("sparsevlm", "sparsevlm_sdpa"):  # sparsevlm_sdpa: the same drops, ranked with SDPA kept
+        return sparsevlm_method(label, name, budget)
     if name == "bound":  # the fixed-cost bound: the first `budget` tokens, chosen at no cost
         return PeerMethod(label, name, budget, reduce=across_tiles(lambda x, _a, share: x[:, :share], budget, tiling))
     raise ValueError(f"Unknown peer method {name!r}; choose from {PEER_METHODS}.")
@@ -149,6 +169,17 @@ def across_tiles(select: Callable[[torch.Tensor, torch.Tensor | None, int], torc
     return reduce
 
 
+def sparsevlm_method(label: str, name: str, budget: int) -> PeerMethod:
+    """SparseVLM at the largest of its published settings within ``budget`` (144 → 128, 64 → 64)."""
+    setting = budget_setting(budget)
+    if setting is None:
+        raise ValueError(f"{label}: SparseVLM has no setting at or under {budget} image tokens.")
+    ranking = "eager" if name == "sparsevlm" else "query"
+    stages = tuple(DropStage(layer + 1, keep, ranking, rows="raters", recycle=True)
+                   for layer, keep in zip(DROP_AFTER_LAYERS, KEEP_COUNTS[setting]))
+    return PeerMethod(label, name, budget, stages=stages, setting=setting)
+
+
 def pyramiddrop_stages(image_tokens: int, num_layers: int, stages: int = PDROP_STAGES,
                        ratio: float = PDROP_RATIO) -> tuple[DropStage, ...]:
     """PyramidDrop's default schedule: equal stages, each keeping ``ratio`` of the image tokens before it.
@@ -157,7 +188,7 @@ def pyramiddrop_stages(image_tokens: int, num_layers: int, stages: int = PDROP_S
     mean of 270 per layer). The schedule does not depend on the budget.
     """
     return tuple(
-        DropStage(num_layers * s // stages, round(image_tokens * ratio**s), "last_query") for s in range(1, stages)
+        DropStage(num_layers * s // stages, round(image_tokens * ratio**s), "query") for s in range(1, stages)
     )
 
 

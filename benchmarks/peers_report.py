@@ -41,28 +41,34 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def build_peers_report(command: str, environment: dict[str, Any], preset: dict[str, Any], models: dict[str, int],
-                       rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Everything the JSON holds; ``wall_seconds`` is filled in last."""
+                       rows: list[dict[str, Any]], device: torch.device,
+                       not_run: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything the JSON holds; ``wall_seconds`` is filled in last. ``not_run``: peers left out, with why."""
     return {
         "peers_schema": PEERS_SCHEMA, "command": command, "environment": environment, "preset": preset,
-        "models": models, "rows": rows, "peak_memory_measure": peak_memory_measure(device),
-        "ttft_method": ttft_method(device), "notes": peers_notes(preset, device), "wall_seconds": None,
+        "models": models, "rows": rows, "methods_not_run": not_run or {},
+        "peak_memory_measure": peak_memory_measure(device), "ttft_method": ttft_method(device),
+        "notes": peers_notes(preset, device, not_run or {}), "wall_seconds": None,
     }
 
 
-def peers_notes(preset: dict[str, Any], device: torch.device) -> list[str]:
+def peers_notes(preset: dict[str, Any], device: torch.device, not_run: dict[str, str]) -> list[str]:
     """What the numbers are and are not."""
     lines = [
         "Random weights at the stated shapes: timings only. Which tokens a method keeps means nothing here, "
         "and PruMerge's adaptive count comes from random CLS attention (the count chosen is in the table).",
         f"TTFT = vision tower + reduction + projector + prefill + greedy first token, timed as the {ttft_method(device)}.",
         "Every method runs the same tower, projector and the same layer-by-layer Llama loop (benchmarks/layerwise_llm.py).",
-        "FastV and PyramidDrop reduce inside the prefill: their reduction is timed in the prefill column ('in prefill').",
+        "FastV, PyramidDrop and SparseVLM reduce inside the prefill: their reduction is timed in the prefill column "
+        "('in prefill').",
         "Bound = the fixed-cost bound at the budget: the first `budget` tokens handed on at no cost (tower with SDPA, "
         "projector and prefill of the budget); TTFT ÷ bound is each method's distance to it.",
         "TTFT ÷ ToConv and TTFT ÷ bound are medians (quartiles) of per-round ratios: each round runs every method "
         "once, so load drift cancels within a round; the stage columns are medians ± half the IQR over rounds.",
         "PyramidDrop runs its default schedule whatever the budget (mean image tokens per layer in the table).",
+        "SparseVLM runs the largest of its published settings within the budget (144 → its 128, 64 → its 64): "
+        "fixed keep counts after decoder layers 2, 6 and 15 plus its recycled merged tokens; its settings count "
+        "image tokens averaged over the layers, so it hands the LLM all of them (mean per layer in the table).",
         f"Peak memory: {peak_memory_measure(device)}.",
     ]
     if preset.get("anyres"):
@@ -74,6 +80,7 @@ def peers_notes(preset: dict[str, Any], device: torch.device) -> list[str]:
             "reduce each tile to an equal share of the budget in one batched call and hand on the tiles' tokens "
             "joined, without newlines.",
         ]
+    lines += [f"Not run: {name}: {why}." for name, why in not_run.items()]
     add_run_notes(lines, preset["clip_overrides"], preset["vision_tower"], device, "methods")
     return lines
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from benchmarks.anyres import check_args
 from benchmarks.environment import environment, load_average
 from benchmarks.memory import count_bytes, peak_bytes
 from benchmarks.models import build_llm, build_projector, default_cache_dir, load_tower
-from benchmarks.peers import PeerMethod, PeerPipeline, build_methods, check_methods
+from benchmarks.peers import PEER_METHODS, PeerMethod, PeerPipeline, build_methods, check_methods, unavailable
 from benchmarks.peers_anyres import AnyresImage, anyres_image, anyres_inputs, image_tiling
 from benchmarks.peers_report import add_ratios, build_peers_report, write_peers_outputs
 from benchmarks.pipeline_measures import PipelineInputs, random_inputs, time_rounds
@@ -24,6 +25,7 @@ from benchmarks.timing import summarize, zero_stats
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 
 COMMAND = "python benchmarks/bench_compression.py"
+logger = logging.getLogger(__name__)
 
 
 def run_peers(args: argparse.Namespace, raw_argv: list[str], preset: Preset, settings: RunSettings,
@@ -36,6 +38,7 @@ def run_peers(args: argparse.Namespace, raw_argv: list[str], preset: Preset, set
         check_args(args)
     tower = load_tower(args.cache_dir or default_cache_dir(), args.vision_tower, preset.clip_overrides, device, dtype)
     cases = method_cases(tower, preset, device, dtype)
+    not_run = methods_not_run(cases, num_layers, preset.anyres is not None)
     for _image, methods in cases:
         check_methods(methods, num_layers)
     llm = build_llm(preset.llm, device, dtype)
@@ -52,6 +55,7 @@ def run_peers(args: argparse.Namespace, raw_argv: list[str], preset: Preset, set
         " ".join([COMMAND, *raw_argv]), {**environment(device, dtype), "load_average_start": load_start},
         {**preset_record(args.preset, preset, args.vision_tower, settings),
          "anyres": None if preset.anyres is None else dataclasses.asdict(preset.anyres)}, models, rows, device,
+        not_run,
     )
     report["wall_seconds"] = time.perf_counter() - started
     write_peers_outputs(report, args.json, args.markdown, args.png)
@@ -72,6 +76,20 @@ def method_cases(tower: CLIPVisionTower, preset: Preset, device: torch.device,
         tiling = image_tiling(image, pinpoints, tower.config.image_size, newline)
         cases.append((image, build_methods(grid, channels, num_layers, device, dtype, tiling=tiling)))
     return cases
+
+
+def methods_not_run(cases: list[tuple[AnyresImage | None, list[PeerMethod]]], num_layers: int,
+                    anyres: bool) -> dict[str, str]:
+    """Each peer left out at some budget, with why (logged as a warning): the report says so too."""
+    not_run = {}
+    for _image, methods in cases:
+        for budget in sorted({m.budget for m in methods if m.method != "none"}, reverse=True):
+            for name in PEER_METHODS:
+                why = unavailable(name, budget, num_layers, anyres)
+                if why is not None and name not in not_run:
+                    not_run[name] = why
+                    logger.warning("%s is not run: %s.", name, why)
+    return not_run
 
 
 def measure_methods(pipe: PeerPipeline, methods: list[PeerMethod], s: RunSettings, batch: int,

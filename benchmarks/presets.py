@@ -115,9 +115,9 @@ PRESETS: dict[str, Preset] = {
         MICRO_LLM, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 3, 2, threads=1,
     ),
     "peers-micro": Preset(
-        "test-sized, for --compare-peers: CLIP hidden 32 / 2 layers, Llama hidden 64 / 4 layers (room for FastV's "
-        "K=2 and PyramidDrop's stages; plumbing only)",
-        {**MICRO_LLM, "num_hidden_layers": 4}, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 0, 0, threads=1,
+        "test-sized, for --compare-peers: CLIP hidden 32 / 2 layers, Llama hidden 64 / 17 layers (room for FastV's "
+        "K=2, PyramidDrop's stages and SparseVLM's drop after layer 15; plumbing only)",
+        {**MICRO_LLM, "num_hidden_layers": 17}, MICRO_CLIP, (1,), 16, 2, 1, 2, MICRO_CLIP, 0, 0, threads=1,
     ),
     "tiny": Preset(
         "CPU-sized: CLIP at the real grid with hidden 256 (real 1024) and 4 layers (real 24); "

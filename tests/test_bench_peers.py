@@ -22,9 +22,18 @@ from benchmarks.peer_reducers import (
     visionzip,
     visionzip_split,
 )
-from benchmarks.peers import BUDGETS, PEER_METHODS, Tiling, across_tiles, pyramiddrop_stages
+from benchmarks.peers import BUDGETS, PEER_METHODS, Tiling, across_tiles, pyramiddrop_stages, unavailable
 from benchmarks.peers_anyres import AnyresImage, image_tiling
 from benchmarks.presets import LLAVA_16_PINPOINTS, MICRO_LLM, PRESETS
+from benchmarks.sparsevlm import (
+    budget_setting,
+    cluster_count,
+    density_peak_merge,
+    rater_scores,
+    recycle,
+    recycled_count,
+    select_raters,
+)
 from llava.mm_utils import get_anyres_image_grid_shape
 
 
@@ -132,7 +141,7 @@ def test_eager_and_last_query_rankings_keep_the_same_tokens(llm):
     decoder, embeds = LayerwiseLlama(llm), torch.randn(2, 40, 64)
     with torch.inference_mode():
         eager, a = decoder.prefill(embeds, 4, 30, (DropStage(2, 12, "eager"),))
-        light, b = decoder.prefill(embeds, 4, 30, (DropStage(2, 12, "last_query"),))
+        light, b = decoder.prefill(embeds, 4, 30, (DropStage(2, 12, "query"),))
     torch.testing.assert_close(eager, light, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.cache.layers[3].keys, b.cache.layers[3].keys, rtol=1e-4, atol=1e-5)
 
@@ -162,6 +171,103 @@ def test_pyramiddrop_default_schedule():
     assert mean_image_tokens(576, 4, (DropStage(2, 144, "eager"),)) == 360
 
 
+# ---------------------------------------------------------------- SparseVLM
+
+
+def test_sparsevlm_schedule_and_settings():
+    """Its settings' keep counts plus one merged token per ten recycled (30% + 1 of the dropped, + 1)."""
+    assert (recycled_count(510), cluster_count(154)) == (154, 16)  # 576 → 66 kept: 510 dropped
+    assert (recycled_count(0), cluster_count(0)) == (0, 0)
+    stages = {setting: tuple(DropStage(layer, keep, "eager", rows="raters", recycle=True)
+                             for layer, keep in zip((3, 7, 16), keeps))
+              for setting, keeps in {64: (66, 30, 17), 128: (303, 110, 36)}.items()}
+    chain = []
+    for stage in stages[64]:
+        chain.append(stage.image_tokens_after(chain[-1] if chain else 576))
+    assert chain == [82, 32, 18]
+    # Over 32 layers: 3 × 576, 4 × 82, 9 × 32, 16 × 18, and for 128: 3 × 576, 4 × 312, 9 × 117, 16 × 39.
+    assert mean_image_tokens(576, 32, stages[64]) == (3 * 576 + 4 * 82 + 9 * 32 + 16 * 18) / 32
+    assert mean_image_tokens(576, 32, stages[128]) == (3 * 576 + 4 * 312 + 9 * 117 + 16 * 39) / 32
+    assert [budget_setting(b) for b in (192, 144, 64, 63)] == [192, 128, 64, None]
+
+
+def test_sparsevlm_runs_only_where_it_has_a_setting():
+    assert unavailable("sparsevlm", 144, 32, anyres=False) is None
+    assert unavailable("fastv", 144, 4, anyres=True) is None
+    assert "4 layers, it needs 17" in unavailable("sparsevlm", 144, 4, anyres=False)
+    assert "anyres" in unavailable("sparsevlm_sdpa", 744, 32, anyres=True)
+    assert "no setting at or under 36" in unavailable("sparsevlm", 36, 32, anyres=False)
+
+
+def test_raters_are_the_text_tokens_most_related_to_the_image():
+    image = torch.zeros(2, 6, 4)
+    image[..., 0] = 1.0  # every image token points along the first axis
+    text = torch.zeros(2, 5, 4)
+    text[:, [1, 3], 0] = 4.0  # tokens 1 and 3 align with the image, the others are orthogonal
+    assert select_raters(image, text).tolist() == [[False, True, False, True, False]] * 2
+    assert select_raters(image, text[:, :1]).tolist() == [[True]] * 2  # a one-token text still rates
+
+
+def test_rater_scores_average_the_rater_rows():
+    weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])  # (B=1, 3 text rows, 2 image tokens)
+    torch.testing.assert_close(rater_scores(weights, torch.tensor([[True, True, False]])), torch.tensor([[0.5, 0.5]]))
+
+
+def test_density_peak_merge_finds_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = (5, 4, 6)
+    points = torch.cat([c + 0.1 * torch.randn(n, 2, generator=gen) for c, n in zip(centres, sizes)])
+    order = torch.randperm(points.shape[0], generator=gen)  # clusters interleaved in token order
+    merged, chosen = density_peak_merge(points[order].unsqueeze(0), 3)
+    means = torch.stack([points[sum(sizes[:i]):sum(sizes[:i + 1])].mean(dim=0) for i in range(3)])
+    found = sorted(merged[0].tolist())
+    torch.testing.assert_close(torch.tensor(found), torch.tensor(sorted(means.tolist())))
+    blob = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))[order]
+    assert sorted(blob[chosen[0]].tolist()) == [0, 1, 2]  # one centre in each cluster
+
+
+def test_recycle_merges_the_best_rated_dropped_tokens():
+    image = torch.arange(20.0).view(1, 20, 1).repeat(1, 1, 3)
+    scores = torch.arange(20.0).view(1, 20)
+    kept = torch.tensor([[17, 18, 19]])
+    dropped = torch.arange(17).view(1, 17)  # 17 dropped → int(5.1) + 1 = 6 recycled (16 .. 11) → 1 merged token
+    merged, centres = recycle(image, scores, dropped)
+    assert merged.shape == (1, 1, 3) and kept.shape[1] + merged.shape[1] == 4
+    torch.testing.assert_close(merged[0, 0], torch.full((3,), 13.5))  # the mean of tokens 11 .. 16
+    assert 11 <= centres.item() <= 16
+
+
+def test_sparsevlm_drop_keeps_merged_tokens_at_their_centres_positions(llm):
+    decoder = LayerwiseLlama(llm)
+    stage = DropStage(2, 10, "eager", rows="raters", recycle=True)  # 30 → 10 kept + 1 merged (20 dropped, 7 recycled)
+    with torch.inference_mode():
+        _, state = decoder.prefill(torch.randn(2, 40, 64), 4, 30, (stage,))
+    assert [layer.keys.shape[2] for layer in state.cache.layers] == [40, 40, 21, 21]
+    assert state.next_position.tolist() == [[40], [40]]
+
+
+def test_sparsevlm_eager_and_query_rankings_keep_the_same_tokens(llm):
+    """The raters' rows read from the eager weights and recomputed from the cached keys are the same attention."""
+    decoder, embeds = LayerwiseLlama(llm), torch.randn(2, 40, 64)
+    outputs = []
+    with torch.inference_mode():
+        for ranking in ("eager", "query"):
+            outputs.append(decoder.prefill(embeds, 4, 30, (DropStage(2, 12, ranking, rows="raters", recycle=True),)))
+    (eager, a), (light, b) = outputs
+    torch.testing.assert_close(eager, light, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.cache.layers[3].keys, b.cache.layers[3].keys, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_places_extra_tokens_after_the_kept_image_tokens():
+    hidden = torch.arange(10.0).view(1, 10, 1)
+    positions = torch.arange(10).view(1, 10)
+    extra = torch.tensor([[[50.0]]]), torch.tensor([[5]])
+    kept, kept_positions = LayerwiseLlama._keep(hidden, positions, 2, 6, torch.tensor([[3, 6]]), extra)
+    assert kept.flatten().tolist() == [0, 1, 3, 6, 50, 8, 9]
+    assert kept_positions.tolist() == [[0, 1, 3, 6, 5, 8, 9]]
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -189,11 +295,25 @@ def test_json_has_one_row_per_method_and_budget(peers_report):
         assert by[("bound", budget)]["ttft_over_bound"]["median"] == 1.0
         assert 1 <= by[("prumerge", budget)]["image_tokens_to_llm"] <= budget
         fastv = by[("fastv", budget)]
-        assert fastv["image_tokens_to_llm"] == 576 and fastv["mean_image_tokens_per_layer"] == (576 * 2 + budget * 2) / 4
+        assert fastv["image_tokens_to_llm"] == 576 and fastv["mean_image_tokens_per_layer"] == (576 * 2 + budget * 15) / 17
         # FastV's first two layers keep all 576 image tokens in their cache.
         assert fastv["kv_cache_bytes"] > by[("toconv", budget)]["kv_cache_bytes"]
         light = by[("fastv_sdpa", budget)]  # the same drop, ranked without the eager layer
         assert light["kv_cache_bytes"] == fastv["kv_cache_bytes"] and "eager" not in light["attention_kernels"]
+        sparse, sparse_sdpa = by[("sparsevlm", budget)], by[("sparsevlm_sdpa", budget)]
+        after = {144: (312, 117, 39), 64: (82, 32, 18)}[budget]  # its keep counts plus the recycled merged tokens
+        assert sparse["published_setting"] == budget_setting(budget) and sparse["image_tokens_to_llm"] == 576
+        assert sparse["mean_image_tokens_per_layer"] == (576 * 3 + after[0] * 4 + after[1] * 9 + after[2]) / 17
+        assert [s["layer"] for s in sparse["drop_stages"]] == [3, 7, 16]
+        assert sparse["kv_cache_bytes"] > by[("toconv", budget)]["kv_cache_bytes"]
+        assert sparse_sdpa["kv_cache_bytes"] == sparse["kv_cache_bytes"] and "eager" not in sparse_sdpa["attention_kernels"]
+        assert "raters" in sparse_sdpa["attention_kernels"]
+    assert report["methods_not_run"] == {}
+    none = by[("none", 576)]
+    for r in rows:  # the cache holds what the schedule says each layer saw: KV bytes ∝ mean sequence per layer
+        if r["method"] != "prumerge":
+            ratio = r["kv_cache_bytes"] / none["kv_cache_bytes"]
+            assert ratio == pytest.approx(r["mean_seq_len_per_layer"] / none["seq_len"]), r["name"]
     assert report["environment"]["load_average_start"] is not None
     table = (out / "peers.md").read_text()
     assert "| TTFT ÷ ToConv | TTFT ÷ bound |" in table and "Budget 64 image tokens" in table
@@ -266,6 +386,9 @@ def test_across_tiles_reduces_every_tile_to_an_equal_share_and_cuts_to_the_budge
     assert across_tiles(visionzip, 64, None)(features[:2], attention[:2]).shape == (2, 64, 3)
 
 
+ANYRES_PEERS = [m for m in PEER_METHODS if not m.startswith("sparsevlm")]  # SparseVLM has no anyres settings
+
+
 @pytest.mark.slow
 def test_anyres_peers_run_every_method_at_toconvs_count_per_image(tmp_path):
     bench_compression.main(["--compare-peers", "--preset", "peers-anyres-micro", "--warmup", "0", "--repeats", "1",
@@ -275,8 +398,10 @@ def test_anyres_peers_run_every_method_at_toconvs_count_per_image(tmp_path):
     sizes = [tuple(size) for size in PRESETS["peers-anyres-micro"].anyres.image_sizes]
     assert [(tuple(r["image_size"]), r["method"], r["budget"]) for r in rows] == [
         (size, m, b) for size in sizes for m, b in
-        [("none", ANYRES_COUNTS[size][0])] + [(m, b) for b in ANYRES_COUNTS[size][1:] for m in PEER_METHODS]
+        [("none", ANYRES_COUNTS[size][0])] + [(m, b) for b in ANYRES_COUNTS[size][1:] for m in ANYRES_PEERS]
     ]
+    assert set(report["methods_not_run"]) == {"sparsevlm", "sparsevlm_sdpa"}
+    assert "anyres" in report["methods_not_run"]["sparsevlm"]
     for r in rows:
         none = ANYRES_COUNTS[tuple(r["image_size"])][0]
         if r["method"] in ("none", "fastv", "fastv_sdpa", "pyramiddrop"):  # the uncompressed layout enters the LLM
