@@ -126,7 +126,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny-deep": Preset(
         "tiny with LLaVA-1.5's LLM depth: CLIP as in tiny; Llama hidden 512 with 32 layers (Vicuna-7B's count), "
-        "so FastV's K=2 and PyramidDrop's stages (8/16/24) sit where they do at 7B; one thread",
+        "so FastV's K=2, PyramidDrop's stages (8/16/24) and SparseVLM's (after 2/6/15) sit where they do at 7B; "
+        "one thread",
         {**TINY_LLM, "num_hidden_layers": 32}, TINY_CLIP, (1,), 64, 8, 1, 11, {}, 15, 3, threads=1,
     ),
     "small": Preset(
