@@ -259,6 +259,18 @@ def test_sparsevlm_eager_and_query_rankings_keep_the_same_tokens(llm):
     torch.testing.assert_close(a.cache.layers[3].keys, b.cache.layers[3].keys, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ["last", "raters"])
+def test_query_ranking_matches_eager_with_grouped_query_attention(rows):
+    """With fewer KV heads than query heads (TinyLlama's layout) the recomputed rows still match eager."""
+    llm = build_llm({**MICRO_LLM, "num_hidden_layers": 3, "num_key_value_heads": 2}, torch.device("cpu"), torch.float32)
+    decoder, embeds = LayerwiseLlama(llm), torch.randn(2, 40, 64)
+    with torch.inference_mode():
+        (eager, a), (light, b) = (decoder.prefill(embeds, 4, 30, (DropStage(2, 12, ranking, rows=rows),))
+                                  for ranking in ("eager", "query"))
+    torch.testing.assert_close(eager, light, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.cache.layers[2].keys, b.cache.layers[2].keys, rtol=1e-4, atol=1e-5)
+
+
 def test_keep_places_extra_tokens_after_the_kept_image_tokens():
     hidden = torch.arange(10.0).view(1, 10, 1)
     positions = torch.arange(10).view(1, 10)
