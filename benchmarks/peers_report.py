@@ -13,7 +13,7 @@ from benchmarks.pipeline_measures import ttft_method
 from benchmarks.report import add_run_notes, write_outputs
 from benchmarks.timing import per_round_ratios
 
-PEERS_SCHEMA = 1
+PEERS_SCHEMA = 2  # 2: drop stages name their ranking rows and recycling, "last_query" became "query"; methods_not_run
 HEADER = (
     "| method | image tokens to LLM | mean per layer | vision tower ms | reduction ms | projector ms | prefill ms "
     "| TTFT ms | TTFT ÷ ToConv | TTFT ÷ bound | decode ms/token | KV cache MiB | peak MiB | attention kernels |"
