@@ -92,10 +92,11 @@ class LayerwiseLlama:
             if stage is not None:
                 hidden, positions, image_len = self._drop(hidden, positions, image_start, image_len, stage, scores)
             following = by_layer.get(index + 1)
-            rows = 1 if following is None or following.rows == "last" else text_len
+            by_raters = following is not None and following.rows == "raters"
             hidden, weights = self._run_layer(index, layer, hidden, positions, cache, following,
-                                              slice(image_start, image_start + image_len), rows)
-            scores = None if weights is None else weights[:, 0] if rows == 1 else rater_scores(weights, raters)
+                                              slice(image_start, image_start + image_len), text_len if by_raters else 1)
+            if weights is not None:  # read by the drop before the next layer
+                scores = rater_scores(weights, raters) if by_raters else weights[:, 0]
         logits = self.llm.lm_head(self.model.norm(hidden[:, -1:]))
         return logits, DecodeState(cache, positions[:, -1:] + 1)
 
@@ -172,7 +173,7 @@ class LayerwiseLlama:
             return kept, kept_positions
         cut = image_start + keep.shape[1]
         tokens, extra_positions = extra
-        return (torch.cat([kept[:, :cut], tokens.to(kept.dtype), kept[:, cut:]], dim=1),
+        return (torch.cat([kept[:, :cut], tokens, kept[:, cut:]], dim=1),
                 torch.cat([kept_positions[:, :cut], extra_positions, kept_positions[:, cut:]], dim=1))
 
 

@@ -81,14 +81,13 @@ def method_cases(tower: CLIPVisionTower, preset: Preset, device: torch.device,
 def methods_not_run(cases: list[tuple[AnyresImage | None, list[PeerMethod]]], num_layers: int,
                     anyres: bool) -> dict[str, str]:
     """Each peer left out at some budget, with why (logged as a warning): the report says so too."""
+    budgets = sorted({m.budget for _image, methods in cases for m in methods if m.method != "none"}, reverse=True)
     not_run = {}
-    for _image, methods in cases:
-        for budget in sorted({m.budget for m in methods if m.method != "none"}, reverse=True):
-            for name in PEER_METHODS:
-                why = unavailable(name, budget, num_layers, anyres)
-                if why is not None and name not in not_run:
-                    not_run[name] = why
-                    logger.warning("%s is not run: %s.", name, why)
+    for name in PEER_METHODS:
+        reasons = [why for budget in budgets if (why := unavailable(name, budget, num_layers, anyres)) is not None]
+        if reasons:
+            not_run[name] = reasons[0]
+            logger.warning("%s is not run: %s.", name, reasons[0])
     return not_run
 
 
